@@ -1,0 +1,143 @@
+//! Changesets: batches of log entries shipped between replicas.
+//!
+//! Wire form: `"FLC1"`, the postcard body, then the blake3 hash of everything before it.
+//! The hash is the changeset's id and its checksum: a flipped bit anywhere is refused.
+//! Decoding validates everything before a single write is applied.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::ReplicaId;
+use crate::error::{Error, NameKind, Result};
+use crate::log::{LogEntry, Op};
+use crate::value::{validate_name, Value};
+
+const MAGIC: &[u8; 4] = b"FLC1";
+const HASH_LEN: usize = 32;
+
+/// The blake3 hash of a changeset's bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChangesetId(pub [u8; 32]);
+
+impl fmt::Debug for ChangesetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0[..8].iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Display for ChangesetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A batch of log entries from one replica's Updates log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Changeset {
+    /// The replica whose log the entries come from.
+    pub origin: ReplicaId,
+    /// Entries in log order.
+    pub entries: Vec<LogEntry>,
+}
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::BadChangeset {
+        reason: reason.into(),
+    }
+}
+
+impl Changeset {
+    /// Encodes the changeset with its checksum.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = MAGIC.to_vec();
+        out = postcard::to_extend(self, out).map_err(|e| bad(format!("encode: {e}")))?;
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        Ok(out)
+    }
+
+    /// The id of encoded changeset bytes (their trailing hash), without decoding them.
+    pub fn id_of(bytes: &[u8]) -> Option<ChangesetId> {
+        let tail = bytes.len().checked_sub(HASH_LEN)?;
+        bytes[tail..].try_into().ok().map(ChangesetId)
+    }
+
+    /// Decodes and fully validates a changeset; values larger than `value_bytes_max` are
+    /// refused. Never panics, whatever the bytes.
+    pub fn decode(bytes: &[u8], value_bytes_max: usize) -> Result<Changeset> {
+        if bytes.len() < MAGIC.len() + HASH_LEN {
+            return Err(bad(format!("{} bytes is too short", bytes.len())));
+        }
+        if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad("not a changeset (bad magic)"));
+        }
+        let split = bytes.len() - HASH_LEN;
+        let (body, hash) = bytes.split_at(split);
+        if blake3::hash(body).as_bytes() != hash {
+            return Err(bad("checksum mismatch (corrupted or truncated)"));
+        }
+        let (cs, rest): (Changeset, _) = postcard::take_from_bytes(&body[MAGIC.len()..])
+            .map_err(|e| bad(format!("decode: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad(format!("{} trailing bytes", rest.len())));
+        }
+        cs.validate(value_bytes_max)?;
+        Ok(cs)
+    }
+
+    /// Checks names, keys, value sizes and the shape of every entry.
+    pub fn validate(&self, value_bytes_max: usize) -> Result<()> {
+        let mut prev_seq = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            let at = |msg: String| bad(format!("entry {i} (seq {}): {msg}", e.seq));
+            if e.seq <= prev_seq {
+                return Err(at("sequence numbers must rise".into()));
+            }
+            prev_seq = e.seq;
+            let mut objects = HashSet::new();
+            for w in &e.writes {
+                validate_name(NameKind::Collection, &w.collection)
+                    .map_err(|err| at(err.to_string()))?;
+                w.pk.validate().map_err(|err| at(err.to_string()))?;
+                if !objects.insert((&w.collection, &w.pk)) {
+                    return Err(at(format!("two writes to {}[{}]", w.collection, w.pk)));
+                }
+                let mut fields = HashSet::new();
+                let mut check = |name: &String, value: &Value| -> Result<()> {
+                    validate_name(NameKind::Field, name).map_err(|err| at(err.to_string()))?;
+                    if !fields.insert(name.clone()) {
+                        return Err(at(format!("field {name} written twice")));
+                    }
+                    if value.size_bytes() > value_bytes_max {
+                        return Err(at(format!(
+                            "value of {}[{}].{name} is {} bytes; the limit is {value_bytes_max}",
+                            w.collection,
+                            w.pk,
+                            value.size_bytes()
+                        )));
+                    }
+                    Ok(())
+                };
+                match &w.op {
+                    Op::Insert { fields } => {
+                        for (n, v) in fields {
+                            check(n, v)?;
+                        }
+                    }
+                    Op::Update { fields } => {
+                        if fields.is_empty() {
+                            return Err(at("an update with no fields".into()));
+                        }
+                        for fw in fields {
+                            check(&fw.field, &fw.value)?;
+                        }
+                    }
+                    Op::Delete { .. } => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}

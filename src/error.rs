@@ -1,0 +1,150 @@
+//! Errors. Every variant says what went wrong and where (collection, pk, field).
+
+use std::fmt;
+
+use crate::clock::Stamp;
+use crate::value::Pk;
+
+/// Which kind of name failed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameKind {
+    /// A collection name.
+    Collection,
+    /// A field name.
+    Field,
+}
+
+impl fmt::Display for NameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NameKind::Collection => "collection",
+            NameKind::Field => "field",
+        })
+    }
+}
+
+/// Everything that can go wrong in fieldlog.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The storage layer (redb or the file system) failed.
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    /// An earlier I/O failure left the store in an unknown state; reopen it.
+    #[error("an earlier storage failure poisoned this store; reopen it")]
+    Poisoned,
+    /// The store file holds bytes that do not decode as what they should be.
+    #[error("store is corrupt: {what}")]
+    Corrupt {
+        /// What failed to decode.
+        what: String,
+    },
+    /// A collection or field name is not allowed.
+    #[error("bad {kind} name {name:?}: {reason}")]
+    BadName {
+        /// Collection or field.
+        kind: NameKind,
+        /// The name (cut short if very long).
+        name: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A primary key is not allowed.
+    #[error("bad primary key {pk}: {reason}")]
+    BadPk {
+        /// The key.
+        pk: Pk,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A value is larger than the store's limit.
+    #[error("value of {collection}[{pk}].{field} is {size} bytes; the limit is {max}")]
+    ValueTooLarge {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+        /// Field.
+        field: String,
+        /// The value's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// A write does not match the collection's schema.
+    #[error("schema: {collection}[{pk}].{field}: expected {expected}, found {found}")]
+    Schema {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+        /// Field.
+        field: String,
+        /// What the schema wants ("int", "a declared field", "a value for a required field").
+        expected: String,
+        /// What the write had.
+        found: String,
+    },
+    /// The object already exists (insert of a live primary key).
+    #[error("{collection}[{pk}] already exists")]
+    AlreadyExists {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+    },
+    /// The object does not exist (update or delete of a missing primary key).
+    #[error("{collection}[{pk}] does not exist")]
+    NotFound {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+    },
+    /// A remote stamp is too far ahead of local time (a device with a wrong clock).
+    #[error("stamp {stamp} is more than {max_drift_ms} ms ahead of local time {now_ms}")]
+    ClockDrift {
+        /// The stamp.
+        stamp: Stamp,
+        /// Local physical time.
+        now_ms: u64,
+        /// The configured bound.
+        max_drift_ms: u64,
+    },
+    /// A changeset failed to decode or validate; nothing of it was applied.
+    #[error("bad changeset: {reason}")]
+    BadChangeset {
+        /// What was wrong, with the entry or byte position where known.
+        reason: String,
+    },
+    /// A Rust value could not be turned into an object, or an object into a Rust value.
+    #[error("object conversion: {reason}")]
+    Conversion {
+        /// What was wrong.
+        reason: String,
+    },
+    /// A file system operation outside redb failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Shorthand for results in fieldlog.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

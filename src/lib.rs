@@ -1,0 +1,51 @@
+//! fieldlog: an embedded storage engine for offline-first applications.
+//!
+//! Every change is a field write — (collection, primary key, field, value, stamp) — kept
+//! in redb both as current state and in an append-only Updates log. Replicas merge per
+//! field by stamp, so two replicas editing different fields of one object never conflict.
+//!
+//! ```
+//! use fieldlog::{Store, Value};
+//!
+//! let a = Store::open_in_memory()?;
+//! let b = Store::open_in_memory()?;
+//! a.write(|tx| tx.insert("Dog", 1, [("name", Value::from("Rex")), ("age", Value::from(3))]))?;
+//! b.import(&a.export(0, usize::MAX)?)?;
+//! a.write(|tx| tx.set("Dog", 1, "age", 4))?;          // a changes the age
+//! b.write(|tx| tx.set("Dog", 1, "name", "Max"))?;     // b renames, concurrently
+//! a.import(&b.export(0, usize::MAX)?)?;
+//! b.import(&a.export(0, usize::MAX)?)?;
+//! assert_eq!(a.get("Dog", 1)?.unwrap().get("name"), Some(&Value::from("Max")));
+//! assert_eq!(b.get("Dog", 1)?.unwrap().get("age"), Some(&Value::from(4)));
+//! assert_eq!(a.digest(), b.digest());
+//! # Ok::<(), fieldlog::Error>(())
+//! ```
+//!
+//! Boundaries: `merge` touches no redb and no network; `store` is the only module that
+//! knows redb; a log append, its state update, the digest and the clock high-water mark
+//! commit in one redb transaction.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod changeset;
+mod clock;
+mod digest;
+mod error;
+mod log;
+mod merge;
+mod schema;
+mod serde_object;
+mod store;
+mod value;
+
+pub use changeset::{Changeset, ChangesetId};
+pub use clock::{ManualTimeSource, ReplicaId, Stamp, SystemTimeSource, TimeSource};
+pub use digest::Digest;
+pub use error::{Error, NameKind, Result};
+pub use log::{FieldWrite, LogEntry, LogPos, Op, Write};
+pub use schema::{FieldSpec, FieldType, Schema};
+pub use store::{
+    Committed, Durability, ImportReport, Object, Options, Store, WriteTx, VALUE_BYTES_MAX_DEFAULT,
+};
+pub use value::{Pk, Value, NAME_LEN_MAX};

@@ -1,0 +1,1250 @@
+//! The store: objects, the Updates log and metadata in one redb database.
+//!
+//! A log append, its state update, the digest, and the clock high-water mark commit in one
+//! redb transaction, so a crash leaves either all of a transaction or none of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::changeset::Changeset;
+use crate::clock::{Hlc, ReplicaId, Stamp, SystemTimeSource, TimeSource, MAX_DRIFT_MS_DEFAULT};
+use crate::digest::{object_hash, Digest, DigestSum};
+use crate::error::{Error, NameKind, Result};
+use crate::log::{FieldWrite, LogEntry, LogPos, Op, Write};
+use crate::merge::{ObjectState, Outcome};
+use crate::schema::Schema;
+use crate::serde_object::{from_fields, to_fields};
+use crate::value::{validate_name, Pk, Value};
+
+/// (collection id, encoded pk) → postcard `ObjectState<u32>`.
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+/// log position → postcard `LogEntry<u32>`.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// name id → name (collections and fields share one id space).
+const NAMES: TableDefinition<u32, &str> = TableDefinition::new("names");
+/// Small named values; see the `meta` keys below.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const META_FORMAT: &str = "format";
+const META_REPLICA: &str = "replica_id";
+const META_HLC: &str = "hlc";
+const META_DIGEST: &str = "digest";
+const META_LOG_NEXT: &str = "log_next";
+const META_LAST_SYNC: &str = "last_sync";
+const META_SCHEMA_PREFIX: &str = "schema/";
+const META_COUNT_PREFIX: &str = "count/";
+const FORMAT_VERSION: u64 = 1;
+
+/// Default limit on one value's size.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
+
+/// When a commit reaches stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// On disk before `commit` returns (fsync).
+    #[default]
+    Immediate,
+    /// On disk with the next immediate commit; a crash before then loses it (and only it).
+    Deferred,
+}
+
+/// How a store is opened.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The largest value a field may hold, in bytes.
+    pub value_bytes_max: usize,
+    /// How far ahead of local time a remote stamp may be before it is refused.
+    pub max_drift_ms: u64,
+    /// The durability of commits that do not choose their own.
+    pub durability: Durability,
+    /// Where physical time comes from.
+    pub time: Arc<dyn TimeSource>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            max_drift_ms: MAX_DRIFT_MS_DEFAULT,
+            durability: Durability::Immediate,
+            time: Arc::new(SystemTimeSource),
+        }
+    }
+}
+
+/// A live object as read from the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    /// Primary key.
+    pub pk: Pk,
+    /// Field values by name.
+    pub fields: BTreeMap<String, Value>,
+}
+
+impl Object {
+    /// One field's value.
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.fields.get(field)
+    }
+
+    /// Deserializes the object into a `#[derive(Deserialize)]` type.
+    pub fn to_struct<T: DeserializeOwned>(&self) -> Result<T> {
+        from_fields(&self.fields)
+    }
+}
+
+/// What a commit produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The transaction's log position; `None` if it wrote nothing.
+    pub seq: Option<LogPos>,
+    /// The stamp all its writes share; `None` if it wrote nothing.
+    pub stamp: Option<Stamp>,
+}
+
+/// What importing a changeset did, counted in field writes (an insert or delete counts one
+/// more for the object's existence).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Writes that won and changed the state.
+    pub applied: u64,
+    /// Writes already held, or older than what we hold.
+    pub stale: u64,
+}
+
+/// Collection and field names and their ids. Ids are local to one store.
+#[derive(Debug, Default)]
+struct Interner {
+    by_name: HashMap<String, u32>,
+    by_id: Vec<String>,
+}
+
+/// What only the single writer touches.
+#[derive(Debug)]
+struct Writer {
+    hlc: Hlc,
+    digest: DigestSum,
+    log_next: LogPos,
+    last_sync: LogPos,
+    counts: HashMap<u32, u64>,
+}
+
+/// An embedded fieldlog store: one redb file.
+pub struct Store {
+    db: Database,
+    replica: ReplicaId,
+    options: Options,
+    names: RwLock<Interner>,
+    schemas: RwLock<HashMap<String, Arc<Schema>>>,
+    writer: Mutex<Writer>,
+    /// Set after a storage failure in a write; writes are refused until reopened.
+    poisoned: AtomicBool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn corrupt(what: impl Into<String>) -> Error {
+    Error::Corrupt { what: what.into() }
+}
+
+fn u64_of(bytes: &[u8], what: &str) -> Result<u64> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| corrupt(format!("meta {what}: {} bytes", bytes.len())))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn object_key(coll: u32, pk: &Pk) -> Vec<u8> {
+    let mut k = Vec::with_capacity(24);
+    k.extend_from_slice(&coll.to_be_bytes());
+    pk.encode_into(&mut k);
+    k
+}
+
+fn decode_state(bytes: &[u8]) -> Result<ObjectState<u32>> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(format!("object row: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(|e| corrupt(format!("encode: {e}")))
+}
+
+/// Resolves ids to names: committed ones, then those a transaction is adding.
+struct NameView<'a> {
+    base: &'a Interner,
+    new: &'a [String],
+}
+
+impl NameView<'_> {
+    fn name(&self, id: u32) -> Result<&str> {
+        let i = id as usize;
+        let base = self.base.by_id.len();
+        self.base
+            .by_id
+            .get(i)
+            .or_else(|| self.new.get(i.wrapping_sub(base)))
+            .map(String::as_str)
+            .ok_or_else(|| corrupt(format!("unknown name id {id}")))
+    }
+
+    fn id(&self, name: &str) -> Option<u32> {
+        if let Some(&id) = self.base.by_name.get(name) {
+            return Some(id);
+        }
+        let pos = self.new.iter().position(|n| n == name)?;
+        Some((self.base.by_id.len() + pos) as u32)
+    }
+
+    /// The object's visible hash, if it is live.
+    fn hash(&self, coll: &str, pk: &Pk, state: &ObjectState<u32>) -> Result<Option<Digest>> {
+        if !state.is_live() {
+            return Ok(None);
+        }
+        let mut fields = state
+            .fields
+            .iter()
+            .map(|(f, s, v)| Ok((self.name(*f)?, *s, v)))
+            .collect::<Result<Vec<_>>>()?;
+        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Ok(Some(object_hash(coll, pk, fields.into_iter())))
+    }
+
+    fn live_fields(&self, state: &ObjectState<u32>) -> Result<BTreeMap<String, Value>> {
+        state
+            .fields
+            .iter()
+            .map(|(f, _, v)| Ok((self.name(*f)?.to_owned(), v.clone())))
+            .collect()
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it if it does not exist.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        Store::open_with(path, Options::default())
+    }
+
+    /// Opens the store at `path` with options.
+    pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store> {
+        let db = Database::create(path)?;
+        Store::init(db, options)
+    }
+
+    /// A store in memory, gone when dropped (for tests and scratch work).
+    pub fn open_in_memory() -> Result<Store> {
+        Store::open_backend(redb::backends::InMemoryBackend::new(), Options::default())
+    }
+
+    /// Opens a store over any redb storage backend (crash and I/O-fault tests use this).
+    pub fn open_backend(backend: impl StorageBackend, options: Options) -> Result<Store> {
+        let db = Database::builder().create_with_backend(backend)?;
+        Store::init(db, options)
+    }
+
+    fn init(db: Database, options: Options) -> Result<Store> {
+        let txn = db.begin_write()?;
+        let (replica, writer, interner, schemas) = {
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(OBJECTS)?;
+            txn.open_table(LOG)?;
+            let names = txn.open_table(NAMES)?;
+
+            let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
+            match format {
+                Some(v) => {
+                    let found = u64_of(&v, META_FORMAT)?;
+                    if found != FORMAT_VERSION {
+                        return Err(corrupt(format!(
+                            "format version {found}; this build reads {FORMAT_VERSION}"
+                        )));
+                    }
+                }
+                None => {
+                    meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                }
+            }
+            let replica = meta.get(META_REPLICA)?.map(|v| v.value().to_vec());
+            let replica = match replica {
+                Some(v) => ReplicaId(u64_of(&v, META_REPLICA)?),
+                None => {
+                    let id = rand::random::<u64>().max(1);
+                    meta.insert(META_REPLICA, id.to_le_bytes().as_slice())?;
+                    ReplicaId(id)
+                }
+            };
+            let get_u64 = |key: &str, default: u64| -> Result<u64> {
+                match meta.get(key)? {
+                    Some(v) => u64_of(v.value(), key),
+                    None => Ok(default),
+                }
+            };
+            let hlc = get_u64(META_HLC, 0)?;
+            let log_next = get_u64(META_LOG_NEXT, 1)?;
+            let last_sync = get_u64(META_LAST_SYNC, 0)?;
+            let digest = match meta.get(META_DIGEST)? {
+                Some(v) => Digest(
+                    v.value()
+                        .try_into()
+                        .map_err(|_| corrupt("meta digest length"))?,
+                ),
+                None => Digest::default(),
+            };
+
+            let mut interner = Interner::default();
+            for (i, row) in names.iter()?.enumerate() {
+                let (id, name) = row?;
+                if id.value() as usize != i {
+                    return Err(corrupt(format!("name ids not dense at {}", id.value())));
+                }
+                let name = name.value().to_owned();
+                interner.by_name.insert(name.clone(), id.value());
+                interner.by_id.push(name);
+            }
+
+            let mut schemas = HashMap::new();
+            let mut counts = HashMap::new();
+            for row in meta.iter()? {
+                let (k, v) = row?;
+                if let Some(coll) = k.value().strip_prefix(META_SCHEMA_PREFIX) {
+                    let s: Schema = postcard::from_bytes(v.value())
+                        .map_err(|e| corrupt(format!("schema of {coll}: {e}")))?;
+                    schemas.insert(coll.to_owned(), Arc::new(s));
+                } else if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
+                    let id: u32 = id.parse().map_err(|_| corrupt("count key"))?;
+                    counts.insert(id, u64_of(v.value(), "count")?);
+                }
+            }
+            let writer = Writer {
+                hlc: Hlc::new(hlc, options.max_drift_ms),
+                digest: DigestSum::from_digest(digest),
+                log_next,
+                last_sync,
+                counts,
+            };
+            (replica, writer, interner, schemas)
+        };
+        txn.commit()?;
+        Ok(Store {
+            db,
+            replica,
+            options,
+            names: RwLock::new(interner),
+            schemas: RwLock::new(schemas),
+            writer: Mutex::new(writer),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// This store's replica id.
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The digest of the visible state; equal on replicas that hold the same writes.
+    pub fn digest(&self) -> Digest {
+        lock(&self.writer).digest.digest()
+    }
+
+    /// The highest hybrid time this store has issued or seen (persisted with every commit).
+    pub fn clock_high_water(&self) -> u64 {
+        lock(&self.writer).hlc.high_water()
+    }
+
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Interner> {
+        self.names.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn schema_of(&self, coll: &str) -> Option<Arc<Schema>> {
+        self.schemas
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(coll)
+            .cloned()
+    }
+
+    /// The schema of a collection, if it has one.
+    pub fn schema(&self, collection: &str) -> Option<Schema> {
+        self.schema_of(collection).map(|s| (*s).clone())
+    }
+
+    /// Sets (or replaces) a collection's schema. Existing objects are not re-checked.
+    pub fn set_schema(&self, schema: Schema) -> Result<()> {
+        schema.validate()?;
+        self.check_poisoned()?;
+        let _w = lock(&self.writer);
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let key = format!("{META_SCHEMA_PREFIX}{}", schema.collection);
+            meta.insert(key.as_str(), encode(&schema)?.as_slice())?;
+        }
+        self.finish(txn.commit().map_err(Error::from))?;
+        self.schemas
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(schema.collection.clone(), Arc::new(schema));
+        Ok(())
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(Error::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Poisons the store if a write failed in storage: after a failed fsync nothing on disk
+    /// can be trusted until the file is reopened.
+    fn finish<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Storage(_)) = &r {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
+        let Some(cid) = self.names().by_name.get(coll).copied() else {
+            return Ok(None);
+        };
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(OBJECTS)?;
+        let Some(row) = table.get(object_key(cid, pk).as_slice())? else {
+            return Ok(None);
+        };
+        Ok(Some((decode_state(row.value())?, cid)))
+    }
+
+    /// Reads a live object.
+    pub fn get(&self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
+        let pk = pk.into();
+        let Some((state, _)) = self.read_state(collection, &pk)? else {
+            return Ok(None);
+        };
+        if !state.is_live() {
+            return Ok(None);
+        }
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        Ok(Some(Object {
+            fields: view.live_fields(&state)?,
+            pk,
+        }))
+    }
+
+    /// Reads a live object into a `#[derive(Deserialize)]` type.
+    pub fn get_as<T: DeserializeOwned>(
+        &self,
+        collection: &str,
+        pk: impl Into<Pk>,
+    ) -> Result<Option<T>> {
+        self.get(collection, pk)?.map(|o| o.to_struct()).transpose()
+    }
+
+    /// Reads one field of a live object, with the stamp of the write that set it.
+    pub fn get_field(
+        &self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        field: &str,
+    ) -> Result<Option<(Value, Stamp)>> {
+        let pk = pk.into();
+        let Some((state, _)) = self.read_state(collection, &pk)? else {
+            return Ok(None);
+        };
+        let Some(fid) = self.names().by_name.get(field).copied() else {
+            return Ok(None);
+        };
+        if !state.is_live() {
+            return Ok(None);
+        }
+        Ok(state.field(fid).map(|(s, v)| (v.clone(), s)))
+    }
+
+    /// All live objects of a collection, ordered by primary key.
+    pub fn scan(&self, collection: &str) -> Result<Vec<Object>> {
+        let names = self.names();
+        let Some(cid) = names.by_name.get(collection).copied() else {
+            return Ok(Vec::new());
+        };
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(OBJECTS)?;
+        let lo = cid.to_be_bytes();
+        let hi = (u64::from(cid) + 1).to_be_bytes();
+        let mut out = Vec::new();
+        // The upper bound is the next collection id, as 8 bytes so u32::MAX needs no carry.
+        for row in table.range(lo.as_slice()..&hi[4..])? {
+            let (k, v) = row?;
+            let state = decode_state(v.value())?;
+            if !state.is_live() {
+                continue;
+            }
+            let pk = Pk::decode(&k.value()[4..]).ok_or_else(|| corrupt("object key"))?;
+            out.push(Object {
+                pk,
+                fields: view.live_fields(&state)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The number of live objects in a collection (kept as a counter, no scan).
+    pub fn count(&self, collection: &str) -> Result<u64> {
+        let Some(cid) = self.names().by_name.get(collection).copied() else {
+            return Ok(0);
+        };
+        Ok(lock(&self.writer).counts.get(&cid).copied().unwrap_or(0))
+    }
+
+    /// Starts a write transaction. Only one runs at a time; others wait.
+    pub fn begin(&self) -> Result<WriteTx<'_>> {
+        self.check_poisoned()?;
+        let writer = lock(&self.writer);
+        let txn = self.db.begin_write()?;
+        Ok(WriteTx {
+            store: self,
+            writer,
+            txn,
+            pending: BTreeMap::new(),
+            new_names: Vec::new(),
+            durability: self.options.durability,
+        })
+    }
+
+    /// Runs `f` in a write transaction and commits it if `f` returns `Ok`.
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R>,
+    ) -> Result<(R, Committed)> {
+        let mut tx = self.begin()?;
+        let r = f(&mut tx)?;
+        let c = tx.commit()?;
+        Ok((r, c))
+    }
+
+    /// Log entries after position `after`, at most `limit` of them.
+    pub fn log_after(&self, after: LogPos, limit: usize) -> Result<Vec<LogEntry>> {
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(LOG)?;
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let mut out = Vec::new();
+        for row in table.range(after.saturating_add(1)..)?.take(limit) {
+            let (_, v) = row?;
+            let e: LogEntry<u32> =
+                postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("log entry: {e}")))?;
+            out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
+        }
+        Ok(out)
+    }
+
+    /// The position of the newest log entry (0 if none was ever written).
+    pub fn log_head(&self) -> LogPos {
+        lock(&self.writer).log_next - 1
+    }
+
+    /// The highest log position the server has acknowledged.
+    pub fn last_sync(&self) -> LogPos {
+        lock(&self.writer).last_sync
+    }
+
+    /// Entries not yet acknowledged by the server (after [`Store::last_sync`]).
+    pub fn unsynced(&self, limit: usize) -> Result<Vec<LogEntry>> {
+        self.log_after(self.last_sync(), limit)
+    }
+
+    /// Records that the server has acknowledged everything up to `pos` (never moves back).
+    pub fn mark_synced(&self, pos: LogPos) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = lock(&self.writer);
+        if pos <= w.last_sync {
+            return Ok(());
+        }
+        let pos = pos.min(w.log_next - 1);
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(META_LAST_SYNC, pos.to_le_bytes().as_slice())?;
+        self.finish(txn.commit().map_err(Error::from))?;
+        w.last_sync = pos;
+        Ok(())
+    }
+
+    /// Removes log entries up to `upto`, but never one the server has not acknowledged.
+    /// Returns how many were removed.
+    pub fn prune_log(&self, upto: LogPos) -> Result<u64> {
+        self.check_poisoned()?;
+        let w = lock(&self.writer);
+        let upto = upto.min(w.last_sync);
+        let txn = self.db.begin_write()?;
+        let mut removed = 0;
+        {
+            let mut log = txn.open_table(LOG)?;
+            log.retain_in(..=upto, |_, _| {
+                removed += 1;
+                false
+            })?;
+        }
+        self.finish(txn.commit().map_err(Error::from))?;
+        Ok(removed)
+    }
+
+    /// This store's own log entries after `after`, as a changeset.
+    pub fn export(&self, after: LogPos, limit: usize) -> Result<Changeset> {
+        Ok(Changeset {
+            origin: self.replica,
+            entries: self.log_after(after, limit)?,
+        })
+    }
+
+    /// Decodes, validates and imports a changeset's bytes (see [`Store::import`]).
+    pub fn import_bytes(&self, bytes: &[u8]) -> Result<ImportReport> {
+        let cs = Changeset::decode(bytes, self.options.value_bytes_max)?;
+        self.import(&cs)
+    }
+
+    /// Merges another replica's changes, field by field, by stamp. All or nothing: a change
+    /// that is invalid, breaks a schema, or carries a stamp too far in the future refuses the
+    /// whole changeset and leaves the store untouched. Imported writes do not enter this
+    /// store's Updates log (it records local writes).
+    pub fn import(&self, cs: &Changeset) -> Result<ImportReport> {
+        cs.validate(self.options.value_bytes_max)?;
+        let mut tx = self.begin()?;
+        let now = self.options.time.now_ms();
+        for e in &cs.entries {
+            tx.writer
+                .hlc
+                .check(e.stamp, now)
+                .map_err(|d| Error::ClockDrift {
+                    stamp: d.stamp,
+                    now_ms: d.now_ms,
+                    max_drift_ms: self.options.max_drift_ms,
+                })?;
+            for w in &e.writes {
+                check_remote_schema(self, w)?;
+            }
+        }
+        let mut report = ImportReport::default();
+        let mut max_time = 0;
+        for e in &cs.entries {
+            max_time = max_time.max(e.stamp.time);
+            for w in &e.writes {
+                tx.merge_remote(w, e.stamp, &mut report)?;
+            }
+        }
+        tx.writer.hlc.observe(max_time);
+        tx.commit()?;
+        Ok(report)
+    }
+}
+
+fn check_remote_schema(store: &Store, w: &Write) -> Result<()> {
+    let Some(schema) = store.schema_of(&w.collection) else {
+        return Ok(());
+    };
+    match &w.op {
+        Op::Insert { fields } => {
+            for (f, v) in fields {
+                schema.check_value(&w.pk, f, v)?;
+            }
+            schema.check_complete(&w.pk, |name| {
+                fields.iter().find(|(f, _)| f == name).map(|(_, v)| v)
+            })
+        }
+        Op::Update { fields } => fields
+            .iter()
+            .try_for_each(|fw| schema.check_value(&w.pk, &fw.field, &fw.value)),
+        Op::Delete { .. } => Ok(()),
+    }
+}
+
+/// The net effect of a transaction's calls on one object so far.
+#[derive(Debug)]
+enum NetOp {
+    Insert(BTreeMap<String, Value>),
+    Update(BTreeMap<String, Value>),
+    Delete,
+    /// Merged from a remote changeset: no log entry; the state was computed already.
+    Remote,
+}
+
+#[derive(Debug)]
+struct Pending {
+    coll: u32,
+    pk: Pk,
+    before: Option<ObjectState<u32>>,
+    op: Option<NetOp>,
+    /// For `Remote` ops: the merged state.
+    after: Option<ObjectState<u32>>,
+}
+
+/// A write transaction. Calls that fail leave the transaction as it was; nothing reaches the
+/// store until [`WriteTx::commit`]; dropping it rolls back.
+pub struct WriteTx<'s> {
+    store: &'s Store,
+    writer: MutexGuard<'s, Writer>,
+    txn: redb::WriteTransaction,
+    pending: BTreeMap<Vec<u8>, Pending>,
+    new_names: Vec<String>,
+    durability: Durability,
+}
+
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
+            .field("objects", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'s> WriteTx<'s> {
+    /// Chooses this commit's durability.
+    pub fn set_durability(&mut self, d: Durability) {
+        self.durability = d;
+    }
+
+    fn intern(&mut self, kind: NameKind, name: &str) -> Result<u32> {
+        validate_name(kind, name)?;
+        let names = self.store.names();
+        let view = NameView {
+            base: &names,
+            new: &self.new_names,
+        };
+        if let Some(id) = view.id(name) {
+            return Ok(id);
+        }
+        let id = u32::try_from(names.by_id.len() + self.new_names.len())
+            .map_err(|_| corrupt("name table full"))?;
+        drop(names);
+        self.new_names.push(name.to_owned());
+        Ok(id)
+    }
+
+    /// Loads the object into `pending` (once) and returns its key.
+    fn load(&mut self, coll: &str, pk: &Pk) -> Result<Vec<u8>> {
+        pk.validate()?;
+        let cid = self.intern(NameKind::Collection, coll)?;
+        let key = object_key(cid, pk);
+        if !self.pending.contains_key(&key) {
+            let before = {
+                let table = self.txn.open_table(OBJECTS)?;
+                let row = table.get(key.as_slice())?;
+                row.map(|r| decode_state(r.value())).transpose()?
+            };
+            self.pending.insert(
+                key.clone(),
+                Pending {
+                    coll: cid,
+                    pk: pk.clone(),
+                    before,
+                    op: None,
+                    after: None,
+                },
+            );
+        }
+        Ok(key)
+    }
+
+    /// The object as this transaction sees it: `None` if it is not live.
+    fn view(&self, key: &[u8]) -> Result<Option<BTreeMap<String, Value>>> {
+        let Some(p) = self.pending.get(key) else {
+            return Ok(None);
+        };
+        let names = self.store.names();
+        let view = NameView {
+            base: &names,
+            new: &self.new_names,
+        };
+        let base = match &p.before {
+            Some(s) if s.is_live() => Some(view.live_fields(s)?),
+            _ => None,
+        };
+        Ok(match &p.op {
+            None | Some(NetOp::Remote) => match &p.after {
+                Some(s) if s.is_live() => Some(view.live_fields(s)?),
+                Some(_) => None,
+                None => base,
+            },
+            Some(NetOp::Insert(f)) => Some(f.clone()),
+            Some(NetOp::Update(f)) => base.map(|mut b| {
+                b.extend(f.iter().map(|(k, v)| (k.clone(), v.clone())));
+                b
+            }),
+            Some(NetOp::Delete) => None,
+        })
+    }
+
+    fn check_fields(
+        &mut self,
+        coll: &str,
+        pk: &Pk,
+        fields: Vec<(String, Value)>,
+    ) -> Result<BTreeMap<String, Value>> {
+        let schema = self.store.schema_of(coll);
+        let max = self.store.options.value_bytes_max;
+        let mut out = BTreeMap::new();
+        for (name, value) in fields {
+            self.intern(NameKind::Field, &name)?;
+            if value.size_bytes() > max {
+                return Err(Error::ValueTooLarge {
+                    collection: coll.to_owned(),
+                    pk: pk.clone(),
+                    field: name,
+                    size: value.size_bytes(),
+                    max,
+                });
+            }
+            if let Some(s) = &schema {
+                s.check_value(pk, &name, &value)?;
+            }
+            out.insert(name, value);
+        }
+        Ok(out)
+    }
+
+    fn not_found(coll: &str, pk: &Pk) -> Error {
+        Error::NotFound {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+        }
+    }
+
+    /// Creates an object. Fails if it is live already.
+    pub fn insert<K, V>(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()>
+    where
+        K: Into<String>,
+        V: Into<Value>,
+    {
+        let pk = pk.into();
+        let fields: Vec<(String, Value)> = fields
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self.insert_fields(collection, pk, fields)
+    }
+
+    fn insert_fields(&mut self, coll: &str, pk: Pk, fields: Vec<(String, Value)>) -> Result<()> {
+        let mark = self.new_names.len();
+        let r = self.insert_inner(coll, &pk, fields);
+        self.rollback_on_err(r, mark)
+    }
+
+    fn insert_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
+        let key = self.load(coll, pk)?;
+        if self.view(&key)?.is_some() {
+            return Err(Error::AlreadyExists {
+                collection: coll.to_owned(),
+                pk: pk.clone(),
+            });
+        }
+        let fields = self.check_fields(coll, pk, fields)?;
+        if let Some(s) = self.store.schema_of(coll) {
+            s.check_complete(pk, |name| fields.get(name))?;
+        }
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.op = Some(NetOp::Insert(fields));
+        }
+        Ok(())
+    }
+
+    /// Sets fields of a live object. Fails if it is not live.
+    pub fn update<K, V>(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<()>
+    where
+        K: Into<String>,
+        V: Into<Value>,
+    {
+        let pk = pk.into();
+        let fields: Vec<(String, Value)> = fields
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let mark = self.new_names.len();
+        let r = self.update_inner(collection, &pk, fields);
+        self.rollback_on_err(r, mark)
+    }
+
+    fn update_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
+        let key = self.load(coll, pk)?;
+        if self.view(&key)?.is_none() {
+            return Err(Self::not_found(coll, pk));
+        }
+        let fields = self.check_fields(coll, pk, fields)?;
+        if fields.is_empty() {
+            return Ok(());
+        }
+        if let Some(p) = self.pending.get_mut(&key) {
+            match &mut p.op {
+                Some(NetOp::Insert(f)) | Some(NetOp::Update(f)) => f.extend(fields),
+                _ => p.op = Some(NetOp::Update(fields)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one field of a live object.
+    pub fn set(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        field: &str,
+        value: impl Into<Value>,
+    ) -> Result<()> {
+        self.update(collection, pk, [(field, value.into())])
+    }
+
+    /// Deletes a live object. Fails if it is not live.
+    pub fn delete(&mut self, collection: &str, pk: impl Into<Pk>) -> Result<()> {
+        let pk = pk.into();
+        let mark = self.new_names.len();
+        let r = (|| {
+            let key = self.load(collection, &pk)?;
+            if self.view(&key)?.is_none() {
+                return Err(Self::not_found(collection, &pk));
+            }
+            if let Some(p) = self.pending.get_mut(&key) {
+                p.op = Some(NetOp::Delete);
+            }
+            Ok(())
+        })();
+        self.rollback_on_err(r, mark)
+    }
+
+    /// Writes a `#[derive(Serialize)]` value as an object: inserts it if it is not live,
+    /// otherwise writes only the fields whose values differ from the stored ones. Returns
+    /// the number of field writes this made.
+    pub fn put<T: Serialize + ?Sized>(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        value: &T,
+    ) -> Result<usize> {
+        let pk = pk.into();
+        let fields = to_fields(value)?;
+        let mark = self.new_names.len();
+        let key = match self.load(collection, &pk) {
+            Ok(k) => k,
+            Err(e) => return self.rollback_on_err(Err(e), mark),
+        };
+        match self.view(&key)? {
+            None => {
+                let n = fields.len();
+                self.insert_fields(collection, pk, fields).map(|()| n)
+            }
+            Some(current) => {
+                let changed: Vec<_> = fields
+                    .into_iter()
+                    .filter(|(k, v)| current.get(k) != Some(v))
+                    .collect();
+                let n = changed.len();
+                let r = self.update_inner(collection, &pk, changed).map(|()| n);
+                self.rollback_on_err(r, mark)
+            }
+        }
+    }
+
+    /// Reads an object as this transaction sees it (including its own writes).
+    pub fn get(&mut self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
+        let pk = pk.into();
+        let mark = self.new_names.len();
+        let key = match self.load(collection, &pk) {
+            Ok(k) => k,
+            Err(e) => return self.rollback_on_err(Err(e), mark),
+        };
+        Ok(self.view(&key)?.map(|fields| Object { pk, fields }))
+    }
+
+    /// Names a failed call interned are forgotten, so the call leaves no trace.
+    fn rollback_on_err<T>(&mut self, r: Result<T>, mark: usize) -> Result<T> {
+        if r.is_err() {
+            self.new_names.truncate(mark);
+            let names_len = self.store.names().by_id.len() + mark;
+            self.pending.retain(|_, p| {
+                p.op.is_some() || p.after.is_some() || (p.coll as usize) < names_len
+            });
+        }
+        r
+    }
+
+    /// Merges one remote write into the transaction.
+    fn merge_remote(&mut self, w: &Write, stamp: Stamp, report: &mut ImportReport) -> Result<()> {
+        let key = self.load(&w.collection, &w.pk)?;
+        let mut field_ids = Vec::new();
+        match &w.op {
+            Op::Insert { fields } => {
+                for (f, _) in fields {
+                    field_ids.push(self.intern(NameKind::Field, f)?);
+                }
+            }
+            Op::Update { fields } => {
+                for fw in fields {
+                    field_ids.push(self.intern(NameKind::Field, &fw.field)?);
+                }
+            }
+            Op::Delete { .. } => {}
+        }
+        let Some(p) = self.pending.get_mut(&key) else {
+            return Ok(());
+        };
+        let mut state = p
+            .after
+            .take()
+            .or_else(|| p.before.clone())
+            .unwrap_or_default();
+        let mut count = |o: Outcome| match o {
+            Outcome::Applied => report.applied += 1,
+            Outcome::Stale => report.stale += 1,
+        };
+        match &w.op {
+            Op::Insert { fields } => {
+                count(state.apply_exists(stamp, true));
+                for ((_, v), id) in fields.iter().zip(&field_ids) {
+                    count(state.apply_field(*id, stamp, v.clone()));
+                }
+            }
+            Op::Update { fields } => {
+                for (fw, id) in fields.iter().zip(&field_ids) {
+                    count(state.apply_field(*id, stamp, fw.value.clone()));
+                }
+            }
+            Op::Delete { .. } => count(state.apply_exists(stamp, false)),
+        }
+        p.after = Some(state);
+        p.op = Some(NetOp::Remote);
+        Ok(())
+    }
+
+    /// Commits: one stamp for every write, state and log entry in one redb transaction.
+    /// In-memory state (clock, digest, counts, names) moves only once redb has committed.
+    pub fn commit(mut self) -> Result<Committed> {
+        let store = self.store;
+        let r = (move || {
+            let Some(p) = self.prepare()? else {
+                return Ok(Committed {
+                    seq: None,
+                    stamp: None,
+                });
+            };
+            let WriteTx {
+                mut txn,
+                mut writer,
+                new_names,
+                durability,
+                ..
+            } = self;
+            if durability == Durability::Deferred {
+                txn.set_durability(redb::Durability::None)?;
+            }
+            txn.commit()?;
+            writer.digest = p.digest;
+            writer.counts.extend(p.counts);
+            if let Some(seq) = p.committed.seq {
+                writer.log_next = seq + 1;
+            }
+            if !new_names.is_empty() {
+                let mut names = store.names.write().unwrap_or_else(PoisonError::into_inner);
+                for n in new_names {
+                    let id = names.by_id.len() as u32;
+                    names.by_name.insert(n.clone(), id);
+                    names.by_id.push(n);
+                }
+            }
+            Ok(p.committed)
+        })();
+        store.finish(r)
+    }
+
+    fn prepare(&mut self) -> Result<Option<Prepared>> {
+        let has_local = self.pending.values().any(|p| {
+            matches!(
+                p.op,
+                Some(NetOp::Insert(_) | NetOp::Update(_) | NetOp::Delete)
+            )
+        });
+        let has_remote = self.pending.values().any(|p| p.after.is_some());
+        if !has_local && !has_remote {
+            return Ok(None);
+        }
+        let now = self.store.options.time.now_ms();
+        let stamp = Stamp {
+            time: if has_local {
+                self.writer.hlc.tick(now)
+            } else {
+                self.writer.hlc.high_water()
+            },
+            replica: self.store.replica,
+        };
+        let names = self.store.names();
+        let view = NameView {
+            base: &names,
+            new: &self.new_names,
+        };
+        let mut writes: Vec<Write<u32>> = Vec::new();
+        let mut digest = self.writer.digest;
+        let mut count_delta: BTreeMap<u32, i64> = BTreeMap::new();
+        {
+            let mut objects = self.txn.open_table(OBJECTS)?;
+            for (key, p) in &mut self.pending {
+                let Some(op) = p.op.take() else { continue };
+                let before = p.before.take();
+                let coll = view.name(p.coll)?;
+                let mut state = before.clone().unwrap_or_default();
+                match op {
+                    NetOp::Remote => {
+                        state = p.after.take().unwrap_or_default();
+                    }
+                    NetOp::Insert(fields) => {
+                        state.apply_exists(stamp, true);
+                        let mut logged = Vec::with_capacity(fields.len());
+                        for (name, value) in fields {
+                            let id = view.id(&name).ok_or_else(|| corrupt("uninterned field"))?;
+                            state.apply_field(id, stamp, value.clone());
+                            logged.push((id, value));
+                        }
+                        writes.push(Write {
+                            collection: p.coll,
+                            pk: p.pk.clone(),
+                            op: Op::Insert { fields: logged },
+                        });
+                    }
+                    NetOp::Update(fields) => {
+                        let mut logged = Vec::with_capacity(fields.len());
+                        for (name, value) in fields {
+                            let id = view.id(&name).ok_or_else(|| corrupt("uninterned field"))?;
+                            let base = state.field(id).map(|(s, _)| s);
+                            state.apply_field(id, stamp, value.clone());
+                            logged.push(FieldWrite {
+                                field: id,
+                                value,
+                                base,
+                            });
+                        }
+                        writes.push(Write {
+                            collection: p.coll,
+                            pk: p.pk.clone(),
+                            op: Op::Update { fields: logged },
+                        });
+                    }
+                    NetOp::Delete => {
+                        let base = state.max_stamp();
+                        state.apply_exists(stamp, false);
+                        writes.push(Write {
+                            collection: p.coll,
+                            pk: p.pk.clone(),
+                            op: Op::Delete { base },
+                        });
+                    }
+                }
+                if before.as_ref() == Some(&state) {
+                    continue;
+                }
+                let old = match &before {
+                    Some(b) => view.hash(coll, &p.pk, b)?,
+                    None => None,
+                };
+                let new = view.hash(coll, &p.pk, &state)?;
+                if let Some(h) = &old {
+                    digest.sub(h);
+                }
+                if let Some(h) = &new {
+                    digest.add(h);
+                }
+                let delta = i64::from(new.is_some()) - i64::from(old.is_some());
+                if delta != 0 {
+                    *count_delta.entry(p.coll).or_default() += delta;
+                }
+                objects.insert(key.as_slice(), encode(&state)?.as_slice())?;
+            }
+        }
+        let seq = if writes.is_empty() {
+            None
+        } else {
+            Some(self.writer.log_next)
+        };
+        let mut meta = self.txn.open_table(META)?;
+        if let Some(seq) = seq {
+            let entry = LogEntry { seq, stamp, writes };
+            self.txn
+                .open_table(LOG)?
+                .insert(seq, encode(&entry)?.as_slice())?;
+            meta.insert(META_LOG_NEXT, (seq + 1).to_le_bytes().as_slice())?;
+        }
+        if !self.new_names.is_empty() {
+            let mut table = self.txn.open_table(NAMES)?;
+            for (i, n) in self.new_names.iter().enumerate() {
+                table.insert((names.by_id.len() + i) as u32, n.as_str())?;
+            }
+        }
+        drop(names);
+        let mut counts = Vec::new();
+        for (cid, delta) in &count_delta {
+            let n = self.writer.counts.get(cid).copied().unwrap_or(0);
+            let n = n.saturating_add_signed(*delta);
+            meta.insert(
+                format!("{META_COUNT_PREFIX}{cid}").as_str(),
+                n.to_le_bytes().as_slice(),
+            )?;
+            counts.push((*cid, n));
+        }
+        meta.insert(
+            META_HLC,
+            self.writer.hlc.high_water().to_le_bytes().as_slice(),
+        )?;
+        meta.insert(META_DIGEST, digest.digest().0.as_slice())?;
+        drop(meta);
+        Ok(Some(Prepared {
+            committed: Committed {
+                seq,
+                stamp: has_local.then_some(stamp),
+            },
+            digest,
+            counts,
+        }))
+    }
+}
+
+/// What a transaction will change in memory once redb has committed it.
+struct Prepared {
+    committed: Committed,
+    digest: DigestSum,
+    counts: Vec<(u32, u64)>,
+}
