@@ -49,3 +49,8 @@ pub use store::{
     Committed, Durability, ImportReport, Object, Options, Store, WriteTx, VALUE_BYTES_MAX_DEFAULT,
 };
 pub use value::{Pk, Value, NAME_LEN_MAX};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

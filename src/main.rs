@@ -7,7 +7,11 @@ use fieldlog::{Store, Value};
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser)]
-#[command(name = "fieldlog", version, about = "Field-level embedded store with sync")]
+#[command(
+    name = "fieldlog",
+    version,
+    about = "Field-level embedded store with sync"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +52,12 @@ fn demo(objects: u32, updates: u32, seed: u64) -> Result<(), Box<dyn std::error:
     let dir = tempfile::tempdir()?;
     let a = Store::open(dir.path().join("a.redb"))?;
     let b = Store::open(dir.path().join("b.redb"))?;
-    println!("replicas {} and {} in {}", a.replica_id(), b.replica_id(), dir.path().display());
+    println!(
+        "replicas {} and {} in {}",
+        a.replica_id(),
+        b.replica_id(),
+        dir.path().display()
+    );
 
     // Shared starting point: A creates the objects, B receives them.
     let t = Instant::now();
@@ -84,7 +93,12 @@ fn demo(objects: u32, updates: u32, seed: u64) -> Result<(), Box<dyn std::error:
                 for _ in 0..n {
                     let pk = i64::from(rng.random_range(0..objects));
                     let field = format!("field{}", rng.random_range(0..10));
-                    tx.set("Item", pk, &field, format!("{name}-{}", rng.random::<u32>()))?;
+                    tx.set(
+                        "Item",
+                        pk,
+                        &field,
+                        format!("{name}-{}", rng.random::<u32>()),
+                    )?;
                 }
                 Ok(())
             })?;
