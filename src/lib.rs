@@ -37,6 +37,7 @@ mod merge;
 mod schema;
 mod serde_object;
 mod store;
+pub mod sync;
 mod value;
 
 pub use changeset::{Changeset, ChangesetId};

@@ -536,6 +536,7 @@ impl Store {
             pending: BTreeMap::new(),
             new_names: Vec::new(),
             durability: self.options.durability,
+            raw_used: false,
         })
     }
 
@@ -638,6 +639,16 @@ impl Store {
     /// whole changeset and leaves the store untouched. Imported writes do not enter this
     /// store's Updates log (it records local writes).
     pub fn import(&self, cs: &Changeset) -> Result<ImportReport> {
+        self.import_with(cs, |_, _| Ok(())).map(|(r, ())| r)
+    }
+
+    /// Imports a changeset and runs `extra` inside the same redb transaction, so sync
+    /// bookkeeping (history, cursors) commits atomically with the state it describes.
+    pub(crate) fn import_with<R>(
+        &self,
+        cs: &Changeset,
+        extra: impl FnOnce(&mut WriteTx<'_>, &ImportReport) -> Result<R>,
+    ) -> Result<(ImportReport, R)> {
         cs.validate(self.options.value_bytes_max)?;
         let mut tx = self.begin()?;
         let now = self.options.time.now_ms();
@@ -663,8 +674,14 @@ impl Store {
             }
         }
         tx.writer.hlc.observe(max_time);
+        let r = extra(&mut tx, &report)?;
         tx.commit()?;
-        Ok(report)
+        Ok((report, r))
+    }
+
+    /// A read snapshot, for modules that keep their own tables in this database.
+    pub(crate) fn read_txn(&self) -> Result<redb::ReadTransaction> {
+        Ok(self.db.begin_read()?)
     }
 }
 
@@ -717,6 +734,9 @@ pub struct WriteTx<'s> {
     pending: BTreeMap<Vec<u8>, Pending>,
     new_names: Vec<String>,
     durability: Durability,
+    /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
+    /// object changed.
+    raw_used: bool,
 }
 
 impl std::fmt::Debug for WriteTx<'_> {
@@ -728,6 +748,12 @@ impl std::fmt::Debug for WriteTx<'_> {
 }
 
 impl<'s> WriteTx<'s> {
+    /// The underlying redb transaction, for tables other modules keep in this database.
+    pub(crate) fn raw(&mut self) -> &redb::WriteTransaction {
+        self.raw_used = true;
+        &self.txn
+    }
+
     /// Chooses this commit's durability.
     pub fn set_durability(&mut self, d: Durability) {
         self.durability = d;
@@ -1101,7 +1127,7 @@ impl<'s> WriteTx<'s> {
             )
         });
         let has_remote = self.pending.values().any(|p| p.after.is_some());
-        if !has_local && !has_remote {
+        if !has_local && !has_remote && !self.raw_used {
             return Ok(None);
         }
         let now = self.store.options.time.now_ms();

@@ -1,0 +1,146 @@
+//! Sync messages. Only `frame` knows how they travel; this module says what they mean.
+
+use serde::{Deserialize, Serialize};
+
+use crate::changeset::Changeset;
+use crate::clock::ReplicaId;
+use crate::log::LogPos;
+
+/// The protocol version this build speaks; a handshake with another is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A position in the server's history: it counts every change the server has accepted.
+pub type ServerVersion = u64;
+
+/// Error codes carried by [`ServerMsg::Error`]. Numbers are stable on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// A frame failed to decode or check (100).
+    BadFrame,
+    /// A message arrived that the session did not expect in its state (101).
+    UnexpectedMessage,
+    /// Protocol versions differ (102).
+    ProtocolVersion,
+    /// Schema versions differ (103).
+    SchemaVersion,
+    /// The token is missing, malformed or badly signed (104).
+    Unauthorized,
+    /// The token has expired (105).
+    TokenExpired,
+    /// An uploaded changeset was refused as bad input (106).
+    BadChangeset,
+    /// The server cannot continue this client's history; it must reset (211).
+    ClientReset,
+    /// The server refused some writes and reverted them (231).
+    CompensatingWrite,
+    /// The server failed; try again later (500).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The numeric code.
+    pub fn number(self) -> u16 {
+        match self {
+            ErrorCode::BadFrame => 100,
+            ErrorCode::UnexpectedMessage => 101,
+            ErrorCode::ProtocolVersion => 102,
+            ErrorCode::SchemaVersion => 103,
+            ErrorCode::Unauthorized => 104,
+            ErrorCode::TokenExpired => 105,
+            ErrorCode::BadChangeset => 106,
+            ErrorCode::ClientReset => 211,
+            ErrorCode::CompensatingWrite => 231,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    /// Whether the client may reconnect and carry on (as opposed to needing a fix).
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorCode::Internal | ErrorCode::BadFrame)
+    }
+}
+
+/// Client to server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// The first message on a connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`].
+        protocol: u32,
+        /// The client's schema version (0 when it has none).
+        schema_version: u64,
+        /// The signed token naming the user.
+        token: String,
+        /// The client's replica id.
+        replica: ReplicaId,
+        /// The last server version the client has applied.
+        download_cursor: ServerVersion,
+    },
+    /// Log entries after the client's last acknowledged position. When `more` is set, the
+    /// last entry is a piece of a transaction that continues in the next upload (a
+    /// transaction too large for one frame); the server applies it when the last piece
+    /// arrives, so other clients see it whole.
+    Upload {
+        /// The entries (with the client's log positions as `seq`).
+        changeset: Changeset,
+        /// The last entry continues in the next message.
+        more: bool,
+    },
+    /// The client applied downloads up to `cursor` (lets the server send more).
+    DownloadAck {
+        /// The client's persisted download cursor.
+        cursor: ServerVersion,
+    },
+    /// Asks for the server's current version (answered by [`ServerMsg::Pong`]).
+    Ping {
+        /// Echoed back.
+        id: u64,
+    },
+}
+
+/// Server to client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// The handshake succeeded.
+    Welcome {
+        /// The server's replica id.
+        server: ReplicaId,
+        /// The server's newest version.
+        server_version: ServerVersion,
+        /// The highest log position of this client the server has applied; the client
+        /// resumes its upload after it.
+        uploaded: LogPos,
+    },
+    /// Uploads up to `seq` are applied and durable on the server.
+    UploadAck {
+        /// The client's log position now applied.
+        seq: LogPos,
+        /// The server version after applying it.
+        server_version: ServerVersion,
+    },
+    /// Changes from other replicas. Each entry's `seq` is its server version. After
+    /// applying it (all pieces, when `more` is set), the client's cursor is `cursor`.
+    Download {
+        /// The changes.
+        changeset: Changeset,
+        /// The last entry continues in the next download.
+        more: bool,
+        /// The client's download cursor once this is applied.
+        cursor: ServerVersion,
+    },
+    /// Answer to [`ClientMsg::Ping`].
+    Pong {
+        /// The ping's id.
+        id: u64,
+        /// The server's newest version.
+        server_version: ServerVersion,
+    },
+    /// Something went wrong; the server closes the connection after sending it.
+    Error {
+        /// What kind of error.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+}

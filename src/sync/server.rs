@@ -1,0 +1,496 @@
+//! The sync server's logic, free of sockets and timers: a [`SyncServer`] owns the server's
+//! store and its history; a [`ServerSession`] per connection turns client messages into
+//! server messages.
+//!
+//! The server keeps, in its own store's redb file: `history` (server version → origin and
+//! log entry, as uploaded), `clients` (replica id → highest applied log position and user).
+//! An upload is applied with its history records and the client's position in one redb
+//! transaction, so a repeated, overlapping or replayed upload is applied once.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::changeset::Changeset;
+use crate::clock::ReplicaId;
+use crate::error::{Error, Result};
+use crate::log::{LogEntry, LogPos};
+use crate::store::Store;
+use crate::sync::pieces::{join_piece, split_entry};
+use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, ServerVersion, PROTOCOL_VERSION};
+use crate::sync::token::{self, Claims, Secret, TokenError};
+
+/// Download messages a session sends ahead of the client's acknowledgements.
+const DOWNLOAD_WINDOW: usize = 4;
+
+/// server version → postcard [`HistoryRecord`].
+const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_history");
+/// client replica id → postcard [`ClientRecord`].
+const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_clients");
+
+/// One accepted transaction in the server's history.
+#[derive(Debug, Serialize, Deserialize)]
+struct HistoryRecord {
+    origin: ReplicaId,
+    entry: LogEntry,
+}
+
+/// What the server remembers of a client.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ClientRecord {
+    /// The client's highest log position applied here.
+    uploaded: LogPos,
+    /// The user the client last authenticated as.
+    user: String,
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The key tokens are signed with.
+    pub secret: Secret,
+    /// The schema version clients must announce.
+    pub schema_version: u64,
+    /// Target size of one download or upload message's changes, in bytes.
+    pub batch_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Defaults with this secret.
+    pub fn new(secret: Secret) -> Self {
+        ServerConfig {
+            secret,
+            schema_version: 0,
+            batch_bytes: 1 << 20,
+        }
+    }
+}
+
+fn corrupt(what: impl Into<String>) -> Error {
+    Error::Corrupt { what: what.into() }
+}
+
+/// The server's shared state: its store, history and client records.
+pub struct SyncServer {
+    store: Arc<Store>,
+    config: ServerConfig,
+    /// The newest server version; the lock also orders uploads from concurrent sessions.
+    version: Mutex<ServerVersion>,
+}
+
+impl std::fmt::Debug for SyncServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncServer")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SyncServer {
+    /// Serves `store`, creating the sync tables on first use.
+    pub fn open(store: Arc<Store>, config: ServerConfig) -> Result<SyncServer> {
+        let mut tx = store.begin()?;
+        let version = {
+            let txn = tx.raw();
+            txn.open_table(CLIENTS)?;
+            let history = txn.open_table(HISTORY)?;
+            let last = history.last()?.map(|(k, _)| k.value());
+            last.unwrap_or(0)
+        };
+        tx.commit()?;
+        Ok(SyncServer {
+            store,
+            config,
+            version: Mutex::new(version),
+        })
+    }
+
+    /// The server's store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The newest server version.
+    pub fn version(&self) -> ServerVersion {
+        *self.version.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A session for a new connection.
+    pub fn session(self: &Arc<Self>) -> ServerSession {
+        ServerSession {
+            server: Arc::clone(self),
+            state: State::AwaitHello,
+        }
+    }
+
+    fn client_record(&self, client: ReplicaId) -> Result<ClientRecord> {
+        let rtx = self.store.read_txn()?;
+        let table = rtx.open_table(CLIENTS)?;
+        let rec = table.get(client.0)?;
+        rec.map(|r| postcard::from_bytes(r.value()).map_err(|e| corrupt(format!("client: {e}"))))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    /// The highest log position of `client` applied here.
+    pub fn uploaded(&self, client: ReplicaId) -> Result<LogPos> {
+        Ok(self.client_record(client)?.uploaded)
+    }
+
+    /// Applies complete entries from `client`, skipping those already applied. Returns the
+    /// client's applied position and the server version afterwards.
+    fn apply_upload(
+        &self,
+        client: ReplicaId,
+        user: &str,
+        entries: Vec<LogEntry>,
+    ) -> Result<(LogPos, ServerVersion)> {
+        let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = self.client_record(client)?;
+        let fresh: Vec<LogEntry> = entries
+            .into_iter()
+            .filter(|e| e.seq > record.uploaded)
+            .collect();
+        let Some(last) = fresh.last().map(|e| e.seq) else {
+            return Ok((record.uploaded, *version));
+        };
+        let cs = Changeset {
+            origin: client,
+            entries: fresh,
+        };
+        let mut next = *version;
+        self.store.import_with(&cs, |tx, _| {
+            let txn = tx.raw();
+            let mut history = txn.open_table(HISTORY)?;
+            for e in &cs.entries {
+                next += 1;
+                let rec = HistoryRecord {
+                    origin: client,
+                    entry: e.clone(),
+                };
+                let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+                history.insert(next, bytes.as_slice())?;
+            }
+            record.uploaded = last;
+            record.user = user.to_owned();
+            let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
+            txn.open_table(CLIENTS)?
+                .insert(client.0, bytes.as_slice())?;
+            Ok(())
+        })?;
+        *version = next;
+        Ok((last, next))
+    }
+
+    /// History after `cursor` that `client` has not got: its own entries are skipped (it
+    /// has them). Returns entries (seq = server version) up to about `batch_bytes`, and the
+    /// cursor after them.
+    fn history_after(
+        &self,
+        cursor: ServerVersion,
+        client: ReplicaId,
+    ) -> Result<(Vec<LogEntry>, ServerVersion)> {
+        let rtx = self.store.read_txn()?;
+        let table = rtx.open_table(HISTORY)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut end = cursor;
+        for row in table.range(cursor.saturating_add(1)..)? {
+            let (k, v) = row?;
+            end = k.value();
+            let rec: HistoryRecord = postcard::from_bytes(v.value())
+                .map_err(|e| corrupt(format!("history {end}: {e}")))?;
+            if rec.origin == client {
+                continue;
+            }
+            bytes += v.value().len();
+            let mut entry = rec.entry;
+            entry.seq = end;
+            out.push(entry);
+            if bytes >= self.config.batch_bytes {
+                break;
+            }
+        }
+        Ok((out, end))
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitHello,
+    Ready {
+        client: ReplicaId,
+        claims: Claims,
+        /// The client's download position as far as this session has sent.
+        sent: ServerVersion,
+        /// Pieces of an upload transaction still arriving.
+        partial: Option<LogEntry>,
+        /// Pieces of a download transaction still to send.
+        outgoing: Vec<LogEntry>,
+        outgoing_cursor: ServerVersion,
+        /// Download messages sent and not yet acknowledged.
+        in_flight: usize,
+    },
+    Closed,
+}
+
+/// One connection's server side. Feed it messages; send what it returns; after an
+/// [`ServerMsg::Error`] it is closed and the connection should be.
+#[derive(Debug)]
+pub struct ServerSession {
+    server: Arc<SyncServer>,
+    state: State,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+impl ServerSession {
+    /// Whether the session has ended (after an error).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// The authenticated user, once the handshake is done.
+    pub fn user(&self) -> Option<&str> {
+        match &self.state {
+            State::Ready { claims, .. } => Some(&claims.user_id),
+            _ => None,
+        }
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: impl Into<String>) -> Vec<ServerMsg> {
+        self.state = State::Closed;
+        vec![error(code, message)]
+    }
+
+    /// Handles one client message at time `now_ms`.
+    pub fn on_message(&mut self, msg: ClientMsg, now_ms: u64) -> Vec<ServerMsg> {
+        match self.handle(msg, now_ms) {
+            Ok(out) => out,
+            Err(Error::BadChangeset { reason }) => self.fail(ErrorCode::BadChangeset, reason),
+            Err(e @ (Error::Schema { .. } | Error::ClockDrift { .. } | Error::BadName { .. })) => {
+                self.fail(ErrorCode::BadChangeset, e.to_string())
+            }
+            Err(e) => self.fail(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// A protocol error of the peer (a frame that failed to decode): the session ends.
+    pub fn on_bad_frame(&mut self, reason: &str) -> Vec<ServerMsg> {
+        self.fail(ErrorCode::BadFrame, reason)
+    }
+
+    fn handle(&mut self, msg: ClientMsg, now_ms: u64) -> Result<Vec<ServerMsg>> {
+        match (&mut self.state, msg) {
+            (State::Closed, _) => Ok(Vec::new()),
+            (
+                State::AwaitHello,
+                ClientMsg::Hello {
+                    protocol,
+                    schema_version,
+                    token,
+                    replica,
+                    download_cursor,
+                },
+            ) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Ok(self.fail(
+                        ErrorCode::ProtocolVersion,
+                        format!("server speaks protocol {PROTOCOL_VERSION}, client {protocol}"),
+                    ));
+                }
+                let claims = match token::verify(&self.server.config.secret, &token, now_ms) {
+                    Ok(c) => c,
+                    Err(e @ TokenError::Expired { .. }) => {
+                        return Ok(self.fail(ErrorCode::TokenExpired, e.to_string()))
+                    }
+                    Err(e) => return Ok(self.fail(ErrorCode::Unauthorized, e.to_string())),
+                };
+                if schema_version != self.server.config.schema_version {
+                    return Ok(self.fail(
+                        ErrorCode::SchemaVersion,
+                        format!(
+                            "server schema version {}, client {schema_version}",
+                            self.server.config.schema_version
+                        ),
+                    ));
+                }
+                let server_version = self.server.version();
+                let uploaded = self.server.uploaded(replica)?;
+                self.state = State::Ready {
+                    client: replica,
+                    claims,
+                    sent: download_cursor.min(server_version),
+                    partial: None,
+                    outgoing: Vec::new(),
+                    outgoing_cursor: 0,
+                    in_flight: 0,
+                };
+                Ok(vec![ServerMsg::Welcome {
+                    server: self.server.store.replica_id(),
+                    server_version,
+                    uploaded,
+                }])
+            }
+            (State::AwaitHello, other) => Ok(self.fail(
+                ErrorCode::UnexpectedMessage,
+                format!("expected Hello, got {}", kind(&other)),
+            )),
+            (_, ClientMsg::Hello { .. }) => {
+                Ok(self.fail(ErrorCode::UnexpectedMessage, "Hello after the handshake"))
+            }
+            (
+                State::Ready {
+                    client,
+                    claims,
+                    partial,
+                    ..
+                },
+                ClientMsg::Upload { changeset, more },
+            ) => {
+                changeset.validate(self.server.store.options().value_bytes_max)?;
+                let mut entries = changeset.entries;
+                if let Some(p) = partial.take() {
+                    match entries.first_mut() {
+                        Some(first) if first.seq == p.seq => {
+                            let rest = std::mem::replace(first, p);
+                            join_piece(first, rest);
+                        }
+                        _ => {
+                            return Ok(self.fail(
+                                ErrorCode::UnexpectedMessage,
+                                format!("upload did not continue transaction {}", p.seq),
+                            ))
+                        }
+                    }
+                }
+                if more {
+                    *partial = entries.pop();
+                }
+                let (client, user) = (*client, claims.user_id.clone());
+                if entries.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let (seq, server_version) = self.server.apply_upload(client, &user, entries)?;
+                Ok(vec![ServerMsg::UploadAck {
+                    seq,
+                    server_version,
+                }])
+            }
+            (State::Ready { in_flight, .. }, ClientMsg::DownloadAck { .. }) => {
+                *in_flight = in_flight.saturating_sub(1);
+                Ok(Vec::new())
+            }
+            (State::Ready { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
+                id,
+                server_version: self.server.version(),
+            }]),
+        }
+    }
+
+    /// The next download message, if the client is behind. Call it whenever the server
+    /// version moves and after each message sent, until it returns `None`.
+    pub fn poll_download(&mut self) -> Vec<ServerMsg> {
+        match self.next_download() {
+            Ok(m) => m.into_iter().collect(),
+            Err(e) => self.fail(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn next_download(&mut self) -> Result<Option<ServerMsg>> {
+        let batch_bytes = self.server.config.batch_bytes;
+        let origin = self.server.store.replica_id();
+        let State::Ready {
+            client,
+            sent,
+            outgoing,
+            outgoing_cursor,
+            in_flight,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(None);
+        };
+        if *in_flight >= DOWNLOAD_WINDOW {
+            return Ok(None);
+        }
+        *in_flight += 1;
+        if outgoing.is_empty() {
+            if *sent >= self.server.version() {
+                *in_flight -= 1;
+                return Ok(None);
+            }
+            let (entries, cursor) = self.server.history_after(*sent, *client)?;
+            // A transaction too large for one message goes out in pieces.
+            let mut pieces = Vec::new();
+            for e in entries {
+                pieces.extend(split_entry(e, batch_bytes));
+            }
+            pieces.reverse();
+            *outgoing = pieces;
+            *outgoing_cursor = cursor;
+            if outgoing.is_empty() {
+                *sent = cursor;
+                return Ok(Some(ServerMsg::Download {
+                    changeset: Changeset {
+                        origin,
+                        entries: Vec::new(),
+                    },
+                    more: false,
+                    cursor,
+                }));
+            }
+        }
+        // Pieces of one transaction share a seq; send whole entries up to the batch size,
+        // and at most one piece per message so the client can rejoin them in order.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        while let Some(next) = outgoing.pop() {
+            bytes += approx_size(&next);
+            let continues = outgoing.last().is_some_and(|n| n.seq == next.seq);
+            batch.push(next);
+            if continues {
+                more = true;
+                break;
+            }
+            if bytes >= batch_bytes {
+                break;
+            }
+        }
+        let cursor = if outgoing.is_empty() {
+            *outgoing_cursor
+        } else {
+            // Only complete transactions count towards the cursor.
+            batch.last().map_or(*sent, |e| e.seq - u64::from(more))
+        };
+        *sent = cursor.max(*sent);
+        Ok(Some(ServerMsg::Download {
+            changeset: Changeset {
+                origin,
+                entries: batch,
+            },
+            more,
+            cursor,
+        }))
+    }
+}
+
+fn kind(m: &ClientMsg) -> &'static str {
+    match m {
+        ClientMsg::Hello { .. } => "Hello",
+        ClientMsg::Upload { .. } => "Upload",
+        ClientMsg::DownloadAck { .. } => "DownloadAck",
+        ClientMsg::Ping { .. } => "Ping",
+    }
+}
+
+pub(crate) fn approx_size(e: &LogEntry) -> usize {
+    crate::sync::pieces::entry_size(e)
+}
