@@ -1,10 +1,23 @@
-//! The `fieldlog` command.
+//! The `fieldlog` command: `demo`, `serve`, `token`.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use fieldlog::{Store, Value};
+use fieldlog::sync::client::ClientConfig;
+use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
+use fieldlog::sync::server::{ServerConfig, SyncServer};
+use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::{Store, SystemTimeSource, TimeSource, Value};
+use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The environment variable holding the server secret (hex), when no file is given.
+const SECRET_ENV: &str = "FIELDLOG_SECRET";
 
 #[derive(Parser)]
 #[command(
@@ -19,28 +32,73 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Two replicas write offline, edit the same objects, then merge and converge.
+    /// A real server on 127.0.0.1 and several clients that write fast, go offline, come
+    /// back, and converge. Needs no set-up: everything lives in a temporary folder.
     Demo {
-        /// Objects each replica creates.
-        #[arg(long, default_value_t = 2_000)]
-        objects: u32,
-        /// Random single-field updates each replica makes while offline.
-        #[arg(long, default_value_t = 20_000)]
-        updates: u32,
+        /// Number of clients.
+        #[arg(long, default_value_t = 6)]
+        clients: usize,
+        /// Field writes per client.
+        #[arg(long, default_value_t = 5_000)]
+        writes: u64,
+        /// Objects per client.
+        #[arg(long, default_value_t = 200)]
+        objects: u64,
         /// Seed for the random writes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Runs a sync server until Ctrl-C.
+    Serve {
+        /// The server's store file (created if missing).
+        #[arg(long)]
+        db: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: String,
+        /// File with the secret (hex); otherwise $FIELDLOG_SECRET.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
+    /// Prints a token for a user (for development), signed with the server's secret.
+    Token {
+        /// The user id.
+        #[arg(long)]
+        user: String,
+        /// File with the secret (hex); otherwise $FIELDLOG_SECRET.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// Prints a new random secret (hex) for `serve` and `token`.
+    Secret,
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo {
+            clients,
+            writes,
             objects,
-            updates,
             seed,
-        } => demo(objects, updates, seed),
+        } => runtime().and_then(|rt| rt.block_on(demo(clients, writes, objects.max(1), seed))),
+        Command::Serve {
+            db,
+            listen,
+            secret_file,
+        } => runtime().and_then(|rt| rt.block_on(serve(db, listen, secret_file))),
+        Command::Token {
+            user,
+            secret_file,
+            ttl_secs,
+        } => make_token(&user, secret_file, ttl_secs),
+        Command::Secret => {
+            println!("{}", Secret::generate().to_hex());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -48,105 +106,190 @@ fn main() {
     }
 }
 
-fn demo(objects: u32, updates: u32, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
+fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn make_token(user: &str, file: Option<PathBuf>, ttl_secs: u64) -> Result<(), BoxError> {
+    let secret = Secret::from_env_or_file(SECRET_ENV, file.as_deref())?;
+    let claims = Claims {
+        user_id: user.to_owned(),
+        expires_at_ms: SystemTimeSource.now_ms() + ttl_secs * 1000,
+        extra: Default::default(),
+    };
+    println!("{}", token::issue(&secret, &claims)?);
+    Ok(())
+}
+
+async fn serve(db: PathBuf, listen: String, file: Option<PathBuf>) -> Result<(), BoxError> {
+    let secret = Secret::from_env_or_file(SECRET_ENV, file.as_deref())?;
+    let store = Arc::new(Store::open(&db)?);
+    let server = Arc::new(SyncServer::open(store, ServerConfig::new(secret))?);
+    let handle = ServerHandle::bind(Arc::clone(&server), &listen).await?;
+    let addr = handle.local_addr().map(|a| a.to_string()).unwrap_or(listen);
+    eprintln!(
+        "fieldlog: serving {} on {addr} (server version {}); Ctrl-C stops",
+        db.display(),
+        server.version()
+    );
+    tokio::signal::ctrl_c().await?;
+    // Every acknowledgement was sent after a durable commit, so stopping here loses
+    // nothing acknowledged; unacknowledged uploads are resent by their clients.
+    handle.shutdown().await;
+    eprintln!("fieldlog: stopped at server version {}", server.version());
+    Ok(())
+}
+
+async fn demo(clients: usize, writes: u64, objects: u64, seed: u64) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let a = Store::open(dir.path().join("a.redb"))?;
-    let b = Store::open(dir.path().join("b.redb"))?;
+    let secret = Secret::generate();
+    let server_store = Arc::new(Store::open(dir.path().join("server.redb"))?);
+    let server = Arc::new(SyncServer::open(
+        Arc::clone(&server_store),
+        ServerConfig::new(secret.clone()),
+    )?);
+    let handle = ServerHandle::bind(Arc::clone(&server), "127.0.0.1:0").await?;
+    let addr = handle
+        .local_addr()
+        .ok_or("server has no address")?
+        .to_string();
     println!(
-        "replicas {} and {} in {}",
-        a.replica_id(),
-        b.replica_id(),
+        "server on {addr}, {clients} clients, {writes} field writes each, stores in {}",
         dir.path().display()
     );
 
-    // Shared starting point: A creates the objects, B receives them.
-    let t = Instant::now();
-    a.write(|tx| {
-        for i in 0..objects {
-            tx.insert(
-                "Item",
-                i64::from(i),
-                (0..10).map(|f| (format!("field{f}"), Value::from(format!("initial-{i}-{f}")))),
-            )?;
-        }
-        Ok(())
-    })?;
-    let shared = a.export(0, usize::MAX)?;
-    let bytes = shared.encode()?;
-    b.import_bytes(&bytes)?;
-    println!(
-        "A inserted {objects} objects x 10 fields; B imported them ({} KiB changeset) in {:.2?}",
-        bytes.len() / 1024,
-        t.elapsed()
-    );
-    let (a_pos, b_pos) = (a.log_head(), b.log_head());
-
-    // Both go offline and update random fields of the same objects, 100 per transaction.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let t = Instant::now();
-    for (name, store) in [("A", &a), ("B", &b)] {
-        let mut left = updates;
-        while left > 0 {
-            let n = left.min(100);
-            left -= n;
-            store.write(|tx| {
-                for _ in 0..n {
-                    let pk = i64::from(rng.random_range(0..objects));
-                    let field = format!("field{}", rng.random_range(0..10));
-                    tx.set(
-                        "Item",
-                        pk,
-                        &field,
-                        format!("{name}-{}", rng.random::<u32>()),
-                    )?;
-                }
-                Ok(())
-            })?;
-        }
-        // And each deletes a few objects the other may still be editing.
-        store.write(|tx| {
-            for _ in 0..5 {
-                let pk = i64::from(rng.random_range(0..objects));
-                if tx.get("Item", pk)?.is_some() {
-                    tx.delete("Item", pk)?;
-                }
-            }
-            Ok(())
-        })?;
+    let mut replicas = Vec::new();
+    for i in 0..clients {
+        let store = Arc::new(Store::open(dir.path().join(format!("client{i}.redb")))?);
+        let claims = Claims {
+            user_id: format!("user{i}"),
+            expires_at_ms: u64::MAX,
+            extra: Default::default(),
+        };
+        let client = SyncClient::start(
+            Arc::clone(&store),
+            Transport::Tcp(addr.clone()),
+            ClientConfig::new(token::issue(&secret, &claims)?),
+            ClientHooks::default(),
+        );
+        replicas.push((store, Arc::new(client)));
     }
-    let elapsed = t.elapsed();
-    println!(
-        "offline: {} field writes on each replica in {:.2?} ({:.0} writes/s, durable)",
-        updates,
-        elapsed,
-        f64::from(updates * 2) / elapsed.as_secs_f64()
-    );
-    println!("digests before merge: A {} / B {}", a.digest(), b.digest());
 
-    // Back online: exchange the changes made since the shared point.
-    let t = Instant::now();
-    let from_a = a.export(a_pos, usize::MAX)?.encode()?;
-    let from_b = b.export(b_pos, usize::MAX)?.encode()?;
-    let into_b = b.import_bytes(&from_a)?;
-    let into_a = a.import_bytes(&from_b)?;
-    println!(
-        "merged in {:.2?}: A applied {} of B's writes ({} stale), B applied {} of A's ({} stale)",
-        t.elapsed(),
-        into_a.applied,
-        into_a.stale,
-        into_b.applied,
-        into_b.stale
+    let bar = ProgressBar::new(writes * clients as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} field writes {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    println!(
-        "live objects: A {} / B {}",
-        a.count("Item")?,
-        b.count("Item")?
-    );
-    let (da, db) = (a.digest(), b.digest());
-    println!("digests after merge: A {da} / B {db}");
-    if da != db || a.scan("Item")? != b.scan("Item")? {
-        return Err("replicas did not converge".into());
+    let offline_now = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (store, client)) in replicas.iter().enumerate() {
+        let (store, client, bar, offline_now) = (
+            Arc::clone(store),
+            Arc::clone(client),
+            bar.clone(),
+            Arc::clone(&offline_now),
+        );
+        let total = clients as u64;
+        tasks.push(tokio::task::spawn_blocking(
+            move || -> Result<u64, BoxError> {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+                store.write(|tx| {
+                    for k in 0..objects {
+                        let fields = (0..10).map(|f| (format!("field{f}"), Value::from(0)));
+                        tx.insert("Item", (i as u64 * objects + k) as i64, fields)?;
+                    }
+                    Ok(())
+                })?;
+                let mut done = 0;
+                let mut offline_until = None;
+                while done < writes {
+                    // Now and then, go offline for a stretch of writes.
+                    match offline_until {
+                        None if rng.random_ratio(1, 40) => {
+                            client.set_online(false);
+                            offline_now.fetch_add(1, Ordering::Relaxed);
+                            offline_until = Some(done + rng.random_range(100..800));
+                        }
+                        Some(until) if done >= until => {
+                            client.set_online(true);
+                            offline_now.fetch_sub(1, Ordering::Relaxed);
+                            offline_until = None;
+                        }
+                        _ => {}
+                    }
+                    let n = (writes - done).min(rng.random_range(1..20));
+                    store.write(|tx| {
+                        for _ in 0..n {
+                            let k = rng.random_range(0..objects);
+                            let mut pk = (rng.random_range(0..total) * objects + k) as i64;
+                            if tx.get("Item", pk)?.is_none() {
+                                // Not downloaded yet: edit one of our own instead.
+                                pk = (i as u64 * objects + k) as i64;
+                            }
+                            let field = format!("field{}", rng.random_range(0..10));
+                            tx.set("Item", pk, &field, rng.random_range(0..1_000_000i64))?;
+                        }
+                        Ok(())
+                    })?;
+                    done += n;
+                    bar.inc(n);
+                    bar.set_message(format!("({} offline)", offline_now.load(Ordering::Relaxed)));
+                }
+                if offline_until.is_some() {
+                    client.set_online(true);
+                    offline_now.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(done)
+            },
+        ));
     }
-    println!("converged: both replicas hold the same state");
+    let mut total_writes = 0;
+    for t in tasks {
+        total_writes += t.await??;
+    }
+    let writing = started.elapsed();
+    bar.finish_with_message("written; converging");
+
+    let converge = Instant::now();
+    for (_, c) in &replicas {
+        c.wait_for_upload().await;
+    }
+    for (_, c) in &replicas {
+        c.wait_for_download().await;
+    }
+    let converged_in = converge.elapsed();
+    let want = server_store.digest();
+    let equal = replicas.iter().filter(|(s, _)| s.digest() == want).count();
+    let bytes = std::fs::metadata(dir.path().join("server.redb"))?.len();
+    println!("field writes:        {total_writes} in {writing:.2?} ({:.0}/s across {clients} clients, each commit durable)",
+        total_writes as f64 / writing.as_secs_f64());
+    println!(
+        "server history:      {} transactions, store file {:.1} MiB",
+        server.version(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "connections:         {} (clients reconnect after going offline)",
+        handle.connections()
+    );
+    println!("time to converge:    {converged_in:.2?} after the last write");
+    println!(
+        "objects:             {} on the server",
+        server_store.count("Item")?
+    );
+    println!("digests equal:       {equal}/{clients} clients match the server ({want})");
+    for (_, c) in replicas {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            c.stop().await;
+        }
+    }
+    handle.shutdown().await;
+    if equal != clients {
+        return Err("clients did not converge".into());
+    }
+    println!("converged");
     Ok(())
 }
