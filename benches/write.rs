@@ -14,7 +14,9 @@ const BATCH: u32 = 1_000;
 const RAW: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 
 fn value(rng: &mut impl Rng) -> String {
-    (0..100).map(|_| rng.random_range(b'a'..=b'z') as char).collect()
+    (0..100)
+        .map(|_| rng.random_range(b'a'..=b'z') as char)
+        .collect()
 }
 
 fn batched_updates(c: &mut Criterion) {
@@ -60,8 +62,11 @@ fn batched_updates(c: &mut Criterion) {
             let mut t = txn.open_table(RAW).expect("table");
             for i in 0..OBJECTS {
                 for f in 0..10 {
-                    t.insert(format!("user{i}/field{f}").as_str(), value(&mut rng).as_bytes())
-                        .expect("insert");
+                    t.insert(
+                        format!("user{i}/field{f}").as_str(),
+                        value(&mut rng).as_bytes(),
+                    )
+                    .expect("insert");
                 }
             }
         }

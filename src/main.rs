@@ -276,6 +276,11 @@ async fn demo(clients: usize, writes: u64, objects: u64, seed: u64) -> Result<()
         handle.connections()
     );
     println!("time to converge:    {converged_in:.2?} after the last write");
+    let end_to_end = writing + converged_in;
+    println!(
+        "end to end:          {:.0} field changes/s (first write to every client converged)",
+        total_writes as f64 / end_to_end.as_secs_f64()
+    );
     println!(
         "objects:             {} on the server",
         server_store.count("Item")?
