@@ -34,6 +34,7 @@ mod digest;
 mod error;
 mod log;
 mod merge;
+pub mod reset;
 mod schema;
 mod serde_object;
 mod store;

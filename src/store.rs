@@ -18,6 +18,10 @@ use crate::digest::{object_hash, Digest, DigestSum};
 use crate::error::{Error, NameKind, Result};
 use crate::log::{FieldWrite, LogEntry, LogPos, Op, Write};
 use crate::merge::{ObjectState, Outcome};
+use crate::reset::{
+    Discarded, ObjectSnapshot, ResetMarker, ResetMode, ResetPhase, ResetReport, Superseded,
+    UnsyncedWrite,
+};
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
 use crate::value::{validate_name, Pk, Value};
@@ -39,6 +43,11 @@ const META_LOG_NEXT: &str = "log_next";
 const META_LAST_SYNC: &str = "last_sync";
 const META_SCHEMA_PREFIX: &str = "schema/";
 const META_COUNT_PREFIX: &str = "count/";
+const META_RESET: &str = "reset";
+/// During a reset: the server's state being downloaded, in the `objects` format.
+const STAGING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_staging");
+/// During a reset: digest and counts of the staged state.
+const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("reset_staging_meta");
 const FORMAT_VERSION: u64 = 1;
 
 /// Default limit on one value's size.
@@ -138,6 +147,8 @@ struct Writer {
 /// An embedded fieldlog store: one redb file.
 pub struct Store {
     db: Database,
+    /// The file, if the store has one (a reset backs it up).
+    path: Option<std::path::PathBuf>,
     replica: ReplicaId,
     options: Options,
     names: RwLock<Interner>,
@@ -242,8 +253,10 @@ impl Store {
 
     /// Opens the store at `path` with options.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store> {
-        let db = Database::create(path)?;
-        Store::init(db, options)
+        let db = Database::create(path.as_ref())?;
+        let mut store = Store::init(db, options)?;
+        store.path = Some(path.as_ref().to_owned());
+        Ok(store)
     }
 
     /// A store in memory, gone when dropped (for tests and scratch work).
@@ -342,6 +355,7 @@ impl Store {
         txn.commit()?;
         Ok(Store {
             db,
+            path: None,
             replica,
             options,
             names: RwLock::new(interner),
@@ -381,6 +395,14 @@ impl Store {
             .unwrap_or_else(PoisonError::into_inner)
             .get(coll)
             .cloned()
+    }
+
+    /// Every collection's schema.
+    pub fn schemas(&self) -> Vec<Schema> {
+        let map = self.schemas.read().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<Schema> = map.values().map(|s| (**s).clone()).collect();
+        all.sort_by(|a, b| a.collection.cmp(&b.collection));
+        all
     }
 
     /// The schema of a collection, if it has one.
@@ -1273,4 +1295,579 @@ struct Prepared {
     committed: Committed,
     digest: DigestSum,
     counts: Vec<(u32, u64)>,
+}
+
+// ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
+
+/// An object during replay: collection id, key, staged state, state after replay.
+type Replayed = (u32, Pk, Option<ObjectState<u32>>, ObjectState<u32>);
+
+/// What the swap does with one unsynced field write.
+enum Replay {
+    Recovered,
+    Superseded {
+        server_value: Option<Value>,
+        server_stamp: Stamp,
+        reason: String,
+    },
+    Discarded(String),
+}
+
+impl Store {
+    /// The store's file, if it has one.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The marker of a reset under way.
+    pub(crate) fn reset_marker(&self) -> Result<Option<ResetMarker>> {
+        let rtx = self.db.begin_read()?;
+        let meta = rtx.open_table(META)?;
+        let m = meta.get(META_RESET)?;
+        m.map(|v| {
+            postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("reset marker: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Writes (or, with `None`, removes) the reset marker, durably.
+    pub(crate) fn set_reset_marker(&self, marker: Option<&ResetMarker>) -> Result<()> {
+        self.check_poisoned()?;
+        let _w = lock(&self.writer);
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            match marker {
+                Some(m) => {
+                    meta.insert(META_RESET, encode(m)?.as_slice())?;
+                }
+                None => {
+                    meta.remove(META_RESET)?;
+                }
+            }
+        }
+        self.finish(txn.commit().map_err(Error::from))
+    }
+
+    /// Copies the store file to `dest` atomically: with no write in flight and everything
+    /// committed made durable first, to a temporary file that is fsynced and renamed.
+    pub(crate) fn backup_to(&self, dest: &Path) -> Result<()> {
+        let Some(src) = self.path.as_deref() else {
+            return Ok(());
+        };
+        self.check_poisoned()?;
+        let _w = lock(&self.writer);
+        // An empty durable commit flushes commits made with `Durability::Deferred`.
+        let txn = self.db.begin_write()?;
+        self.finish(txn.commit().map_err(Error::from))?;
+        let mut tmp = dest.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::copy(src, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dest)?;
+        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Objects after the key `after`, about `max_bytes` of them, as snapshots (tombstones
+    /// included), and the key to continue from. Keys are local and opaque.
+    pub(crate) fn snapshot_chunk(
+        &self,
+        after: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<(Vec<ObjectSnapshot>, Option<Vec<u8>>)> {
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(OBJECTS)?;
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let range = match after {
+            Some(k) => {
+                table.range::<&[u8]>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))?
+            }
+            None => table.range::<&[u8]>(..)?,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for row in range {
+            let (k, v) = row?;
+            let key = k.value();
+            let cid = u32::from_be_bytes(
+                key.get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| corrupt("object key"))?,
+            );
+            let pk = Pk::decode(&key[4..]).ok_or_else(|| corrupt("object key"))?;
+            let state = decode_state(v.value())?;
+            bytes += v.value().len() + key.len();
+            out.push(ObjectSnapshot {
+                collection: view.name(cid)?.to_owned(),
+                pk,
+                exists: state.exists,
+                floor: state.floor,
+                fields: state
+                    .fields
+                    .iter()
+                    .map(|(f, s, v)| Ok((view.name(*f)?.to_owned(), *s, v.clone())))
+                    .collect::<Result<_>>()?,
+            });
+            if bytes >= max_bytes {
+                return Ok((out, Some(key.to_vec())));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// Stages a chunk of the server's state; the first chunk clears what was staged.
+    pub(crate) fn stage_snapshot(&self, objects: &[ObjectSnapshot], first: bool) -> Result<()> {
+        let mut tx = self.begin()?;
+        if first {
+            let txn = tx.raw();
+            txn.delete_table(STAGING)?;
+            txn.delete_table(STAGING_META)?;
+        }
+        let mut staged = Vec::with_capacity(objects.len());
+        for o in objects {
+            o.pk.validate()?;
+            let cid = tx.intern(NameKind::Collection, &o.collection)?;
+            let mut fields = Vec::with_capacity(o.fields.len());
+            for (name, stamp, value) in &o.fields {
+                fields.push((tx.intern(NameKind::Field, name)?, *stamp, value.clone()));
+            }
+            fields.sort_by_key(|(f, _, _)| *f);
+            let state = ObjectState {
+                exists: o.exists,
+                floor: o.floor,
+                fields,
+            };
+            staged.push((cid, o, state));
+        }
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &tx.new_names,
+        };
+        let txn = &tx.txn;
+        let mut table = txn.open_table(STAGING)?;
+        let mut meta = txn.open_table(STAGING_META)?;
+        let mut sum = staged_digest(&meta)?;
+        for (cid, o, state) in &staged {
+            if let Some(h) = view.hash(&o.collection, &o.pk, state)? {
+                sum.add(&h);
+                bump_count(&mut meta, *cid, 1)?;
+            }
+            table.insert(
+                object_key(*cid, &o.pk).as_slice(),
+                encode(state)?.as_slice(),
+            )?;
+        }
+        meta.insert(META_DIGEST, sum.digest().0.as_slice())?;
+        drop((table, meta, names));
+        tx.raw_used = true;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Swaps the staged server state in and replays the unsynced writes after `replay_after`
+    /// onto it, in one transaction (see `reset.rs`). `extra` runs in the same transaction.
+    pub(crate) fn finish_reset(
+        &self,
+        marker: &ResetMarker,
+        schemas: &[Schema],
+        replay_after: LogPos,
+        extra: impl FnOnce(&mut WriteTx<'_>) -> Result<()>,
+    ) -> Result<(ResetReport, LogPos)> {
+        for s in schemas {
+            s.validate()?;
+        }
+        let new_schemas: HashMap<&str, &Schema> =
+            schemas.iter().map(|s| (s.collection.as_str(), s)).collect();
+        let mut tx = self.begin()?;
+        let head = tx.writer.log_next - 1;
+        let replay_after = replay_after.min(head);
+        let mut report = ResetReport {
+            reason: Some(marker.reason.clone()),
+            mode: marker.mode,
+            backup: marker.backup.clone(),
+            ..ResetReport::default()
+        };
+
+        // The unsynced entries, with names.
+        let unsynced: Result<Vec<LogEntry>> = (|| {
+            let log = tx.txn.open_table(LOG)?;
+            let names = self.names();
+            let view = NameView {
+                base: &names,
+                new: &[],
+            };
+            let mut out = Vec::new();
+            for row in log.range(replay_after + 1..)? {
+                let (_, v) = row?;
+                let e: LogEntry<u32> = postcard::from_bytes(v.value())
+                    .map_err(|e| corrupt(format!("log entry: {e}")))?;
+                out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
+            }
+            Ok(out)
+        })();
+        let (unsynced, unreadable) = match (unsynced, marker.mode) {
+            (Ok(u), _) => (u, None),
+            (Err(e), ResetMode::RecoverOrDiscard) => (Vec::new(), Some(e.to_string())),
+            (Err(e), _) => return Err(e),
+        };
+        if let Some(why) = unreadable {
+            report.discarded.push(Discarded {
+                write: UnsyncedWrite {
+                    collection: String::new(),
+                    pk: Pk::Int(0),
+                    field: None,
+                    value: Value::Null,
+                    stamp: Stamp::ZERO,
+                },
+                reason: format!("the unsynced log could not be read: {why}"),
+            });
+        }
+
+        // Replay onto the staged state.
+        let mut states: BTreeMap<Vec<u8>, Replayed> = BTreeMap::new();
+        let mut recovered_entries = Vec::new();
+        for entry in unsynced {
+            let mut writes = Vec::new();
+            for w in entry.writes {
+                let cid = tx.intern(NameKind::Collection, &w.collection)?;
+                let key = object_key(cid, &w.pk);
+                if !states.contains_key(&key) {
+                    let row = tx
+                        .txn
+                        .open_table(STAGING)?
+                        .get(key.as_slice())?
+                        .map(|r| r.value().to_vec());
+                    let before = row.map(|r| decode_state(&r)).transpose()?;
+                    let state = before.clone().unwrap_or_default();
+                    states.insert(key.clone(), (cid, w.pk.clone(), before, state));
+                }
+                let schema = new_schemas.get(w.collection.as_str()).copied();
+                let unsynced_write = |field: Option<&str>, value: &Value| UnsyncedWrite {
+                    collection: w.collection.clone(),
+                    pk: w.pk.clone(),
+                    field: field.map(str::to_owned),
+                    value: value.clone(),
+                    stamp: entry.stamp,
+                };
+                let mode_discard = match marker.mode {
+                    ResetMode::Manual => Some(
+                        "manual reset: the write is in the backup for the application to recover",
+                    ),
+                    ResetMode::DiscardUnsyncedChanges => {
+                        Some("discard mode: unsynced changes are dropped")
+                    }
+                    _ => None,
+                };
+                // Each field write is decided on its own.
+                let decide = |tx: &mut WriteTx<'_>,
+                              state: &mut ObjectState<u32>,
+                              field: Option<&str>,
+                              value: &Value|
+                 -> Result<Replay> {
+                    if let Some(why) = mode_discard {
+                        return Ok(Replay::Discarded(why.to_owned()));
+                    }
+                    let mut trial = state.clone();
+                    let outcome = match field {
+                        None => trial.apply_exists(entry.stamp, matches!(value, Value::Bool(true))),
+                        Some(f) => {
+                            if let Some(s) = schema {
+                                if let Err(e) = s.check_value(&w.pk, f, value) {
+                                    return Ok(Replay::Discarded(format!(
+                                        "the server's schema refuses it: {e}"
+                                    )));
+                                }
+                            }
+                            let fid = tx.intern(NameKind::Field, f)?;
+                            let current = state.field(fid).map(|(s, v)| (s, v.clone()));
+                            let o = trial.apply_field(fid, entry.stamp, value.clone());
+                            if o == Outcome::Stale {
+                                return Ok(match current {
+                                    Some((s, v)) => Replay::Superseded {
+                                        server_value: Some(v),
+                                        server_stamp: s,
+                                        reason: format!(
+                                            "the server's value is newer (written by {})",
+                                            s.replica
+                                        ),
+                                    },
+                                    None => Replay::Superseded {
+                                        server_value: None,
+                                        server_stamp: state.floor,
+                                        reason: format!(
+                                            "the object was deleted or re-created after it (by {})",
+                                            state.floor.replica
+                                        ),
+                                    },
+                                });
+                            }
+                            o
+                        }
+                    };
+                    if outcome == Outcome::Stale {
+                        let (s, alive) = state.exists.unwrap_or((Stamp::ZERO, false));
+                        return Ok(Replay::Superseded {
+                            server_value: Some(Value::Bool(alive)),
+                            server_stamp: s,
+                            reason: format!(
+                                "the server {} the object later (by {})",
+                                if alive { "wrote" } else { "deleted" },
+                                s.replica
+                            ),
+                        });
+                    }
+                    if field.is_some() && !trial.is_live() {
+                        let (s, _) = trial.exists.unwrap_or((Stamp::ZERO, false));
+                        return Ok(Replay::Superseded {
+                            server_value: None,
+                            server_stamp: s,
+                            reason: format!(
+                                "the object was deleted on the server (by {}); an update does not bring it back",
+                                s.replica
+                            ),
+                        });
+                    }
+                    *state = trial;
+                    Ok(Replay::Recovered)
+                };
+                let mut state = states.get(&key).map(|s| s.3.clone()).unwrap_or_default();
+                let record = |r: Replay, write: UnsyncedWrite, report: &mut ResetReport| -> bool {
+                    match r {
+                        Replay::Recovered => {
+                            report.recovered.push(write);
+                            true
+                        }
+                        Replay::Superseded {
+                            server_value,
+                            server_stamp,
+                            reason,
+                        } => {
+                            report.superseded.push(Superseded {
+                                write,
+                                server_value,
+                                server_stamp,
+                                reason,
+                            });
+                            false
+                        }
+                        Replay::Discarded(reason) => {
+                            report.discarded.push(Discarded { write, reason });
+                            false
+                        }
+                    }
+                };
+                let kept = match &w.op {
+                    Op::Insert { fields } => {
+                        let r = decide(&mut tx, &mut state, None, &Value::Bool(true))?;
+                        let exists_ok =
+                            record(r, unsynced_write(None, &Value::Bool(true)), &mut report);
+                        let mut kept_fields = Vec::new();
+                        for (f, v) in fields {
+                            let r = decide(&mut tx, &mut state, Some(f), v)?;
+                            if record(r, unsynced_write(Some(f), v), &mut report) {
+                                kept_fields.push((f.clone(), v.clone()));
+                            }
+                        }
+                        if exists_ok {
+                            Some(Op::Insert {
+                                fields: kept_fields,
+                            })
+                        } else if kept_fields.is_empty() {
+                            None
+                        } else {
+                            Some(Op::Update {
+                                fields: kept_fields
+                                    .into_iter()
+                                    .map(|(field, value)| FieldWrite {
+                                        field,
+                                        value,
+                                        base: None,
+                                    })
+                                    .collect(),
+                            })
+                        }
+                    }
+                    Op::Update { fields } => {
+                        let mut kept_fields = Vec::new();
+                        for fw in fields {
+                            let r = decide(&mut tx, &mut state, Some(&fw.field), &fw.value)?;
+                            if record(r, unsynced_write(Some(&fw.field), &fw.value), &mut report) {
+                                kept_fields.push(fw.clone());
+                            }
+                        }
+                        (!kept_fields.is_empty()).then_some(Op::Update {
+                            fields: kept_fields,
+                        })
+                    }
+                    Op::Delete { base } => {
+                        let r = decide(&mut tx, &mut state, None, &Value::Bool(false))?;
+                        record(r, unsynced_write(None, &Value::Bool(false)), &mut report)
+                            .then_some(Op::Delete { base: *base })
+                    }
+                };
+                if let Some(entry_state) = states.get_mut(&key) {
+                    entry_state.3 = state;
+                }
+                if let Some(op) = kept {
+                    writes.push(Write {
+                        collection: w.collection.clone(),
+                        pk: w.pk.clone(),
+                        op,
+                    });
+                }
+            }
+            if !writes.is_empty() {
+                recovered_entries.push((entry.stamp, writes));
+            }
+        }
+
+        // Write the replayed states into staging, then swap staging in.
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &tx.new_names,
+        };
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        let mut sum;
+        {
+            let mut staging = tx.txn.open_table(STAGING)?;
+            let smeta = tx.txn.open_table(STAGING_META)?;
+            sum = staged_digest(&smeta)?;
+            for row in smeta.iter()? {
+                let (k, v) = row?;
+                if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
+                    let id: u32 = id.parse().map_err(|_| corrupt("staged count key"))?;
+                    counts.insert(id, u64_of(v.value(), "staged count")?);
+                }
+            }
+            for (key, (cid, pk, before, after)) in &states {
+                if before.as_ref() == Some(after) {
+                    continue;
+                }
+                let coll = view.name(*cid)?;
+                let old = match before {
+                    Some(b) => view.hash(coll, pk, b)?,
+                    None => None,
+                };
+                let new = view.hash(coll, pk, after)?;
+                if let Some(h) = &old {
+                    sum.sub(h);
+                }
+                if let Some(h) = &new {
+                    sum.add(h);
+                }
+                let c = counts.entry(*cid).or_default();
+                *c = c.saturating_add_signed(i64::from(new.is_some()) - i64::from(old.is_some()));
+                staging.insert(key.as_slice(), encode(after)?.as_slice())?;
+            }
+        }
+        drop(names);
+        tx.txn.delete_table(OBJECTS)?;
+        tx.txn.rename_table(STAGING, OBJECTS)?;
+        tx.txn.delete_table(STAGING_META)?;
+
+        // The recovered writes go back into the log with their own stamps; the old unsynced
+        // entries are settled.
+        let mut next = head + 1;
+        let mut encoded = Vec::new();
+        for (stamp, writes) in recovered_entries {
+            let entry = LogEntry {
+                seq: next,
+                stamp,
+                writes,
+            };
+            let mut ids = |n: String| tx.intern(NameKind::Field, &n);
+            let entry = entry.map_names(&mut ids)?;
+            encoded.push((next, encode(&entry)?));
+            next += 1;
+        }
+        {
+            let mut log = tx.txn.open_table(LOG)?;
+            for (seq, bytes) in &encoded {
+                log.insert(*seq, bytes.as_slice())?;
+            }
+            let mut meta = tx.txn.open_table(META)?;
+            meta.insert(META_LOG_NEXT, next.to_le_bytes().as_slice())?;
+            meta.insert(META_LAST_SYNC, head.to_le_bytes().as_slice())?;
+            meta.retain_in::<&str, _>(META_COUNT_PREFIX.."count0", |_, _| false)?;
+            for (cid, n) in &counts {
+                meta.insert(
+                    format!("{META_COUNT_PREFIX}{cid}").as_str(),
+                    n.to_le_bytes().as_slice(),
+                )?;
+            }
+            for s in schemas {
+                let key = format!("{META_SCHEMA_PREFIX}{}", s.collection);
+                meta.insert(key.as_str(), encode(s)?.as_slice())?;
+            }
+            let until = next - 1;
+            let m = ResetMarker {
+                phase: ResetPhase::Uploading { until },
+                ..marker.clone()
+            };
+            meta.insert(META_RESET, encode(&m)?.as_slice())?;
+        }
+        extra(&mut tx)?;
+        // `commit` writes the digest it holds; hand it the swapped-in one (and take it back
+        // if the commit fails).
+        let old_digest = std::mem::replace(&mut tx.writer.digest, sum);
+        tx.raw_used = true;
+        let store = self;
+        let mut writer_counts = counts;
+        let r = tx.commit();
+        let until = next - 1;
+        match r {
+            Ok(_) => {
+                let mut w = lock(&store.writer);
+                w.counts = std::mem::take(&mut writer_counts);
+                w.log_next = next;
+                w.last_sync = head;
+                drop(w);
+                let mut map = store
+                    .schemas
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for s in schemas {
+                    map.insert(s.collection.clone(), Arc::new(s.clone()));
+                }
+                Ok((report, until))
+            }
+            Err(e) => {
+                lock(&store.writer).digest = old_digest;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn staged_digest(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<DigestSum> {
+    Ok(match meta.get(META_DIGEST)? {
+        Some(v) => DigestSum::from_digest(Digest(
+            v.value().try_into().map_err(|_| corrupt("staged digest"))?,
+        )),
+        None => DigestSum::default(),
+    })
+}
+
+fn bump_count(
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    cid: u32,
+    by: u64,
+) -> Result<()> {
+    let key = format!("{META_COUNT_PREFIX}{cid}");
+    let n = match meta.get(key.as_str())? {
+        Some(v) => u64_of(v.value(), "staged count")?,
+        None => 0,
+    };
+    meta.insert(key.as_str(), (n + by).to_le_bytes().as_slice())?;
+    Ok(())
 }

@@ -9,13 +9,18 @@ use redb::TableDefinition;
 use crate::changeset::Changeset;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
+use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReport};
+use crate::schema::Schema;
 use crate::store::Store;
 use crate::sync::pieces::{entry_size, join_piece, split_entry};
-use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, ServerVersion, PROTOCOL_VERSION};
+use crate::sync::protocol::{
+    ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
+};
 
 /// Client bookkeeping kept in the client's own store: `download_cursor`.
 const CLIENT_SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync_client");
 const DOWNLOAD_CURSOR: &str = "download_cursor";
+const SCHEMA_VERSION: &str = "schema_version";
 
 /// Why a sync session stopped.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +62,8 @@ impl SyncError {
 pub struct ClientConfig {
     /// The signed token naming the user.
     pub token: String,
-    /// The schema version announced in the handshake.
-    pub schema_version: u64,
+    /// What to do with unsynced writes when the server orders a client reset.
+    pub reset_mode: ResetMode,
     /// Target size of one upload message, in bytes.
     pub batch_bytes: usize,
     /// Upload messages in flight before waiting for acknowledgements.
@@ -70,21 +75,38 @@ impl ClientConfig {
     pub fn new(token: impl Into<String>) -> Self {
         ClientConfig {
             token: token.into(),
-            schema_version: 0,
+            reset_mode: ResetMode::default(),
             batch_bytes: 1 << 20,
             window: 4,
         }
     }
 }
 
-/// The persisted download cursor of a client store.
-pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
+fn client_value(store: &Store, key: &str) -> Result<u64> {
     let rtx = store.read_txn()?;
     match rtx.open_table(CLIENT_SYNC) {
-        Ok(t) => Ok(t.get(DOWNLOAD_CURSOR)?.map_or(0, |v| v.value())),
+        Ok(t) => Ok(t.get(key)?.map_or(0, |v| v.value())),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The persisted download cursor of a client store.
+pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
+    client_value(store, DOWNLOAD_CURSOR)
+}
+
+/// Adopts the server's schemas (an additive change) with their version.
+fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()> {
+    for s in schemas {
+        store.set_schema(s)?;
+    }
+    let mut tx = store.begin()?;
+    tx.raw()
+        .open_table(CLIENT_SYNC)?
+        .insert(SCHEMA_VERSION, version)?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// One connection's client side.
@@ -105,6 +127,10 @@ pub struct ClientSession {
     server_version: ServerVersion,
     /// The newest Pong's id.
     pong: u64,
+    /// The reset under way on this connection: its marker and where replay starts.
+    reset: Option<(ResetMarker, LogPos, bool)>,
+    /// Reports of finished resets, for the application.
+    reports: Vec<ResetReport>,
 }
 
 impl ClientSession {
@@ -120,17 +146,32 @@ impl ClientSession {
             partial: None,
             server_version: 0,
             pong: 0,
+            reset: None,
+            reports: Vec::new(),
         }
+    }
+
+    /// Reports of resets finished since the last call.
+    pub fn take_reset_reports(&mut self) -> Vec<ResetReport> {
+        std::mem::take(&mut self.reports)
     }
 
     /// The first message of a connection.
     pub fn hello(&mut self) -> Result<ClientMsg> {
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
-            schema_version: self.config.schema_version,
+            schema_version: client_value(&self.store, SCHEMA_VERSION)?,
             token: self.config.token.clone(),
             replica: self.store.replica_id(),
             download_cursor: download_cursor(&self.store)?,
+            last_sync: self.store.last_sync(),
+            reset_pending: matches!(
+                self.store.reset_marker()?,
+                Some(ResetMarker {
+                    phase: ResetPhase::Downloading,
+                    ..
+                })
+            ),
         })
     }
 
@@ -146,8 +187,13 @@ impl ClientSession {
             ServerMsg::Welcome {
                 server_version,
                 uploaded,
+                schema_version,
+                schemas,
                 ..
             } => {
+                if !schemas.is_empty() {
+                    adopt_schemas(&self.store, schema_version, schemas)?;
+                }
                 let last_sync = self.store.last_sync();
                 if uploaded > self.store.log_head() {
                     return Err(SyncError::Protocol(format!(
@@ -172,12 +218,62 @@ impl ClientSession {
                 self.ready = true;
                 self.in_flight = 0;
                 self.outgoing.clear();
+                self.finish_reset_if_uploaded()?;
                 Ok(Vec::new())
             }
             ServerMsg::UploadAck { seq, .. } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.store.mark_synced(seq)?;
+                self.finish_reset_if_uploaded()?;
                 Ok(Vec::new())
+            }
+            ServerMsg::ResetRequired { reason, uploaded } => {
+                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+                    // Applied on the server, acknowledgement lost: not unsynced.
+                    self.store.mark_synced(uploaded)?;
+                }
+                // A server that lost acknowledged uploads gets them replayed too.
+                let replay_after = self.store.last_sync().min(uploaded);
+                let marker = match self.store.reset_marker()? {
+                    Some(
+                        m @ ResetMarker {
+                            phase: ResetPhase::Downloading,
+                            ..
+                        },
+                    ) => m,
+                    _ => {
+                        let backup = self.store.path().map(backup_path);
+                        if let Some(b) = &backup {
+                            self.store.backup_to(b)?;
+                        }
+                        let m = ResetMarker {
+                            reason,
+                            mode: self.config.reset_mode,
+                            phase: ResetPhase::Downloading,
+                            backup,
+                        };
+                        self.store.set_reset_marker(Some(&m))?;
+                        m
+                    }
+                };
+                self.reset = Some((marker, replay_after, true));
+                self.ready = false;
+                Ok(Vec::new())
+            }
+            ServerMsg::Snapshot { objects, end } => {
+                let Some((marker, replay_after, first)) = self.reset.as_mut() else {
+                    return Err(SyncError::Protocol("a snapshot outside a reset".into()));
+                };
+                self.store.stage_snapshot(&objects, *first)?;
+                *first = false;
+                let mut settled = None;
+                if let Some(end) = end {
+                    let (marker, replay_after) = (marker.clone(), *replay_after);
+                    self.reset = None;
+                    self.swap_in(&marker, replay_after, end)?;
+                    settled = Some(self.store.last_sync());
+                }
+                Ok(vec![ClientMsg::SnapshotAck { settled }])
             }
             ServerMsg::Download {
                 changeset,
@@ -190,6 +286,60 @@ impl ClientSession {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Swaps the staged server state in, replays unsynced writes, and carries on syncing.
+    fn swap_in(
+        &mut self,
+        marker: &ResetMarker,
+        replay_after: LogPos,
+        end: SnapshotEnd,
+    ) -> Result<(), SyncError> {
+        let SnapshotEnd {
+            cursor,
+            schema_version,
+            schemas,
+        } = end;
+        let (report, _until) = self
+            .store
+            .finish_reset(marker, &schemas, replay_after, |tx| {
+                let mut t = tx.raw().open_table(CLIENT_SYNC)?;
+                t.insert(DOWNLOAD_CURSOR, cursor)?;
+                t.insert(SCHEMA_VERSION, schema_version)?;
+                Ok(())
+            })?;
+        self.reports.push(report);
+        self.sent = self.store.last_sync();
+        self.server_version = self.server_version.max(cursor);
+        self.ready = true;
+        self.in_flight = 0;
+        self.outgoing.clear();
+        self.finish_reset_if_uploaded()?;
+        Ok(())
+    }
+
+    /// Ends a reset once its recovered writes are acknowledged: the backup goes (unless the
+    /// application recovers by hand), then the marker.
+    fn finish_reset_if_uploaded(&mut self) -> Result<()> {
+        let Some(m) = self.store.reset_marker()? else {
+            return Ok(());
+        };
+        let ResetPhase::Uploading { until } = m.phase else {
+            return Ok(());
+        };
+        if self.store.last_sync() < until {
+            return Ok(());
+        }
+        if m.mode != ResetMode::Manual {
+            if let Some(b) = &m.backup {
+                match std::fs::remove_file(b) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.store.set_reset_marker(None)
     }
 
     fn on_download(

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::clock::{SystemTimeSource, TimeSource};
+use crate::reset::ResetReport;
 use crate::store::Store;
 use crate::sync::client::{download_cursor, ClientConfig, ClientSession, SyncError};
 use crate::sync::frame::{read_frame, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
@@ -60,6 +61,10 @@ pub struct ServerHandle {
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
     connections: Arc<AtomicU64>,
+    /// Cloned into every connection task; [`ServerHandle::shutdown`] waits until the last
+    /// clone is dropped, i.e. every connection has ended and released the server.
+    alive: mpsc::Sender<()>,
+    alive_rx: mpsc::Receiver<()>,
 }
 
 impl ServerHandle {
@@ -69,14 +74,15 @@ impl ServerHandle {
         let local = listener.local_addr()?;
         let mut handle = ServerHandle::in_process(server);
         handle.addr = Some(local);
-        let (server, versions, stop, conns) = (
+        let (server, versions, stop, conns, alive) = (
             Arc::clone(&handle.server),
             handle.versions.clone(),
             handle.stop.subscribe(),
             Arc::clone(&handle.connections),
+            handle.alive.clone(),
         );
         handle.accept = Some(tokio::spawn(accept_loop(
-            listener, server, versions, stop, conns,
+            listener, server, versions, stop, conns, alive,
         )));
         Ok(handle)
     }
@@ -85,6 +91,7 @@ impl ServerHandle {
     pub fn in_process(server: Arc<SyncServer>) -> ServerHandle {
         let (versions, _) = watch::channel(server.version());
         let (stop, _) = watch::channel(false);
+        let (alive, alive_rx) = mpsc::channel(1);
         ServerHandle {
             server,
             addr: None,
@@ -92,6 +99,8 @@ impl ServerHandle {
             stop,
             accept: None,
             connections: Arc::new(AtomicU64::new(0)),
+            alive,
+            alive_rx,
         }
     }
 
@@ -119,17 +128,30 @@ impl ServerHandle {
             b,
             self.versions.clone(),
             self.stop.subscribe(),
+            self.alive.clone(),
         ));
         a
     }
 
-    /// Stops accepting, closes every connection, and waits for the accept loop. Everything
-    /// acknowledged was committed durably before its acknowledgement was sent.
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.accept.take() {
+    /// Stops accepting, closes every connection, and waits until the accept loop and every
+    /// connection task have ended, so the server's store is no longer used by this handle
+    /// (it can be dropped and its file reopened). Everything acknowledged was committed
+    /// durably before its acknowledgement was sent.
+    pub async fn shutdown(self) {
+        let ServerHandle {
+            stop,
+            accept,
+            alive,
+            mut alive_rx,
+            ..
+        } = self;
+        let _ = stop.send(true);
+        if let Some(t) = accept {
             let _ = t.await;
         }
+        drop(alive);
+        // Nothing is ever sent: this returns once every connection's clone is dropped.
+        let _ = alive_rx.recv().await;
     }
 }
 
@@ -139,6 +161,7 @@ async fn accept_loop(
     versions: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
     connections: Arc<AtomicU64>,
+    alive: mpsc::Sender<()>,
 ) {
     loop {
         tokio::select! {
@@ -151,6 +174,7 @@ async fn accept_loop(
                         stream,
                         versions.clone(),
                         stop.clone(),
+                        alive.clone(),
                     ));
                 }
                 Err(e) => {
@@ -167,7 +191,26 @@ fn tracing_warn(msg: &str) {
     eprintln!("fieldlog: {msg}");
 }
 
+/// Serves one connection until it ends or the server stops. `_alive` is dropped when it
+/// returns, which is what [`ServerHandle::shutdown`] waits for.
 async fn serve_connection<S: Stream>(
+    server: Arc<SyncServer>,
+    stream: S,
+    versions: watch::Sender<u64>,
+    stop: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+) {
+    let mut stopped = stop.clone();
+    tokio::select! {
+        biased;
+        () = serve_session(server, stream, versions, stop) => {}
+        // A session blocked writing to a peer that does not read is dropped on stop, so
+        // shutdown never waits on a client.
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+}
+
+async fn serve_session<S: Stream>(
     server: Arc<SyncServer>,
     stream: S,
     versions: watch::Sender<u64>,
@@ -274,6 +317,8 @@ pub enum ConnectionState {
 pub type StateCallback = Arc<dyn Fn(ConnectionState) + Send + Sync>;
 /// A callback for sync errors.
 pub type ErrorCallback = Arc<dyn Fn(&SyncError) + Send + Sync>;
+/// A callback for finished client resets.
+pub type ResetCallback = Arc<dyn Fn(&ResetReport) + Send + Sync>;
 
 struct Shared {
     store: Arc<Store>,
@@ -287,6 +332,8 @@ struct Shared {
     fatal: Mutex<Option<String>>,
     on_state: Option<StateCallback>,
     on_error: Option<ErrorCallback>,
+    on_reset: Option<ResetCallback>,
+    reports: Mutex<Vec<ResetReport>>,
 }
 
 impl Shared {
@@ -305,6 +352,8 @@ pub struct ClientHooks {
     pub on_state: Option<StateCallback>,
     /// Called on every error (transient ones too, before the retry).
     pub on_error: Option<ErrorCallback>,
+    /// Called when a client reset finishes, with its report.
+    pub on_reset: Option<ResetCallback>,
 }
 
 /// A client that keeps a store in sync with a server, in the background on tokio.
@@ -342,6 +391,8 @@ impl SyncClient {
             fatal: Mutex::new(None),
             on_state: hooks.on_state,
             on_error: hooks.on_error,
+            on_reset: hooks.on_reset,
+            reports: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(run(Arc::clone(&shared), transport, config));
         SyncClient {
@@ -366,6 +417,17 @@ impl SyncClient {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Reports of client resets finished since the last call.
+    pub fn take_reset_reports(&self) -> Vec<ResetReport> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .reports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Goes offline (closes the connection) or back online. Writes keep working offline.
@@ -506,6 +568,12 @@ async fn run_connection(
                 };
                 let welcome = matches!(msg, ServerMsg::Welcome { .. });
                 let replies = session.on_message(msg)?;
+                for report in session.take_reset_reports() {
+                    if let Some(cb) = &shared.on_reset {
+                        cb(&report);
+                    }
+                    shared.reports.lock().unwrap_or_else(PoisonError::into_inner).push(report);
+                }
                 if welcome {
                     *backoff = BACKOFF_MIN_MS;
                     shared.set_state(ConnectionState::Connected);

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::changeset::Changeset;
 use crate::clock::ReplicaId;
 use crate::log::LogPos;
+use crate::reset::{ObjectSnapshot, ResetReason};
+use crate::schema::Schema;
 
 /// The protocol version this build speaks; a handshake with another is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -76,6 +78,10 @@ pub enum ClientMsg {
         replica: ReplicaId,
         /// The last server version the client has applied.
         download_cursor: ServerVersion,
+        /// The highest log position the server has acknowledged to this client.
+        last_sync: LogPos,
+        /// A reset was under way when the client last stopped; it wants the snapshot again.
+        reset_pending: bool,
     },
     /// Log entries after the client's last acknowledged position. When `more` is set, the
     /// last entry is a piece of a transaction that continues in the next upload (a
@@ -92,11 +98,29 @@ pub enum ClientMsg {
         /// The client's persisted download cursor.
         cursor: ServerVersion,
     },
+    /// The client staged a snapshot chunk (lets the server send more). After the last one
+    /// it carries the log position the reset settled: entries up to it were replayed
+    /// (recovered ones re-appended after it) and never need uploading.
+    SnapshotAck {
+        /// Set on the acknowledgement of the last chunk.
+        settled: Option<LogPos>,
+    },
     /// Asks for the server's current version (answered by [`ServerMsg::Pong`]).
     Ping {
         /// Echoed back.
         id: u64,
     },
+}
+
+/// What closes a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotEnd {
+    /// The server version the snapshot is at least as new as; downloads continue after it.
+    pub cursor: ServerVersion,
+    /// The server's schema version.
+    pub schema_version: u64,
+    /// The server's schemas.
+    pub schemas: Vec<Schema>,
 }
 
 /// Server to client.
@@ -111,6 +135,25 @@ pub enum ServerMsg {
         /// The highest log position of this client the server has applied; the client
         /// resumes its upload after it.
         uploaded: LogPos,
+        /// The server's schema version.
+        schema_version: u64,
+        /// The server's schemas, when the client's version is older (an additive change).
+        schemas: Vec<Schema>,
+    },
+    /// The server cannot continue this client's history: a client reset follows, and the
+    /// server's state arrives as [`ServerMsg::Snapshot`] chunks.
+    ResetRequired {
+        /// Why.
+        reason: ResetReason,
+        /// The highest log position of this client the server has applied.
+        uploaded: LogPos,
+    },
+    /// A chunk of the server's state during a reset; the last one has `end`.
+    Snapshot {
+        /// Objects, tombstones included, with every field's stamp.
+        objects: Vec<ObjectSnapshot>,
+        /// Present on the last chunk.
+        end: Option<SnapshotEnd>,
     },
     /// Uploads up to `seq` are applied and durable on the server.
     UploadAck {

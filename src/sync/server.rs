@@ -16,9 +16,13 @@ use crate::changeset::Changeset;
 use crate::clock::ReplicaId;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
+use crate::reset::ResetReason;
+use crate::schema::Schema;
 use crate::store::Store;
 use crate::sync::pieces::{join_piece, split_entry};
-use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, ServerVersion, PROTOCOL_VERSION};
+use crate::sync::protocol::{
+    ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
+};
 use crate::sync::token::{self, Claims, Secret, TokenError};
 
 /// Download messages a session sends ahead of the client's acknowledgements.
@@ -28,6 +32,12 @@ const DOWNLOAD_WINDOW: usize = 4;
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_history");
 /// client replica id → postcard [`ClientRecord`].
 const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_clients");
+/// `horizon` (history at or below it was compacted away), `schema_version`,
+/// `breaking_version` (the schema version of the last breaking change).
+const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
+const HORIZON: &str = "horizon";
+const SCHEMA_VERSION: &str = "schema_version";
+const BREAKING_VERSION: &str = "breaking_version";
 
 /// One accepted transaction in the server's history.
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,6 +53,8 @@ struct ClientRecord {
     uploaded: LogPos,
     /// The user the client last authenticated as.
     user: String,
+    /// An operator ordered a reset for this client.
+    force_reset: bool,
 }
 
 /// Server settings.
@@ -50,8 +62,6 @@ struct ClientRecord {
 pub struct ServerConfig {
     /// The key tokens are signed with.
     pub secret: Secret,
-    /// The schema version clients must announce.
-    pub schema_version: u64,
     /// Target size of one download or upload message's changes, in bytes.
     pub batch_bytes: usize,
 }
@@ -61,7 +71,6 @@ impl ServerConfig {
     pub fn new(secret: Secret) -> Self {
         ServerConfig {
             secret,
-            schema_version: 0,
             batch_bytes: 1 << 20,
         }
     }
@@ -94,9 +103,14 @@ impl SyncServer {
         let version = {
             let txn = tx.raw();
             txn.open_table(CLIENTS)?;
+            txn.open_table(SERVER_META)?;
             let history = txn.open_table(HISTORY)?;
             let last = history.last()?.map(|(k, _)| k.value());
-            last.unwrap_or(0)
+            let horizon = txn
+                .open_table(SERVER_META)?
+                .get(HORIZON)?
+                .map(|v| v.value());
+            last.unwrap_or(0).max(horizon.unwrap_or(0))
         };
         tx.commit()?;
         Ok(SyncServer {
@@ -183,6 +197,148 @@ impl SyncServer {
         Ok((last, next))
     }
 
+    fn meta(&self, key: &str) -> Result<u64> {
+        let rtx = self.store.read_txn()?;
+        let t = rtx.open_table(SERVER_META)?;
+        let v = t.get(key)?.map(|v| v.value());
+        Ok(v.unwrap_or(0))
+    }
+
+    /// History at or below this version has been compacted away.
+    pub fn horizon(&self) -> Result<ServerVersion> {
+        self.meta(HORIZON)
+    }
+
+    /// The current schema version (raised by every schema change).
+    pub fn schema_version(&self) -> Result<u64> {
+        self.meta(SCHEMA_VERSION)
+    }
+
+    /// Drops history up to `upto` (at most the current version). Clients whose cursor is
+    /// below it must reset; the state keeps every field's stamp and every tombstone, so
+    /// their recovery loses nothing. Returns how many records were removed.
+    pub fn compact_history(&self, upto: ServerVersion) -> Result<u64> {
+        let version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let upto = upto.min(*version);
+        let mut removed = 0;
+        let mut tx = self.store.begin()?;
+        {
+            let txn = tx.raw();
+            let mut meta = txn.open_table(SERVER_META)?;
+            let horizon = meta.get(HORIZON)?.map_or(0, |v| v.value());
+            if upto > horizon {
+                meta.insert(HORIZON, upto)?;
+            }
+            txn.open_table(HISTORY)?.retain_in(..=upto, |_, _| {
+                removed += 1;
+                false
+            })?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Orders a reset for a client the next time it connects.
+    pub fn force_reset(&self, client: ReplicaId) -> Result<()> {
+        let _version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = self.client_record(client)?;
+        record.force_reset = true;
+        self.put_client_record(client, &record)
+    }
+
+    fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
+        let mut tx = self.store.begin()?;
+        let bytes = postcard::to_allocvec(record).map_err(|e| corrupt(e.to_string()))?;
+        tx.raw()
+            .open_table(CLIENTS)?
+            .insert(client.0, bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets a collection's schema on the server. Raises the schema version; a removed or
+    /// retyped field (a breaking change) makes clients on older versions reset, an added
+    /// field does not. Returns whether the change was breaking.
+    pub fn set_schema(&self, schema: Schema) -> Result<bool> {
+        let _version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let breaking = self.store.schema(&schema.collection).is_some_and(|old| {
+            old.fields
+                .iter()
+                .any(|(name, spec)| schema.fields.get(name).is_none_or(|new| new.ty != spec.ty))
+        });
+        self.store.set_schema(schema)?;
+        let mut tx = self.store.begin()?;
+        {
+            let txn = tx.raw();
+            let mut meta = txn.open_table(SERVER_META)?;
+            let v = meta.get(SCHEMA_VERSION)?.map_or(0, |v| v.value()) + 1;
+            meta.insert(SCHEMA_VERSION, v)?;
+            if breaking {
+                meta.insert(BREAKING_VERSION, v)?;
+            }
+        }
+        tx.commit()?;
+        Ok(breaking)
+    }
+
+    /// Why this client must reset, if it must.
+    fn reset_reason(
+        &self,
+        record: &ClientRecord,
+        schema_version: u64,
+        download_cursor: ServerVersion,
+        last_sync: LogPos,
+        reset_pending: bool,
+    ) -> Result<Option<ResetReason>> {
+        let version = self.version();
+        let horizon = self.meta(HORIZON)?;
+        let breaking = self.meta(BREAKING_VERSION)?;
+        let server_schema = self.meta(SCHEMA_VERSION)?;
+        Ok(if reset_pending {
+            Some(ResetReason::Resumed)
+        } else if record.force_reset {
+            Some(ResetReason::Forced)
+        } else if schema_version < breaking {
+            Some(ResetReason::BreakingSchemaChange {
+                client: schema_version,
+                server: server_schema,
+            })
+        } else if download_cursor > version {
+            Some(ResetReason::ClientAheadOfServer {
+                detail: format!(
+                    "the client has downloaded up to version {download_cursor}; the server has {version}"
+                ),
+            })
+        } else if last_sync > record.uploaded {
+            Some(ResetReason::ClientAheadOfServer {
+                detail: format!(
+                    "the server acknowledged this client's log up to {last_sync} but holds only {}",
+                    record.uploaded
+                ),
+            })
+        } else if download_cursor < horizon {
+            Some(ResetReason::BehindHorizon {
+                cursor: download_cursor,
+                horizon,
+            })
+        } else {
+            None
+        })
+    }
+
+    /// The client swapped the snapshot in: a forced reset is done, and its log up to
+    /// `settled` needs no upload.
+    fn reset_served(&self, client: ReplicaId, settled: LogPos) -> Result<()> {
+        let _version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = self.client_record(client)?;
+        if record.force_reset || settled > record.uploaded {
+            record.force_reset = false;
+            record.uploaded = record.uploaded.max(settled);
+            self.put_client_record(client, &record)?;
+        }
+        Ok(())
+    }
+
     /// History after `cursor` that `client` has not got: its own entries are skipped (it
     /// has them). Returns entries (seq = server version) up to about `batch_bytes`, and the
     /// cursor after them.
@@ -219,6 +375,19 @@ impl SyncServer {
 #[derive(Debug)]
 enum State {
     AwaitHello,
+    /// Sending the server's state to a client that must reset.
+    Snapshotting {
+        client: ReplicaId,
+        claims: Claims,
+        /// Where the next chunk starts (`None`: the beginning).
+        next_key: Option<Vec<u8>>,
+        /// The server version when the snapshot began.
+        cursor: ServerVersion,
+        /// Chunks sent and not yet acknowledged.
+        in_flight: usize,
+        /// The last chunk was sent.
+        done: bool,
+    },
     Ready {
         client: ReplicaId,
         claims: Claims,
@@ -259,7 +428,9 @@ impl ServerSession {
     /// The authenticated user, once the handshake is done.
     pub fn user(&self) -> Option<&str> {
         match &self.state {
-            State::Ready { claims, .. } => Some(&claims.user_id),
+            State::Ready { claims, .. } | State::Snapshotting { claims, .. } => {
+                Some(&claims.user_id)
+            }
             _ => None,
         }
     }
@@ -297,6 +468,8 @@ impl ServerSession {
                     token,
                     replica,
                     download_cursor,
+                    last_sync,
+                    reset_pending,
                 },
             ) => {
                 if protocol != PROTOCOL_VERSION {
@@ -312,17 +485,37 @@ impl ServerSession {
                     }
                     Err(e) => return Ok(self.fail(ErrorCode::Unauthorized, e.to_string())),
                 };
-                if schema_version != self.server.config.schema_version {
+                let server_schema = self.server.schema_version()?;
+                if schema_version > server_schema {
                     return Ok(self.fail(
                         ErrorCode::SchemaVersion,
                         format!(
-                            "server schema version {}, client {schema_version}",
-                            self.server.config.schema_version
+                            "client schema version {schema_version} is newer than the server's {server_schema}"
                         ),
                     ));
                 }
+                let record = self.server.client_record(replica)?;
                 let server_version = self.server.version();
-                let uploaded = self.server.uploaded(replica)?;
+                if let Some(reason) = self.server.reset_reason(
+                    &record,
+                    schema_version,
+                    download_cursor,
+                    last_sync,
+                    reset_pending,
+                )? {
+                    self.state = State::Snapshotting {
+                        client: replica,
+                        claims,
+                        next_key: None,
+                        cursor: server_version,
+                        in_flight: 0,
+                        done: false,
+                    };
+                    return Ok(vec![ServerMsg::ResetRequired {
+                        reason,
+                        uploaded: record.uploaded,
+                    }]);
+                }
                 self.state = State::Ready {
                     client: replica,
                     claims,
@@ -332,10 +525,17 @@ impl ServerSession {
                     outgoing_cursor: 0,
                     in_flight: 0,
                 };
+                let schemas = if schema_version < server_schema {
+                    self.server.store.schemas()
+                } else {
+                    Vec::new()
+                };
                 Ok(vec![ServerMsg::Welcome {
                     server: self.server.store.replica_id(),
                     server_version,
-                    uploaded,
+                    uploaded: record.uploaded,
+                    schema_version: server_schema,
+                    schemas,
                 }])
             }
             (State::AwaitHello, other) => Ok(self.fail(
@@ -383,9 +583,34 @@ impl ServerSession {
                     server_version,
                 }])
             }
+            (
+                State::Snapshotting {
+                    in_flight, done, ..
+                },
+                ClientMsg::SnapshotAck { settled },
+            ) => {
+                *in_flight = in_flight.saturating_sub(1);
+                if *done && *in_flight == 0 {
+                    // The client has swapped the snapshot in; what it sends next (its
+                    // recovered writes) belongs to a normal session.
+                    self.end_snapshot(settled.unwrap_or(0))?;
+                }
+                Ok(Vec::new())
+            }
+            (State::Snapshotting { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
+                id,
+                server_version: self.server.version(),
+            }]),
+            (State::Snapshotting { .. }, other) => Ok(self.fail(
+                ErrorCode::UnexpectedMessage,
+                format!("{} during a reset snapshot", kind(&other)),
+            )),
             (State::Ready { in_flight, .. }, ClientMsg::DownloadAck { .. }) => {
                 *in_flight = in_flight.saturating_sub(1);
                 Ok(Vec::new())
+            }
+            (State::Ready { .. }, ClientMsg::SnapshotAck { .. }) => {
+                Ok(self.fail(ErrorCode::UnexpectedMessage, "SnapshotAck outside a reset"))
             }
             (State::Ready { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
                 id,
@@ -403,7 +628,76 @@ impl ServerSession {
         }
     }
 
+    /// Everything staged and swapped in on the client: carry on as a normal session.
+    fn end_snapshot(&mut self, settled: LogPos) -> Result<()> {
+        let State::Snapshotting {
+            client,
+            claims,
+            cursor,
+            ..
+        } = &self.state
+        else {
+            return Ok(());
+        };
+        let (client, claims, cursor) = (*client, claims.clone(), *cursor);
+        self.server.reset_served(client, settled)?;
+        self.state = State::Ready {
+            client,
+            claims,
+            sent: cursor,
+            partial: None,
+            outgoing: Vec::new(),
+            outgoing_cursor: 0,
+            in_flight: 0,
+        };
+        Ok(())
+    }
+
+    fn next_snapshot(&mut self) -> Result<Option<ServerMsg>> {
+        let State::Snapshotting {
+            client,
+            claims,
+            next_key,
+            cursor,
+            in_flight,
+            done,
+        } = &mut self.state
+        else {
+            return Ok(None);
+        };
+        let _ = (client, claims);
+        if *done {
+            return Ok(None);
+        }
+        if *in_flight >= DOWNLOAD_WINDOW {
+            return Ok(None);
+        }
+        let (objects, next) = self
+            .server
+            .store
+            .snapshot_chunk(next_key.as_deref(), self.server.config.batch_bytes)?;
+        *in_flight += 1;
+        let end = match next {
+            Some(k) => {
+                *next_key = Some(k);
+                None
+            }
+            None => {
+                *done = true;
+                Some(SnapshotEnd {
+                    cursor: *cursor,
+                    schema_version: self.server.schema_version()?,
+                    schemas: self.server.store.schemas(),
+                })
+            }
+        };
+        Ok(Some(ServerMsg::Snapshot { objects, end }))
+    }
+
     fn next_download(&mut self) -> Result<Option<ServerMsg>> {
+        if matches!(self.state, State::Snapshotting { .. }) {
+            return self.next_snapshot();
+        }
         let batch_bytes = self.server.config.batch_bytes;
         let origin = self.server.store.replica_id();
         let State::Ready {
@@ -487,6 +781,7 @@ fn kind(m: &ClientMsg) -> &'static str {
         ClientMsg::Hello { .. } => "Hello",
         ClientMsg::Upload { .. } => "Upload",
         ClientMsg::DownloadAck { .. } => "DownloadAck",
+        ClientMsg::SnapshotAck { .. } => "SnapshotAck",
         ClientMsg::Ping { .. } => "Ping",
     }
 }
