@@ -140,6 +140,8 @@ pub struct ResetReport {
     pub discarded: Vec<Discarded>,
     /// Where the backup of the store was kept (removed after success, except in `Manual`).
     pub backup: Option<PathBuf>,
+    /// How long the replay and swap transaction took (the download not included).
+    pub replay_time: std::time::Duration,
 }
 
 /// The reset marker kept in the store's `meta` while a reset runs.

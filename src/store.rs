@@ -1485,6 +1485,7 @@ impl Store {
         for s in schemas {
             s.validate()?;
         }
+        let started = std::time::Instant::now();
         let new_schemas: HashMap<&str, &Schema> =
             schemas.iter().map(|s| (s.collection.as_str(), s)).collect();
         let mut tx = self.begin()?;
@@ -1827,6 +1828,7 @@ impl Store {
         let until = next - 1;
         match r {
             Ok(_) => {
+                let mut report = report;
                 let mut w = lock(&store.writer);
                 w.counts = std::mem::take(&mut writer_counts);
                 w.log_next = next;
@@ -1839,6 +1841,7 @@ impl Store {
                 for s in schemas {
                     map.insert(s.collection.clone(), Arc::new(s.clone()));
                 }
+                report.replay_time = started.elapsed();
                 Ok((report, until))
             }
             Err(e) => {
