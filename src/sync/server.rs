@@ -555,6 +555,20 @@ impl ServerSession {
                 ClientMsg::Upload { changeset, more },
             ) => {
                 changeset.validate(self.server.store.options().value_bytes_max)?;
+                // A client uploads its own writes only: a stamp of another replica would let
+                // it forge a tie that replicas could break differently.
+                if let Some(e) = changeset
+                    .entries
+                    .iter()
+                    .find(|e| e.stamp.replica != *client)
+                {
+                    return Err(Error::BadChangeset {
+                        reason: format!(
+                            "entry {} carries a stamp of replica {}, not of the uploader {}",
+                            e.seq, e.stamp.replica, client
+                        ),
+                    });
+                }
                 let mut entries = changeset.entries;
                 if let Some(p) = partial.take() {
                     match entries.first_mut() {
@@ -788,4 +802,99 @@ fn kind(m: &ClientMsg) -> &'static str {
 
 pub(crate) fn approx_size(e: &LogEntry) -> usize {
     crate::sync::pieces::entry_size(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Stamp;
+    use crate::log::{Op, Write};
+    use crate::value::{Pk, Value};
+
+    fn ready_session() -> (Arc<SyncServer>, ServerSession, ReplicaId) {
+        let secret = Secret::generate();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let server = Arc::new(SyncServer::open(store, ServerConfig::new(secret.clone())).unwrap());
+        let claims = Claims {
+            user_id: "u".into(),
+            expires_at_ms: u64::MAX,
+            extra: Default::default(),
+        };
+        let mut session = server.session();
+        let client = ReplicaId(7);
+        let out = session.on_message(
+            ClientMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                schema_version: 0,
+                token: token::issue(&secret, &claims).unwrap(),
+                replica: client,
+                download_cursor: 0,
+                last_sync: 0,
+                reset_pending: false,
+            },
+            0,
+        );
+        assert!(matches!(out[..], [ServerMsg::Welcome { .. }]), "{out:?}");
+        (server, session, client)
+    }
+
+    fn upload(seq: u64, replica: ReplicaId) -> ClientMsg {
+        ClientMsg::Upload {
+            changeset: Changeset {
+                origin: replica,
+                entries: vec![LogEntry {
+                    seq,
+                    stamp: Stamp {
+                        time: 1 << 16,
+                        replica,
+                    },
+                    writes: vec![Write {
+                        collection: "C".into(),
+                        pk: Pk::Int(1),
+                        op: Op::Insert {
+                            fields: vec![("f".into(), Value::Int(seq as i64))],
+                        },
+                    }],
+                }],
+            },
+            more: false,
+        }
+    }
+
+    #[test]
+    fn a_stamp_of_another_replica_is_refused() {
+        let (server, mut session, _) = ready_session();
+        let out = session.on_message(upload(1, ReplicaId(99)), 0);
+        assert!(
+            matches!(
+                &out[..],
+                [ServerMsg::Error {
+                    code: ErrorCode::BadChangeset,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+        assert_eq!(server.version(), 0);
+        assert!(server.store().get("C", 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_repeated_upload_is_applied_once() {
+        let (server, mut session, client) = ready_session();
+        for _ in 0..3 {
+            let out = session.on_message(upload(1, client), 0);
+            assert!(
+                matches!(
+                    out[..],
+                    [ServerMsg::UploadAck {
+                        seq: 1,
+                        server_version: 1
+                    }]
+                ),
+                "{out:?}"
+            );
+        }
+        assert_eq!(server.version(), 1, "one history record");
+    }
 }
