@@ -30,6 +30,7 @@
 
 mod changeset;
 mod clock;
+pub mod conflict;
 mod digest;
 mod error;
 mod log;

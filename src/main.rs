@@ -74,6 +74,18 @@ enum Command {
     },
     /// Prints a new random secret (hex) for `serve` and `token`.
     Secret,
+    /// Lists the conflicts a server recorded (the server must not be running on it).
+    Conflicts {
+        /// The server's store file.
+        #[arg(long)]
+        db: PathBuf,
+        /// Show conflicts after this number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 fn main() {
@@ -99,11 +111,48 @@ fn main() {
             println!("{}", Secret::generate().to_hex());
             Ok(())
         }
+        Command::Conflicts { db, after, limit } => list_conflicts(&db, after, limit),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn list_conflicts(db: &std::path::Path, after: u64, limit: usize) -> Result<(), BoxError> {
+    if !db.exists() {
+        return Err(format!("{} does not exist", db.display()).into());
+    }
+    let store = Store::open(db)?;
+    let records = fieldlog::sync::server::conflicts_in(&store, after, limit)?;
+    println!("id\tkind\tobject\tfield\tclient (user, value)\tserver (user, value)\tpolicy\twinner");
+    for r in &records {
+        let c = &r.conflict;
+        let side = |s: &fieldlog::conflict::Side| {
+            format!(
+                "{}, {}",
+                s.user
+                    .clone()
+                    .or(s.replica.map(|r| r.to_string()))
+                    .unwrap_or_default(),
+                s.value.as_ref().map_or("-".into(), ToString::to_string)
+            )
+        };
+        println!(
+            "{}\t{}\t{}[{}]\t{}\t{}\t{}\t{}\t{:?}",
+            r.id,
+            c.kind,
+            c.collection,
+            c.pk,
+            c.field.as_deref().unwrap_or("-"),
+            side(&c.client),
+            side(&c.server),
+            r.policy,
+            r.decision
+        );
+    }
+    eprintln!("{} conflicts", records.len());
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {

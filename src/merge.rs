@@ -44,7 +44,7 @@ impl<F> Default for ObjectState<F> {
     }
 }
 
-impl<F: Ord + Copy> ObjectState<F> {
+impl<F: Ord + Clone> ObjectState<F> {
     /// Whether the object is visible (inserted and not deleted since).
     pub fn is_live(&self) -> bool {
         matches!(self.exists, Some((_, true)))

@@ -559,6 +559,7 @@ impl Store {
             new_names: Vec::new(),
             durability: self.options.durability,
             raw_used: false,
+            log_hook: None,
         })
     }
 
@@ -733,8 +734,6 @@ enum NetOp {
     Insert(BTreeMap<String, Value>),
     Update(BTreeMap<String, Value>),
     Delete,
-    /// Merged from a remote changeset: no log entry; the state was computed already.
-    Remote,
 }
 
 #[derive(Debug)]
@@ -742,8 +741,9 @@ struct Pending {
     coll: u32,
     pk: Pk,
     before: Option<ObjectState<u32>>,
+    /// Local calls in this transaction, applied at commit with its stamp.
     op: Option<NetOp>,
-    /// For `Remote` ops: the merged state.
+    /// The state after merging remote writes in this transaction (local calls apply on top).
     after: Option<ObjectState<u32>>,
 }
 
@@ -759,7 +759,13 @@ pub struct WriteTx<'s> {
     /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
     /// object changed.
     raw_used: bool,
+    /// Runs inside the commit with the transaction's log entry (the server records its own
+    /// writes into its history in the same redb transaction).
+    log_hook: Option<LogHook<'s>>,
 }
+
+/// See [`WriteTx::on_log_entry`].
+type LogHook<'s> = Box<dyn FnOnce(&LogEntry, &redb::WriteTransaction) -> Result<()> + 's>;
 
 impl std::fmt::Debug for WriteTx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -774,6 +780,14 @@ impl<'s> WriteTx<'s> {
     pub(crate) fn raw(&mut self) -> &redb::WriteTransaction {
         self.raw_used = true;
         &self.txn
+    }
+
+    /// Runs `hook` inside the commit with this transaction's log entry, if it makes one.
+    pub(crate) fn on_log_entry(
+        &mut self,
+        hook: impl FnOnce(&LogEntry, &redb::WriteTransaction) -> Result<()> + 's,
+    ) {
+        self.log_hook = Some(Box::new(hook));
     }
 
     /// Chooses this commit's durability.
@@ -833,16 +847,12 @@ impl<'s> WriteTx<'s> {
             base: &names,
             new: &self.new_names,
         };
-        let base = match &p.before {
+        let base = match p.after.as_ref().or(p.before.as_ref()) {
             Some(s) if s.is_live() => Some(view.live_fields(s)?),
             _ => None,
         };
         Ok(match &p.op {
-            None | Some(NetOp::Remote) => match &p.after {
-                Some(s) if s.is_live() => Some(view.live_fields(s)?),
-                Some(_) => None,
-                None => base,
-            },
+            None => base,
             Some(NetOp::Insert(f)) => Some(f.clone()),
             Some(NetOp::Update(f)) => base.map(|mut b| {
                 b.extend(f.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -1097,7 +1107,6 @@ impl<'s> WriteTx<'s> {
             Op::Delete { .. } => count(state.apply_exists(stamp, false)),
         }
         p.after = Some(state);
-        p.op = Some(NetOp::Remote);
         Ok(())
     }
 
@@ -1142,12 +1151,7 @@ impl<'s> WriteTx<'s> {
     }
 
     fn prepare(&mut self) -> Result<Option<Prepared>> {
-        let has_local = self.pending.values().any(|p| {
-            matches!(
-                p.op,
-                Some(NetOp::Insert(_) | NetOp::Update(_) | NetOp::Delete)
-            )
-        });
+        let has_local = self.pending.values().any(|p| p.op.is_some());
         let has_remote = self.pending.values().any(|p| p.after.is_some());
         if !has_local && !has_remote && !self.raw_used {
             return Ok(None);
@@ -1172,15 +1176,19 @@ impl<'s> WriteTx<'s> {
         {
             let mut objects = self.txn.open_table(OBJECTS)?;
             for (key, p) in &mut self.pending {
-                let Some(op) = p.op.take() else { continue };
+                if p.op.is_none() && p.after.is_none() {
+                    continue;
+                }
                 let before = p.before.take();
                 let coll = view.name(p.coll)?;
-                let mut state = before.clone().unwrap_or_default();
-                match op {
-                    NetOp::Remote => {
-                        state = p.after.take().unwrap_or_default();
-                    }
-                    NetOp::Insert(fields) => {
+                let mut state = p
+                    .after
+                    .take()
+                    .or_else(|| before.clone())
+                    .unwrap_or_default();
+                match p.op.take() {
+                    None => {}
+                    Some(NetOp::Insert(fields)) => {
                         state.apply_exists(stamp, true);
                         let mut logged = Vec::with_capacity(fields.len());
                         for (name, value) in fields {
@@ -1194,7 +1202,7 @@ impl<'s> WriteTx<'s> {
                             op: Op::Insert { fields: logged },
                         });
                     }
-                    NetOp::Update(fields) => {
+                    Some(NetOp::Update(fields)) => {
                         let mut logged = Vec::with_capacity(fields.len());
                         for (name, value) in fields {
                             let id = view.id(&name).ok_or_else(|| corrupt("uninterned field"))?;
@@ -1212,7 +1220,7 @@ impl<'s> WriteTx<'s> {
                             op: Op::Update { fields: logged },
                         });
                     }
-                    NetOp::Delete => {
+                    Some(NetOp::Delete) => {
                         let base = state.max_stamp();
                         state.apply_exists(stamp, false);
                         writes.push(Write {
@@ -1255,6 +1263,10 @@ impl<'s> WriteTx<'s> {
                 .open_table(LOG)?
                 .insert(seq, encode(&entry)?.as_slice())?;
             meta.insert(META_LOG_NEXT, (seq + 1).to_le_bytes().as_slice())?;
+            if let Some(hook) = self.log_hook.take() {
+                let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
+                hook(&named, &self.txn)?;
+            }
         }
         if !self.new_names.is_empty() {
             let mut table = self.txn.open_table(NAMES)?;
@@ -1317,6 +1329,30 @@ impl Store {
     /// The store's file, if it has one.
     pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// An object's full merged state with field names (default if it was never written).
+    pub(crate) fn object_state_named(&self, coll: &str, pk: &Pk) -> Result<ObjectState<String>> {
+        let Some((state, _)) = self.read_state(coll, pk)? else {
+            return Ok(ObjectState::default());
+        };
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let mut fields = state
+            .fields
+            .iter()
+            .map(|(f, s, v)| Ok((view.name(*f)?.to_owned(), *s, v.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        // Sorted by name: the merge functions binary-search by field key.
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(ObjectState {
+            exists: state.exists,
+            floor: state.floor,
+            fields,
+        })
     }
 
     /// The marker of a reset under way.

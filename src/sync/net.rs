@@ -221,6 +221,9 @@ async fn serve_session<S: Stream>(
     let mut session = server.session();
     let mut version_rx = versions.subscribe();
     let time = SystemTimeSource;
+    // Writes made on the server itself (not uploads) do not pass through the version
+    // channel; a slow tick picks them up.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     'conn: loop {
         for m in session.poll_download() {
             if write_frame(&mut wr, &m, FRAME_LEN_MAX_DEFAULT)
@@ -259,6 +262,7 @@ async fn serve_session<S: Stream>(
                 }
             }
             _ = version_rx.changed() => {}
+            _ = tick.tick() => {}
         }
     }
     let _ = wr.shutdown().await;

@@ -7,6 +7,7 @@
 //! An upload is applied with its history records and the client's position in one redb
 //! transaction, so a repeated, overlapping or replayed upload is applied once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use redb::{ReadableTable, TableDefinition};
@@ -14,16 +15,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::changeset::Changeset;
 use crate::clock::ReplicaId;
+use crate::conflict::{
+    detect, Conflict, ConflictKind, ConflictRecord, Decision, Policies, Policy, Resolution,
+};
 use crate::error::{Error, Result};
-use crate::log::{LogEntry, LogPos};
+use crate::log::{LogEntry, LogPos, Op};
+use crate::merge::ObjectState;
 use crate::reset::ResetReason;
 use crate::schema::Schema;
 use crate::store::Store;
+use crate::store::WriteTx;
 use crate::sync::pieces::{join_piece, split_entry};
 use crate::sync::protocol::{
     ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
 };
 use crate::sync::token::{self, Claims, Secret, TokenError};
+use crate::value::Value;
 
 /// Download messages a session sends ahead of the client's acknowledgements.
 const DOWNLOAD_WINDOW: usize = 4;
@@ -32,6 +39,8 @@ const DOWNLOAD_WINDOW: usize = 4;
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_history");
 /// client replica id → postcard [`ClientRecord`].
 const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_clients");
+/// conflict number → postcard [`ConflictRecord`].
+const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_conflicts");
 /// `horizon` (history at or below it was compacted away), `schema_version`,
 /// `breaking_version` (the schema version of the last breaking change).
 const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
@@ -57,13 +66,29 @@ struct ClientRecord {
     force_reset: bool,
 }
 
+/// A callback that sees every conflict the server records.
+pub type ConflictObserver = Arc<dyn Fn(&ConflictRecord) + Send + Sync>;
+
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// The key tokens are signed with.
     pub secret: Secret,
     /// Target size of one download or upload message's changes, in bytes.
     pub batch_bytes: usize,
+    /// How conflicts are resolved, per collection and kind.
+    pub conflicts: Policies,
+    /// Called with every conflict after it is recorded.
+    pub on_conflict: Option<ConflictObserver>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("batch_bytes", &self.batch_bytes)
+            .field("conflicts", &self.conflicts)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerConfig {
@@ -72,6 +97,8 @@ impl ServerConfig {
         ServerConfig {
             secret,
             batch_bytes: 1 << 20,
+            conflicts: Policies::default(),
+            on_conflict: None,
         }
     }
 }
@@ -169,32 +196,173 @@ impl SyncServer {
         let Some(last) = fresh.last().map(|e| e.seq) else {
             return Ok((record.uploaded, *version));
         };
+        let detected = self.detect_conflicts(client, user, &fresh)?;
         let cs = Changeset {
             origin: client,
             entries: fresh,
         };
-        let mut next = *version;
+        // Shared with the log hook, which numbers the server's own entry inside the commit.
+        let next = Arc::new(AtomicU64::new(*version));
+        let mut records = Vec::new();
+        let server_replica = self.store.replica_id();
         self.store.import_with(&cs, |tx, _| {
-            let txn = tx.raw();
-            let mut history = txn.open_table(HISTORY)?;
-            for e in &cs.entries {
-                next += 1;
+            {
+                let txn = tx.raw();
+                let mut history = txn.open_table(HISTORY)?;
+                for e in &cs.entries {
+                    let v = next.fetch_add(1, Ordering::SeqCst) + 1;
+                    let rec = HistoryRecord {
+                        origin: client,
+                        entry: e.clone(),
+                    };
+                    let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+                    history.insert(v, bytes.as_slice())?;
+                }
+                record.uploaded = last;
+                record.user = user.to_owned();
+                let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
+                txn.open_table(CLIENTS)?
+                    .insert(client.0, bytes.as_slice())?;
+            }
+            // Policy decisions become the server's own writes, stamped after the client's.
+            for (conflict, prior, write_fields) in &detected {
+                let policy = self.config.conflicts.for_conflict(conflict);
+                let decision = resolve(tx, policy, conflict, prior, write_fields)?;
+                records.push(ConflictRecord {
+                    id: 0,
+                    conflict: conflict.clone(),
+                    policy: format!("{policy:?}"),
+                    decision,
+                });
+            }
+            if !records.is_empty() {
+                let txn = tx.raw();
+                let mut table = txn.open_table(CONFLICTS)?;
+                let mut id = table.last()?.map_or(0, |(k, _)| k.value());
+                for r in &mut records {
+                    id += 1;
+                    r.id = id;
+                    let bytes = postcard::to_allocvec(&*r).map_err(|e| corrupt(e.to_string()))?;
+                    table.insert(id, bytes.as_slice())?;
+                }
+            }
+            let next = Arc::clone(&next);
+            tx.on_log_entry(move |entry, txn| {
+                let v = next.fetch_add(1, Ordering::SeqCst) + 1;
                 let rec = HistoryRecord {
-                    origin: client,
-                    entry: e.clone(),
+                    origin: server_replica,
+                    entry: entry.clone(),
                 };
                 let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-                history.insert(next, bytes.as_slice())?;
-            }
-            record.uploaded = last;
-            record.user = user.to_owned();
-            let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
-            txn.open_table(CLIENTS)?
-                .insert(client.0, bytes.as_slice())?;
+                txn.open_table(HISTORY)?.insert(v, bytes.as_slice())?;
+                Ok(())
+            });
             Ok(())
         })?;
-        *version = next;
-        Ok((last, next))
+        *version = next.load(Ordering::SeqCst);
+        if let Some(observe) = &self.config.on_conflict {
+            for r in &records {
+                observe(r);
+            }
+        }
+        Ok((last, *version))
+    }
+
+    /// Conflicts of an upload's writes with the server's state. Each write is checked
+    /// against the state as the upload's earlier writes leave it, so a client never
+    /// conflicts with itself. Returns each conflict with the object's state before the
+    /// write and the write's fields.
+    fn detect_conflicts(
+        &self,
+        client: ReplicaId,
+        user: &str,
+        entries: &[LogEntry],
+    ) -> Result<Vec<Detected>> {
+        let mut overlay: std::collections::HashMap<
+            (String, crate::value::Pk),
+            ObjectState<String>,
+        > = std::collections::HashMap::new();
+        let mut users: std::collections::HashMap<ReplicaId, Option<String>> =
+            std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for e in entries {
+            for w in &e.writes {
+                let key = (w.collection.clone(), w.pk.clone());
+                if !overlay.contains_key(&key) {
+                    let state = self.store.object_state_named(&w.collection, &w.pk)?;
+                    overlay.insert(key.clone(), state);
+                }
+                let Some(state) = overlay.get_mut(&key) else {
+                    continue;
+                };
+                for mut c in detect(w, e.stamp, client, state) {
+                    c.client.user = Some(user.to_owned());
+                    if let Some(r) = c.server.replica {
+                        c.server.user = users
+                            .entry(r)
+                            .or_insert_with(|| {
+                                let u = self.client_record(r).ok().map(|rec| rec.user);
+                                u.filter(|u| !u.is_empty())
+                            })
+                            .clone();
+                    }
+                    let fields = match &w.op {
+                        Op::Insert { fields } => fields.clone(),
+                        Op::Update { fields } => fields
+                            .iter()
+                            .map(|f| (f.field.clone(), f.value.clone()))
+                            .collect(),
+                        Op::Delete { .. } => Vec::new(),
+                    };
+                    out.push((c, state.clone(), fields));
+                }
+                match &w.op {
+                    Op::Insert { fields } => {
+                        state.apply_exists(e.stamp, true);
+                        for (f, v) in fields {
+                            state.apply_field(f.clone(), e.stamp, v.clone());
+                        }
+                    }
+                    Op::Update { fields } => {
+                        for f in fields {
+                            state.apply_field(f.field.clone(), e.stamp, f.value.clone());
+                        }
+                    }
+                    Op::Delete { .. } => {
+                        state.apply_exists(e.stamp, false);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes on the server, as the server: the transaction enters the history like an
+    /// upload, so every client receives it.
+    pub fn write<R>(&self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<R>) -> Result<R> {
+        let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = Arc::new(AtomicU64::new(*version));
+        let mut tx = self.store.begin()?;
+        let r = f(&mut tx)?;
+        let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
+        tx.on_log_entry(move |entry, txn| {
+            let v = hook_next.fetch_add(1, Ordering::SeqCst) + 1;
+            let rec = HistoryRecord {
+                origin,
+                entry: entry.clone(),
+            };
+            let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+            txn.open_table(HISTORY)?.insert(v, bytes.as_slice())?;
+            Ok(())
+        });
+        tx.commit()?;
+        *version = next.load(Ordering::SeqCst);
+        Ok(r)
+    }
+
+    /// Every recorded conflict after number `after`, at most `limit`.
+    pub fn conflicts(&self, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
+        conflicts_in(&self.store, after, limit)
     }
 
     fn meta(&self, key: &str) -> Result<u64> {
@@ -788,6 +956,105 @@ impl ServerSession {
             cursor,
         }))
     }
+}
+
+/// A detected conflict, the object's state before the write, and the write's fields.
+type Detected = (Conflict, ObjectState<String>, Vec<(String, Value)>);
+
+/// The conflict records kept in a server store (for the `conflicts` command).
+pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
+    let rtx = store.read_txn()?;
+    let table = match rtx.open_table(CONFLICTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in table.range(after.saturating_add(1)..)?.take(limit) {
+        let (_, v) = row?;
+        out.push(postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("conflict: {e}")))?);
+    }
+    Ok(out)
+}
+
+/// Carries out a policy's decision on one conflict inside the upload's transaction, after
+/// the client's writes were merged by stamp. Only decisions that differ from what the
+/// stamps already decided need a write.
+fn resolve(
+    tx: &mut WriteTx<'_>,
+    policy: &Policy,
+    c: &Conflict,
+    prior: &ObjectState<String>,
+    client_fields: &[(String, Value)],
+) -> Result<Decision> {
+    let by_stamp = if c.stamp_winner_is_client() {
+        Decision::Client
+    } else {
+        Decision::Server
+    };
+    let (want, merged) = match policy {
+        Policy::LastWriterWins => (by_stamp.clone(), None),
+        Policy::ServerWins => (Decision::Server, None),
+        Policy::ClientWins => (Decision::Client, None),
+        Policy::Custom(handler) => match handler(c) {
+            Resolution::KeepServer => (Decision::Server, None),
+            Resolution::TakeClient => (Decision::Client, None),
+            Resolution::Merged(v) if c.field.is_some() => (Decision::Merged, Some(v)),
+            Resolution::Merged(_) => (Decision::Client, None),
+        },
+    };
+    let (coll, pk) = (c.collection.as_str(), c.pk.clone());
+    let live_fields = |s: &ObjectState<String>| -> Vec<(String, Value)> {
+        s.fields
+            .iter()
+            .map(|(f, _, v)| (f.clone(), v.clone()))
+            .collect()
+    };
+    let live_now = tx.get(coll, pk.clone())?.is_some();
+    match (c.kind, &want) {
+        (ConflictKind::ClientUpdateServerUpdate, Decision::Merged) => {
+            if let (Some(f), Some(v)) = (&c.field, merged) {
+                tx.set(coll, pk, f, v)?;
+            }
+        }
+        (ConflictKind::ClientUpdateServerUpdate, d) if *d != by_stamp => {
+            let value = match d {
+                Decision::Server => c.server.value.clone(),
+                _ => c.client.value.clone(),
+            };
+            if let (Some(f), Some(v)) = (&c.field, value) {
+                if live_now {
+                    tx.set(coll, pk, f, v)?;
+                }
+            }
+        }
+        (ConflictKind::ClientInsertServerInsert, d) if *d != by_stamp => {
+            let fields = match d {
+                Decision::Server => live_fields(prior),
+                _ => client_fields.to_vec(),
+            };
+            if live_now {
+                tx.delete(coll, pk.clone())?;
+            }
+            tx.insert(coll, pk, fields)?;
+        }
+        // Forcing an update of a deleted object makes it an insert of the written fields.
+        (ConflictKind::ClientUpdateServerDelete, Decision::Client | Decision::Merged)
+            if !live_now =>
+        {
+            tx.insert(coll, pk, client_fields.to_vec())?;
+        }
+        (ConflictKind::ClientDeleteServerUpdate, Decision::Server) if !live_now => {
+            tx.insert(coll, pk, live_fields(prior))?;
+        }
+        (ConflictKind::ClientDeleteServerUpdate, Decision::Client | Decision::Merged)
+            if live_now =>
+        {
+            tx.delete(coll, pk)?;
+        }
+        _ => {}
+    }
+    Ok(want)
 }
 
 fn kind(m: &ClientMsg) -> &'static str {
