@@ -31,11 +31,13 @@
 mod changeset;
 mod clock;
 pub mod conflict;
+mod crdt;
 mod digest;
 mod error;
 mod log;
 mod merge;
 pub mod reset;
+pub mod rules;
 mod schema;
 mod serde_object;
 mod store;
