@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ReplicaId;
+use crate::crdt::{check_sub_value, validate_field_name};
 use crate::error::{Error, NameKind, Result};
 use crate::log::{LogEntry, Op};
 use crate::value::{validate_name, Value};
@@ -106,7 +107,8 @@ impl Changeset {
                 }
                 let mut fields = HashSet::new();
                 let mut check = |name: &String, value: &Value| -> Result<()> {
-                    validate_name(NameKind::Field, name).map_err(|err| at(err.to_string()))?;
+                    validate_field_name(name).map_err(|err| at(err.to_string()))?;
+                    check_sub_value(name, value).map_err(at)?;
                     if !fields.insert(name.clone()) {
                         return Err(at(format!("field {name} written twice")));
                     }

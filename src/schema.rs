@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::crdt::{parse_sub, Kind};
 use crate::error::{Error, NameKind, Result};
 use crate::value::{validate_name, Pk, Value};
 
@@ -25,6 +26,10 @@ pub enum FieldType {
     Bytes,
     /// Any value.
     Any,
+    /// A counter: changed only by `increment`; concurrent increments add up.
+    Counter,
+    /// Collaborative text: changed only by `edit_text`; concurrent edits merge by character.
+    Text,
 }
 
 impl FieldType {
@@ -50,6 +55,8 @@ impl fmt::Display for FieldType {
             FieldType::String => "string",
             FieldType::Bytes => "bytes",
             FieldType::Any => "any",
+            FieldType::Counter => "counter",
+            FieldType::Text => "text",
         })
     }
 }
@@ -135,6 +142,22 @@ impl Schema {
 
     /// Checks one field value.
     pub fn check_value(&self, pk: &Pk, field: &str, value: &Value) -> Result<()> {
+        if let Some((kind, parent, _)) = parse_sub(field) {
+            let want = match kind {
+                Kind::Counter => FieldType::Counter,
+                Kind::Text => FieldType::Text,
+            };
+            return match self.fields.get(parent) {
+                Some(spec) if spec.ty == want => Ok(()),
+                Some(spec) => Err(self.err(pk, parent, spec.ty.to_string(), want.to_string())),
+                None => Err(self.err(
+                    pk,
+                    parent,
+                    "a declared field".into(),
+                    "an undeclared field".into(),
+                )),
+            };
+        }
         let Some(spec) = self.fields.get(field) else {
             return Err(self.err(
                 pk,
@@ -149,6 +172,19 @@ impl Schema {
             }
             return Ok(());
         }
+        if matches!(spec.ty, FieldType::Counter | FieldType::Text) {
+            let how = if spec.ty == FieldType::Counter {
+                "changes through increment"
+            } else {
+                "changes through edit_text"
+            };
+            return Err(self.err(
+                pk,
+                field,
+                format!("{} ({how})", spec.ty),
+                value.type_name().into(),
+            ));
+        }
         if !spec.ty.admits(value) {
             return Err(self.err(pk, field, spec.ty.to_string(), value.type_name().into()));
         }
@@ -162,7 +198,8 @@ impl Schema {
         mut present: impl FnMut(&str) -> Option<&'a Value>,
     ) -> Result<()> {
         for (name, spec) in &self.fields {
-            if spec.required && matches!(present(name), None | Some(Value::Null)) {
+            let merged_type = matches!(spec.ty, FieldType::Counter | FieldType::Text);
+            if spec.required && !merged_type && matches!(present(name), None | Some(Value::Null)) {
                 return Err(self.err(
                     pk,
                     name,

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::changeset::Changeset;
 use crate::clock::{Hlc, ReplicaId, Stamp, SystemTimeSource, TimeSource, MAX_DRIFT_MS_DEFAULT};
+use crate::crdt;
 use crate::digest::{object_hash, Digest, DigestSum};
 use crate::error::{Error, NameKind, Result};
 use crate::log::{FieldWrite, LogEntry, LogPos, Op, Write};
@@ -473,7 +474,7 @@ impl Store {
             new: &[],
         };
         Ok(Some(Object {
-            fields: view.live_fields(&state)?,
+            fields: crdt::fold(view.live_fields(&state)?)?,
             pk,
         }))
     }
@@ -498,13 +499,31 @@ impl Store {
         let Some((state, _)) = self.read_state(collection, &pk)? else {
             return Ok(None);
         };
-        let Some(fid) = self.names().by_name.get(field).copied() else {
-            return Ok(None);
-        };
         if !state.is_live() {
             return Ok(None);
         }
-        Ok(state.field(fid).map(|(s, v)| (v.clone(), s)))
+        let names = self.names();
+        if let Some(v) = names.by_name.get(field).and_then(|fid| state.field(*fid)) {
+            return Ok(Some((v.1.clone(), v.0)));
+        }
+        // A counter or text: the value its parts make, stamped by the newest part.
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let mut parts = BTreeMap::new();
+        let mut newest = None;
+        for (f, stamp, v) in &state.fields {
+            let name = view.name(*f)?;
+            if crdt::parse_sub(name).is_some_and(|(_, parent, _)| parent == field) {
+                parts.insert(name.to_owned(), v.clone());
+                newest = newest.max(Some(*stamp));
+            }
+        }
+        let Some(stamp) = newest else {
+            return Ok(None);
+        };
+        Ok(crdt::fold(parts)?.remove(field).map(|v| (v, stamp)))
     }
 
     /// All live objects of a collection, ordered by primary key.
@@ -532,7 +551,7 @@ impl Store {
             let pk = Pk::decode(&k.value()[4..]).ok_or_else(|| corrupt("object key"))?;
             out.push(Object {
                 pk,
-                fields: view.live_fields(&state)?,
+                fields: crdt::fold(view.live_fields(&state)?)?,
             });
         }
         Ok(out)
@@ -708,6 +727,13 @@ impl Store {
     }
 }
 
+/// Application code names its own fields; `__` names belong to the engine.
+fn user_names(fields: &[(String, Value)]) -> Result<()> {
+    fields
+        .iter()
+        .try_for_each(|(name, _)| validate_name(NameKind::Field, name))
+}
+
 fn check_remote_schema(store: &Store, w: &Write) -> Result<()> {
     let Some(schema) = store.schema_of(&w.collection) else {
         return Ok(());
@@ -796,7 +822,10 @@ impl<'s> WriteTx<'s> {
     }
 
     fn intern(&mut self, kind: NameKind, name: &str) -> Result<u32> {
-        validate_name(kind, name)?;
+        match kind {
+            NameKind::Field => crdt::validate_field_name(name)?,
+            NameKind::Collection => validate_name(kind, name)?,
+        }
         let names = self.store.names();
         let view = NameView {
             base: &names,
@@ -913,6 +942,7 @@ impl<'s> WriteTx<'s> {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        user_names(&fields)?;
         self.insert_fields(collection, pk, fields)
     }
 
@@ -956,8 +986,74 @@ impl<'s> WriteTx<'s> {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        user_names(&fields)?;
         let mark = self.new_names.len();
         let r = self.update_inner(collection, &pk, fields);
+        self.rollback_on_err(r, mark)
+    }
+
+    /// Adds `delta` to a counter field of a live object. Concurrent increments on other
+    /// replicas add up; the field reads as the sum.
+    pub fn increment(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        field: &str,
+        delta: i64,
+    ) -> Result<()> {
+        let pk = pk.into();
+        validate_name(NameKind::Field, field)?;
+        let part = crdt::sub_field(crdt::Kind::Counter, field, self.store.replica);
+        let mark = self.new_names.len();
+        let r = (|| {
+            let key = self.load(collection, &pk)?;
+            let Some(current) = self.view(&key)? else {
+                return Err(Self::not_found(collection, &pk));
+            };
+            let mine = match current.get(&part) {
+                Some(Value::Int(n)) => *n,
+                _ => 0,
+            };
+            let total = mine.checked_add(delta).ok_or_else(|| Error::Conversion {
+                reason: format!("counter {collection}[{pk}].{field} would overflow"),
+            })?;
+            self.update_inner(collection, &pk, vec![(part.clone(), Value::Int(total))])
+        })();
+        self.rollback_on_err(r, mark)
+    }
+
+    /// Edits a text field of a live object: deletes `delete` characters at `pos` and
+    /// inserts `insert` there. Concurrent edits from other replicas merge character by
+    /// character; the field reads as the merged text.
+    pub fn edit_text(
+        &mut self,
+        collection: &str,
+        pk: impl Into<Pk>,
+        field: &str,
+        pos: usize,
+        delete: usize,
+        insert: &str,
+    ) -> Result<()> {
+        let pk = pk.into();
+        validate_name(NameKind::Field, field)?;
+        let part = crdt::sub_field(crdt::Kind::Text, field, self.store.replica);
+        let mark = self.new_names.len();
+        let r = (|| {
+            let key = self.load(collection, &pk)?;
+            let Some(current) = self.view(&key)? else {
+                return Err(Self::not_found(collection, &pk));
+            };
+            let parts = current
+                .iter()
+                .filter_map(|(name, v)| match (crdt::parse_sub(name), v) {
+                    (Some((crdt::Kind::Text, parent, _)), Value::Bytes(b)) if parent == field => {
+                        Some(b.as_slice())
+                    }
+                    _ => None,
+                });
+            let mine = crdt::splice(parts, self.store.replica, pos, delete, insert)?;
+            self.update_inner(collection, &pk, vec![(part.clone(), Value::Bytes(mine))])
+        })();
         self.rollback_on_err(r, mark)
     }
 
@@ -1018,6 +1114,7 @@ impl<'s> WriteTx<'s> {
     ) -> Result<usize> {
         let pk = pk.into();
         let fields = to_fields(value)?;
+        user_names(&fields)?;
         let mark = self.new_names.len();
         let key = match self.load(collection, &pk) {
             Ok(k) => k,
@@ -1029,9 +1126,14 @@ impl<'s> WriteTx<'s> {
                 self.insert_fields(collection, pk, fields).map(|()| n)
             }
             Some(current) => {
+                // Counters and texts change only through increment and edit_text.
+                let merged: std::collections::HashSet<String> = current
+                    .keys()
+                    .filter_map(|k| crdt::parse_sub(k).map(|(_, parent, _)| parent.to_owned()))
+                    .collect();
                 let changed: Vec<_> = fields
                     .into_iter()
-                    .filter(|(k, v)| current.get(k) != Some(v))
+                    .filter(|(k, v)| !merged.contains(k) && current.get(k) != Some(v))
                     .collect();
                 let n = changed.len();
                 let r = self.update_inner(collection, &pk, changed).map(|()| n);
@@ -1048,7 +1150,13 @@ impl<'s> WriteTx<'s> {
             Ok(k) => k,
             Err(e) => return self.rollback_on_err(Err(e), mark),
         };
-        Ok(self.view(&key)?.map(|fields| Object { pk, fields }))
+        match self.view(&key)? {
+            Some(fields) => Ok(Some(Object {
+                pk,
+                fields: crdt::fold(fields)?,
+            })),
+            None => Ok(None),
+        }
     }
 
     /// Names a failed call interned are forgotten, so the call leaves no trace.
