@@ -158,15 +158,28 @@ pub(crate) struct ResetMarker {
 pub(crate) enum ResetPhase {
     /// Backed up; the server's state is being staged.
     Downloading,
-    /// Swapped in; the recovered writes up to this log position await acknowledgement.
-    Uploading { until: u64 },
+    /// Swapped in; the recovered writes up to `until` await acknowledgement. Entries up to
+    /// `settled` were replayed and never need uploading (the client tells the server in
+    /// every handshake until the reset ends, in case the final snapshot acknowledgement
+    /// was lost).
+    Uploading { until: u64, settled: u64 },
 }
 
-/// The file a store's reset backup goes to.
+/// A file for a store's reset backup that does not exist yet: a backup left for the
+/// application (Manual mode) is never overwritten.
 pub(crate) fn backup_path(store_path: &Path) -> PathBuf {
-    let mut name = store_path.as_os_str().to_owned();
-    name.push(".reset-backup");
-    PathBuf::from(name)
+    let base = store_path.as_os_str().to_owned();
+    (0u32..)
+        .map(|n| {
+            let mut name = base.clone();
+            name.push(".reset-backup");
+            if n > 0 {
+                name.push(format!(".{n}"));
+            }
+            PathBuf::from(name)
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| store_path.with_extension("reset-backup"))
 }
 
 /// A reset backup, opened for the application to inspect (in `Manual` mode, or before the

@@ -1956,7 +1956,10 @@ impl Store {
             }
             let until = next - 1;
             let m = ResetMarker {
-                phase: ResetPhase::Uploading { until },
+                phase: ResetPhase::Uploading {
+                    until,
+                    settled: head,
+                },
                 ..marker.clone()
             };
             meta.insert(META_RESET, encode(&m)?.as_slice())?;

@@ -158,6 +158,7 @@ impl ClientSession {
 
     /// The first message of a connection.
     pub fn hello(&mut self) -> Result<ClientMsg> {
+        let marker = self.store.reset_marker()?.map(|m| m.phase);
         Ok(ClientMsg::Hello {
             protocol: PROTOCOL_VERSION,
             schema_version: client_value(&self.store, SCHEMA_VERSION)?,
@@ -165,13 +166,11 @@ impl ClientSession {
             replica: self.store.replica_id(),
             download_cursor: download_cursor(&self.store)?,
             last_sync: self.store.last_sync(),
-            reset_pending: matches!(
-                self.store.reset_marker()?,
-                Some(ResetMarker {
-                    phase: ResetPhase::Downloading,
-                    ..
-                })
-            ),
+            reset_pending: matches!(marker, Some(ResetPhase::Downloading)),
+            reset_settled: match marker {
+                Some(ResetPhase::Uploading { settled, .. }) => Some(settled),
+                _ => None,
+            },
         })
     }
 
@@ -241,7 +240,19 @@ impl ClientSession {
                             ..
                         },
                     ) => m,
-                    _ => {
+                    previous => {
+                        // A new reset before the last one finished: its backup is no longer
+                        // needed, unless the application recovers from it by hand.
+                        if let Some(ResetMarker {
+                            mode,
+                            backup: Some(old),
+                            ..
+                        }) = previous
+                        {
+                            if mode != ResetMode::Manual {
+                                let _ = std::fs::remove_file(old);
+                            }
+                        }
                         let backup = self.store.path().map(backup_path);
                         if let Some(b) = &backup {
                             self.store.backup_to(b)?;
@@ -324,7 +335,7 @@ impl ClientSession {
         let Some(m) = self.store.reset_marker()? else {
             return Ok(());
         };
-        let ResetPhase::Uploading { until } = m.phase else {
+        let ResetPhase::Uploading { until, .. } = m.phase else {
             return Ok(());
         };
         if self.store.last_sync() < until {

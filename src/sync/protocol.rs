@@ -82,6 +82,9 @@ pub enum ClientMsg {
         last_sync: LogPos,
         /// A reset was under way when the client last stopped; it wants the snapshot again.
         reset_pending: bool,
+        /// A reset swapped its snapshot in but has not finished: the log position it
+        /// settled (see [`ClientMsg::SnapshotAck`]).
+        reset_settled: Option<LogPos>,
     },
     /// Log entries after the client's last acknowledged position. When `more` is set, the
     /// last entry is a piece of a transaction that continues in the next upload (a

@@ -638,6 +638,7 @@ impl ServerSession {
                     download_cursor,
                     last_sync,
                     reset_pending,
+                    reset_settled,
                 },
             ) => {
                 if protocol != PROTOCOL_VERSION {
@@ -661,6 +662,10 @@ impl ServerSession {
                             "client schema version {schema_version} is newer than the server's {server_schema}"
                         ),
                     ));
+                }
+                if let Some(settled) = reset_settled {
+                    // The client finished a reset whose last acknowledgement we never got.
+                    self.server.reset_served(replica, settled)?;
                 }
                 let record = self.server.client_record(replica)?;
                 let server_version = self.server.version();
@@ -779,14 +784,16 @@ impl ServerSession {
                 }
                 Ok(Vec::new())
             }
+            // Sent before the client learnt of the reset: acknowledgements need no answer,
+            // and uploads are replayed by the reset, so dropping them loses nothing.
+            (
+                State::Snapshotting { .. },
+                ClientMsg::DownloadAck { .. } | ClientMsg::Upload { .. },
+            ) => Ok(Vec::new()),
             (State::Snapshotting { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
                 id,
                 server_version: self.server.version(),
             }]),
-            (State::Snapshotting { .. }, other) => Ok(self.fail(
-                ErrorCode::UnexpectedMessage,
-                format!("{} during a reset snapshot", kind(&other)),
-            )),
             (State::Ready { in_flight, .. }, ClientMsg::DownloadAck { .. }) => {
                 *in_flight = in_flight.saturating_sub(1);
                 Ok(Vec::new())
@@ -833,6 +840,27 @@ impl ServerSession {
             in_flight: 0,
         };
         Ok(())
+    }
+
+    /// Switches a connected session to a reset.
+    fn begin_reset(&mut self, client: ReplicaId, reason: ResetReason) -> Result<Option<ServerMsg>> {
+        let claims = match std::mem::replace(&mut self.state, State::Closed) {
+            State::Ready { claims, .. } | State::Snapshotting { claims, .. } => claims,
+            other => {
+                self.state = other;
+                return Ok(None);
+            }
+        };
+        let uploaded = self.server.uploaded(client)?;
+        self.state = State::Snapshotting {
+            client,
+            claims,
+            next_key: None,
+            cursor: self.server.version(),
+            in_flight: 0,
+            done: false,
+        };
+        Ok(Some(ServerMsg::ResetRequired { reason, uploaded }))
     }
 
     fn next_snapshot(&mut self) -> Result<Option<ServerMsg>> {
@@ -895,6 +923,14 @@ impl ServerSession {
         };
         if *in_flight >= DOWNLOAD_WINDOW {
             return Ok(None);
+        }
+        if outgoing.is_empty() && *sent < self.server.version() {
+            let horizon = self.server.horizon()?;
+            if *sent < horizon {
+                // History this client still needs was compacted while it was connected.
+                let (client, cursor) = (*client, *sent);
+                return self.begin_reset(client, ResetReason::BehindHorizon { cursor, horizon });
+            }
         }
         *in_flight += 1;
         if outgoing.is_empty() {
@@ -1098,6 +1134,7 @@ mod tests {
                 download_cursor: 0,
                 last_sync: 0,
                 reset_pending: false,
+                reset_settled: None,
             },
             0,
         );
