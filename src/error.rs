@@ -123,6 +123,9 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// A query did not parse, check or bind.
+    #[error("query: {0}")]
+    Query(#[from] crate::rules::QueryError),
     /// A file system operation outside redb failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

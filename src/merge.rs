@@ -83,6 +83,26 @@ impl<F: Ord + Clone> ObjectState<F> {
         }
     }
 
+    /// Merges another replica's whole state of the same object (the join of both write
+    /// sets: the same result as merging every write behind `other` one by one).
+    pub fn merge_state(&mut self, other: ObjectState<F>) -> bool {
+        let before = (self.exists, self.floor, self.fields.len());
+        let mut changed = false;
+        if let Some((s, alive)) = other.exists {
+            changed |= self.apply_exists(s, alive) == Outcome::Applied;
+        }
+        if other.floor > self.floor {
+            self.floor = other.floor;
+            let floor = self.floor;
+            self.fields.retain(|(_, s, _)| *s >= floor);
+            changed = true;
+        }
+        for (f, s, v) in other.fields {
+            changed |= self.apply_field(f, s, v) == Outcome::Applied;
+        }
+        changed || before != (self.exists, self.floor, self.fields.len())
+    }
+
     /// Merges an insert (`alive = true`) or a delete (`alive = false`).
     pub fn apply_exists(&mut self, stamp: Stamp, alive: bool) -> Outcome {
         if stamp > self.floor {

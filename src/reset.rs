@@ -53,6 +53,8 @@ pub enum ResetReason {
     Forced,
     /// The client resumes a reset that a crash interrupted.
     Resumed,
+    /// The client's subscriptions changed: its view is rebuilt (not reported as a reset).
+    SubscriptionsChanged,
 }
 
 /// What a client does with its unsynced writes when the server orders a reset.

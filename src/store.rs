@@ -557,6 +557,27 @@ impl Store {
         Ok(out)
     }
 
+    /// The live objects of a collection that match a query (see `rules::query`), ordered by
+    /// primary key. With a schema, the query may use only queryable fields.
+    pub fn query(&self, collection: &str, query: &str) -> Result<Vec<Object>> {
+        self.query_with(collection, query, &crate::rules::Params::new())
+    }
+
+    /// [`Store::query`] with parameters (`$0`, `$name`).
+    pub fn query_with(
+        &self,
+        collection: &str,
+        query: &str,
+        params: &crate::rules::Params,
+    ) -> Result<Vec<Object>> {
+        let q = crate::rules::parse(query)?;
+        q.check(self.schema_of(collection).as_deref())?;
+        let q = q.bind(params)?;
+        let mut all = self.scan(collection)?;
+        all.retain(|o| q.matches(&o.pk, &o.fields));
+        Ok(all)
+    }
+
     /// The number of live objects in a collection (kept as a counter, no scan).
     pub fn count(&self, collection: &str) -> Result<u64> {
         let Some(cid) = self.names().by_name.get(collection).copied() else {
@@ -771,6 +792,8 @@ struct Pending {
     op: Option<NetOp>,
     /// The state after merging remote writes in this transaction (local calls apply on top).
     after: Option<ObjectState<u32>>,
+    /// Remove the row instead of writing it (the object left this client's view).
+    purge: bool,
 }
 
 /// A write transaction. Calls that fail leave the transaction as it was; nothing reaches the
@@ -860,6 +883,7 @@ impl<'s> WriteTx<'s> {
                     before,
                     op: None,
                     after: None,
+                    purge: false,
                 },
             );
         }
@@ -1142,6 +1166,22 @@ impl<'s> WriteTx<'s> {
         }
     }
 
+    /// Writes the object again exactly as this transaction sees it, stamped by this
+    /// transaction: a live object is re-inserted (clearing every field written before),
+    /// a missing or deleted one is deleted. Older writes to it lose to this on every
+    /// replica: how the server reverts a write it refused.
+    pub(crate) fn reassert(&mut self, collection: &str, pk: &Pk) -> Result<()> {
+        let key = self.load(collection, pk)?;
+        let current = self.view(&key)?;
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.op = Some(match current {
+                Some(fields) => NetOp::Insert(fields),
+                None => NetOp::Delete,
+            });
+        }
+        Ok(())
+    }
+
     /// Reads an object as this transaction sees it (including its own writes).
     pub fn get(&mut self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
         let pk = pk.into();
@@ -1356,7 +1396,11 @@ impl<'s> WriteTx<'s> {
                 if delta != 0 {
                     *count_delta.entry(p.coll).or_default() += delta;
                 }
-                objects.insert(key.as_slice(), encode(&state)?.as_slice())?;
+                if p.purge {
+                    objects.remove(key.as_slice())?;
+                } else {
+                    objects.insert(key.as_slice(), encode(&state)?.as_slice())?;
+                }
             }
         }
         let seq = if writes.is_empty() {
@@ -1460,6 +1504,100 @@ impl Store {
             exists: state.exists,
             floor: state.floor,
             fields,
+        })
+    }
+
+    /// Merges whole object states from the server and removes objects that left this
+    /// client's view (a removal is not a delete: nothing is logged), in one transaction with
+    /// `extra`. Returns how many objects changed.
+    pub(crate) fn merge_view(
+        &self,
+        objects: &[ObjectSnapshot],
+        removed: &[(String, Pk)],
+        extra: impl FnOnce(&mut WriteTx<'_>) -> Result<()>,
+    ) -> Result<u64> {
+        let mut tx = self.begin()?;
+        let now = self.options.time.now_ms();
+        let mut changed = 0;
+        for o in objects {
+            o.pk.validate()?;
+            let stamps = o
+                .fields
+                .iter()
+                .map(|(_, s, _)| *s)
+                .chain(o.exists.map(|(s, _)| s));
+            for s in stamps {
+                tx.writer.hlc.check(s, now).map_err(|d| Error::ClockDrift {
+                    stamp: d.stamp,
+                    now_ms: d.now_ms,
+                    max_drift_ms: self.options.max_drift_ms,
+                })?;
+                tx.writer.hlc.observe(s.time);
+            }
+            let key = tx.load(&o.collection, &o.pk)?;
+            let mut fields = Vec::with_capacity(o.fields.len());
+            for (name, stamp, value) in &o.fields {
+                crdt::check_sub_value(name, value)
+                    .map_err(|reason| Error::BadChangeset { reason })?;
+                if value.size_bytes() > self.options.value_bytes_max {
+                    return Err(Error::BadChangeset {
+                        reason: format!("value of {}[{}].{name} is too large", o.collection, o.pk),
+                    });
+                }
+                fields.push((tx.intern(NameKind::Field, name)?, *stamp, value.clone()));
+            }
+            fields.sort_by_key(|(f, _, _)| *f);
+            let incoming = ObjectState {
+                exists: o.exists,
+                floor: o.floor,
+                fields,
+            };
+            if let Some(p) = tx.pending.get_mut(&key) {
+                let mut state = p
+                    .after
+                    .take()
+                    .or_else(|| p.before.clone())
+                    .unwrap_or_default();
+                if state.merge_state(incoming) {
+                    changed += 1;
+                }
+                p.after = Some(state);
+            }
+        }
+        let mut purge = Vec::new();
+        for (coll, pk) in removed {
+            let key = tx.load(coll, pk)?;
+            if tx
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.before.is_some() || p.after.is_some())
+            {
+                purge.push(key);
+            }
+        }
+        extra(&mut tx)?;
+        // Removed objects leave no state behind: a later download may bring them back whole.
+        for key in purge {
+            if let Some(p) = tx.pending.get_mut(&key) {
+                p.after = Some(ObjectState::default());
+                p.purge = true;
+                changed += 1;
+            }
+        }
+        tx.raw_used = true;
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// An object's full state with names, as the server sends it to filtered clients.
+    pub(crate) fn object_snapshot(&self, coll: &str, pk: &Pk) -> Result<ObjectSnapshot> {
+        let state = self.object_state_named(coll, pk)?;
+        Ok(ObjectSnapshot {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+            exists: state.exists,
+            floor: state.floor,
+            fields: state.fields,
         })
     }
 

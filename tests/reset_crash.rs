@@ -368,6 +368,8 @@ impl World {
             last_sync: 0,
             reset_pending: true,
             reset_settled: None,
+            subscriptions: None,
+            subscriptions_acked: 0,
         };
         let out = s.on_message(hello, self.time_now());
         assert!(

@@ -249,6 +249,8 @@ impl World {
             last_sync: 0,
             reset_pending: true,
             reset_settled: None,
+            subscriptions: None,
+            subscriptions_acked: 0,
         };
         let out = s.on_message(hello, self.server_time.now_ms());
         assert!(

@@ -52,6 +52,8 @@ fn hello(token: &str, protocol: u32, schema_version: u64, replica: u64) -> Clien
         last_sync: 0,
         reset_pending: false,
         reset_settled: None,
+        subscriptions: None,
+        subscriptions_acked: 0,
     }
 }
 

@@ -4,23 +4,32 @@
 
 use std::sync::Arc;
 
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 
 use crate::changeset::Changeset;
+use crate::error::NameKind;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
-use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReport};
+use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport};
+use crate::rules::parse;
 use crate::schema::Schema;
 use crate::store::Store;
 use crate::sync::pieces::{entry_size, join_piece, split_entry};
 use crate::sync::protocol::{
     ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
 };
+use crate::sync::protocol::{RefusedWrite, Subscription, SubscriptionSet};
+use crate::value::validate_name;
 
 /// Client bookkeeping kept in the client's own store: `download_cursor`.
 const CLIENT_SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync_client");
 const DOWNLOAD_CURSOR: &str = "download_cursor";
 const SCHEMA_VERSION: &str = "schema_version";
+const SUBSCRIPTIONS_ACKED: &str = "subscriptions_acked";
+/// `set` → postcard [`SubscriptionSet`].
+const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_subscriptions");
+/// number → postcard [`RefusedWrite`]: writes the server refused, kept for the application.
+const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_rejected");
 
 /// Why a sync session stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +52,13 @@ pub enum SyncError {
     /// The connection failed.
     #[error("connection: {0}")]
     Io(String),
+    /// The server refused some writes and reverted them (error code 231). Not fatal: the
+    /// client carries on; the refused values stay in [`rejected_writes`].
+    #[error("compensating write (231): {}", refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; "))]
+    CompensatingWrite {
+        /// The refused writes.
+        refused: Vec<RefusedWrite>,
+    },
 }
 
 impl SyncError {
@@ -53,6 +69,7 @@ impl SyncError {
             SyncError::Server { code, .. } => code.is_transient(),
             SyncError::Store(Error::Storage(_)) | SyncError::Io(_) | SyncError::Protocol(_) => true,
             SyncError::Store(_) => false,
+            SyncError::CompensatingWrite { .. } => true,
         }
     }
 }
@@ -96,6 +113,95 @@ pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
     client_value(store, DOWNLOAD_CURSOR)
 }
 
+fn corrupt(what: impl Into<String>) -> Error {
+    Error::Corrupt { what: what.into() }
+}
+
+/// The store's subscription set (`None`: never set; the client sees all it may read).
+pub fn subscriptions(store: &Store) -> Result<Option<SubscriptionSet>> {
+    let rtx = store.read_txn()?;
+    let table = match rtx.open_table(SUBSCRIPTIONS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let set = table.get("set")?;
+    set.map(|v| postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("subscriptions: {e}"))))
+        .transpose()
+}
+
+/// Changes the subscription set in one call (add, remove, replace by name) and persists
+/// it; returns its new version. Every query must parse; the server checks the rest
+/// (queryable fields) and the client learns the outcome from `wait_for_subscriptions`.
+pub fn update_subscriptions(
+    store: &Store,
+    change: impl FnOnce(&mut Vec<Subscription>),
+) -> Result<u64> {
+    let mut set = subscriptions(store)?.unwrap_or_default();
+    change(&mut set.subscriptions);
+    for s in &set.subscriptions {
+        validate_name(NameKind::Collection, &s.collection)?;
+        parse(&s.query)?;
+    }
+    set.version += 1;
+    let bytes = postcard::to_allocvec(&set).map_err(|e| corrupt(e.to_string()))?;
+    let mut tx = store.begin()?;
+    tx.raw()
+        .open_table(SUBSCRIPTIONS)?
+        .insert("set", bytes.as_slice())?;
+    tx.commit()?;
+    Ok(set.version)
+}
+
+/// The newest subscription version the server confirmed.
+pub fn subscriptions_acked(store: &Store) -> Result<u64> {
+    client_value(store, SUBSCRIPTIONS_ACKED)
+}
+
+/// Writes the server refused and reverted, with their numbers, oldest first. They stay
+/// until the application clears them, so a refused write is never lost silently.
+pub fn rejected_writes(store: &Store) -> Result<Vec<(u64, RefusedWrite)>> {
+    let rtx = store.read_txn()?;
+    let table = match rtx.open_table(REJECTED) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let w: RefusedWrite =
+            postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("rejected: {e}")))?;
+        out.push((k.value(), w));
+    }
+    Ok(out)
+}
+
+fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
+    let mut tx = store.begin()?;
+    {
+        let mut table = tx.raw().open_table(REJECTED)?;
+        let mut id = table.last()?.map_or(0, |(k, _)| k.value());
+        for r in refused {
+            id += 1;
+            let bytes = postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?;
+            table.insert(id, bytes.as_slice())?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Forgets refused writes up to number `upto`.
+pub fn clear_rejected_writes(store: &Store, upto: u64) -> Result<()> {
+    let mut tx = store.begin()?;
+    tx.raw()
+        .open_table(REJECTED)?
+        .retain_in(..=upto, |_, _| false)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Adopts the server's schemas (an additive change) with their version.
 fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()> {
     for s in schemas {
@@ -131,6 +237,12 @@ pub struct ClientSession {
     reset: Option<(ResetMarker, LogPos, bool)>,
     /// Reports of finished resets, for the application.
     reports: Vec<ResetReport>,
+    /// The subscription version sent on this connection.
+    subscriptions_sent: u64,
+    /// Subscription versions the server refused, with why.
+    subscription_errors: Vec<(u64, String)>,
+    /// Writes the server refused since the last call (also kept in the store).
+    refused: Vec<RefusedWrite>,
 }
 
 impl ClientSession {
@@ -148,7 +260,20 @@ impl ClientSession {
             pong: 0,
             reset: None,
             reports: Vec::new(),
+            subscriptions_sent: 0,
+            subscription_errors: Vec::new(),
+            refused: Vec::new(),
         }
+    }
+
+    /// Subscription versions the server refused since the last call.
+    pub fn take_subscription_errors(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.subscription_errors)
+    }
+
+    /// Writes the server refused since the last call.
+    pub fn take_refused_writes(&mut self) -> Vec<RefusedWrite> {
+        std::mem::take(&mut self.refused)
     }
 
     /// Reports of resets finished since the last call.
@@ -159,7 +284,11 @@ impl ClientSession {
     /// The first message of a connection.
     pub fn hello(&mut self) -> Result<ClientMsg> {
         let marker = self.store.reset_marker()?.map(|m| m.phase);
+        let subscriptions = subscriptions(&self.store)?;
+        self.subscriptions_sent = subscriptions.as_ref().map_or(0, |s| s.version);
         Ok(ClientMsg::Hello {
+            subscriptions,
+            subscriptions_acked: subscriptions_acked(&self.store)?,
             protocol: PROTOCOL_VERSION,
             schema_version: client_value(&self.store, SCHEMA_VERSION)?,
             token: self.config.token.clone(),
@@ -224,6 +353,48 @@ impl ClientSession {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.store.mark_synced(seq)?;
                 self.finish_reset_if_uploaded()?;
+                Ok(Vec::new())
+            }
+            ServerMsg::ViewDownload {
+                objects,
+                removed,
+                cursor,
+            } => {
+                self.store.merge_view(&objects, &removed, |tx| {
+                    tx.raw()
+                        .open_table(CLIENT_SYNC)?
+                        .insert(DOWNLOAD_CURSOR, cursor)?;
+                    Ok(())
+                })?;
+                Ok(vec![ClientMsg::DownloadAck { cursor }])
+            }
+            ServerMsg::CompensatingWrite { refused } => {
+                record_rejected(&self.store, &refused)?;
+                self.refused.extend(refused);
+                Ok(Vec::new())
+            }
+            ServerMsg::SubscriptionError { version, message } => {
+                self.subscription_errors.push((version, message));
+                Ok(Vec::new())
+            }
+            ServerMsg::ResetRequired {
+                reason: ResetReason::SubscriptionsChanged,
+                uploaded,
+            } => {
+                // A view rebuild: the reset machinery without a backup or a report.
+                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+                    self.store.mark_synced(uploaded)?;
+                }
+                let replay_after = self.store.last_sync().min(uploaded);
+                let marker = ResetMarker {
+                    reason: ResetReason::SubscriptionsChanged,
+                    mode: ResetMode::RecoverUnsyncedChanges,
+                    phase: ResetPhase::Downloading,
+                    backup: None,
+                };
+                self.store.set_reset_marker(Some(&marker))?;
+                self.reset = Some((marker, replay_after, true));
+                self.ready = false;
                 Ok(Vec::new())
             }
             ServerMsg::ResetRequired { reason, uploaded } => {
@@ -310,6 +481,7 @@ impl ClientSession {
             cursor,
             schema_version,
             schemas,
+            subscriptions,
         } = end;
         let (report, _until) = self
             .store
@@ -317,9 +489,14 @@ impl ClientSession {
                 let mut t = tx.raw().open_table(CLIENT_SYNC)?;
                 t.insert(DOWNLOAD_CURSOR, cursor)?;
                 t.insert(SCHEMA_VERSION, schema_version)?;
+                if let Some(v) = subscriptions {
+                    t.insert(SUBSCRIPTIONS_ACKED, v)?;
+                }
                 Ok(())
             })?;
-        self.reports.push(report);
+        if report.reason != Some(ResetReason::SubscriptionsChanged) {
+            self.reports.push(report);
+        }
         self.sent = self.store.last_sync();
         self.server_version = self.server_version.max(cursor);
         self.ready = true;
@@ -390,10 +567,17 @@ impl ClientSession {
         Ok(vec![ClientMsg::DownloadAck { cursor }])
     }
 
-    /// The next upload, if there are unsynced entries and the window allows.
+    /// The next upload, if there are unsynced entries and the window allows (or a new
+    /// subscription set to send).
     pub fn poll_upload(&mut self) -> Result<Option<ClientMsg>, SyncError> {
         if !self.ready {
             return Ok(None);
+        }
+        if let Some(set) = subscriptions(&self.store)? {
+            if set.version > self.subscriptions_sent {
+                self.subscriptions_sent = set.version;
+                return Ok(Some(ClientMsg::Subscribe { set }));
+            }
         }
         if let Some(piece) = self.outgoing.pop() {
             let more = !self.outgoing.is_empty();

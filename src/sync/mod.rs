@@ -10,3 +10,4 @@ pub(crate) mod pieces;
 pub mod protocol;
 pub mod server;
 pub mod token;
+pub(crate) mod view;

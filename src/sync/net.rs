@@ -17,8 +17,12 @@ use tokio::task::JoinHandle;
 use crate::clock::{SystemTimeSource, TimeSource};
 use crate::reset::ResetReport;
 use crate::store::Store;
-use crate::sync::client::{download_cursor, ClientConfig, ClientSession, SyncError};
+use crate::sync::client::{
+    download_cursor, subscriptions, subscriptions_acked, update_subscriptions, ClientConfig,
+    ClientSession, SyncError,
+};
 use crate::sync::frame::{read_frame, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use crate::sync::protocol::Subscription;
 use crate::sync::protocol::{ClientMsg, ServerMsg};
 use crate::sync::server::SyncServer;
 
@@ -338,6 +342,7 @@ struct Shared {
     on_error: Option<ErrorCallback>,
     on_reset: Option<ResetCallback>,
     reports: Mutex<Vec<ResetReport>>,
+    subscription_errors: Mutex<Vec<(u64, String)>>,
 }
 
 impl Shared {
@@ -397,6 +402,7 @@ impl SyncClient {
             on_error: hooks.on_error,
             on_reset: hooks.on_reset,
             reports: Mutex::new(Vec::new()),
+            subscription_errors: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(run(Arc::clone(&shared), transport, config));
         SyncClient {
@@ -432,6 +438,50 @@ impl SyncClient {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         )
+    }
+
+    /// Changes the subscriptions in one call (add, remove, replace) and sends them; returns
+    /// the new set's version. Objects entering the view are downloaded, objects leaving it
+    /// are removed locally (not deleted).
+    pub fn update_subscriptions(
+        &self,
+        change: impl FnOnce(&mut Vec<Subscription>),
+    ) -> crate::error::Result<u64> {
+        let v = update_subscriptions(&self.shared.store, change)?;
+        self.shared.wake.notify_waiters();
+        Ok(v)
+    }
+
+    /// Waits until the server has confirmed the current subscription set and the client
+    /// holds its view; an error if the server refused the set.
+    pub async fn wait_for_subscriptions(&self) -> Result<(), String> {
+        let want = match subscriptions(&self.shared.store) {
+            Ok(Some(s)) => s.version,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        loop {
+            if let Some((_, m)) = self
+                .shared
+                .subscription_errors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .find(|(v, _)| *v >= want)
+            {
+                return Err(m.clone());
+            }
+            match subscriptions_acked(&self.shared.store) {
+                Ok(acked) if acked >= want => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if self.is_dead() {
+                return Err(self.fatal_error().unwrap_or_else(|| "stopped".into()));
+            }
+            self.shared.wake.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Goes offline (closes the connection) or back online. Writes keep working offline.
@@ -572,6 +622,17 @@ async fn run_connection(
                 };
                 let welcome = matches!(msg, ServerMsg::Welcome { .. });
                 let replies = session.on_message(msg)?;
+                let refused = session.take_refused_writes();
+                if !refused.is_empty() {
+                    if let Some(cb) = &shared.on_error {
+                        cb(&SyncError::CompensatingWrite { refused });
+                    }
+                }
+                shared
+                    .subscription_errors
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(session.take_subscription_errors());
                 for report in session.take_reset_reports() {
                     if let Some(cb) = &shared.on_reset {
                         cb(&report);

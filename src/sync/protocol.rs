@@ -63,6 +63,45 @@ impl ErrorCode {
     }
 }
 
+/// A named subscription: a query over one collection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The name the application gave it.
+    pub name: String,
+    /// The collection it selects from.
+    pub collection: String,
+    /// The query (see `rules::query`); `$user` is the user's id.
+    pub query: String,
+}
+
+/// A client's whole subscription set, versioned: every change raises the version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionSet {
+    /// Raised by every change.
+    pub version: u64,
+    /// The subscriptions.
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// A write the server refused and reverted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusedWrite {
+    /// Object type (collection).
+    pub collection: String,
+    /// Primary key.
+    pub pk: crate::value::Pk,
+    /// Why, in the form users of sync services know: `write to "PK" in table "Item" not
+    /// allowed; object is outside of the current query view`, or `... was denied by write
+    /// filter in role "NAME"`.
+    pub reason: String,
+    /// What the write was: the fields and values it set (empty for a delete).
+    pub fields: Vec<(String, crate::value::Value)>,
+    /// Whether it was a delete.
+    pub delete: bool,
+    /// The write's stamp.
+    pub stamp: crate::clock::Stamp,
+}
+
 /// Client to server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientMsg {
@@ -85,6 +124,15 @@ pub enum ClientMsg {
         /// A reset swapped its snapshot in but has not finished: the log position it
         /// settled (see [`ClientMsg::SnapshotAck`]).
         reset_settled: Option<LogPos>,
+        /// The client's subscriptions (`None`: everything the user may read).
+        subscriptions: Option<SubscriptionSet>,
+        /// The newest subscription version the server confirmed to this client.
+        subscriptions_acked: u64,
+    },
+    /// The client changed its subscriptions.
+    Subscribe {
+        /// The new set.
+        set: SubscriptionSet,
     },
     /// Log entries after the client's last acknowledged position. When `more` is set, the
     /// last entry is a piece of a transaction that continues in the next upload (a
@@ -124,6 +172,8 @@ pub struct SnapshotEnd {
     pub schema_version: u64,
     /// The server's schemas.
     pub schemas: Vec<Schema>,
+    /// The subscription version this snapshot is the view of, if it was a view change.
+    pub subscriptions: Option<u64>,
 }
 
 /// Server to client.
@@ -150,6 +200,31 @@ pub enum ServerMsg {
         reason: ResetReason,
         /// The highest log position of this client the server has applied.
         uploaded: LogPos,
+    },
+    /// Changes for a client with a filtered view (rules or subscriptions): the current state
+    /// of each changed object it may see, and the objects that left its view (removed
+    /// locally; not deletes). After applying, the client's cursor is `cursor`.
+    ViewDownload {
+        /// Objects, whole.
+        objects: Vec<ObjectSnapshot>,
+        /// Objects that are no longer in the view.
+        removed: Vec<(String, crate::value::Pk)>,
+        /// The client's download cursor once this is applied.
+        cursor: ServerVersion,
+    },
+    /// The server refused some of the client's writes and reverted them with writes of
+    /// its own (error code 231); the client keeps the refused values for the application.
+    CompensatingWrite {
+        /// Each refused write.
+        refused: Vec<RefusedWrite>,
+    },
+    /// A subscription set was refused (a query that does not parse or uses a field that
+    /// is not queryable); the previous set stays.
+    SubscriptionError {
+        /// The refused version.
+        version: u64,
+        /// Why.
+        message: String,
     },
     /// A chunk of the server's state during a reset; the last one has `end`.
     Snapshot {

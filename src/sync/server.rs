@@ -21,7 +21,9 @@ use crate::conflict::{
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos, Op};
 use crate::merge::ObjectState;
+use crate::reset::ObjectSnapshot;
 use crate::reset::ResetReason;
+use crate::rules::{Rules, User};
 use crate::schema::Schema;
 use crate::store::Store;
 use crate::store::WriteTx;
@@ -29,7 +31,9 @@ use crate::sync::pieces::{join_piece, split_entry};
 use crate::sync::protocol::{
     ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
 };
-use crate::sync::token::{self, Claims, Secret, TokenError};
+use crate::sync::protocol::{RefusedWrite, SubscriptionSet};
+use crate::sync::token::{self, Secret, TokenError};
+use crate::sync::view::View;
 use crate::value::Value;
 
 /// Download messages a session sends ahead of the client's acknowledgements.
@@ -80,6 +84,8 @@ pub struct ServerConfig {
     pub conflicts: Policies,
     /// Called with every conflict after it is recorded.
     pub on_conflict: Option<ConflictObserver>,
+    /// Who may read and write what (`None`: every user may read and write everything).
+    pub rules: Option<Arc<Rules>>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -99,6 +105,7 @@ impl ServerConfig {
             batch_bytes: 1 << 20,
             conflicts: Policies::default(),
             on_conflict: None,
+            rules: None,
         }
     }
 }
@@ -184,17 +191,23 @@ impl SyncServer {
     fn apply_upload(
         &self,
         client: ReplicaId,
-        user: &str,
+        view: &View,
         entries: Vec<LogEntry>,
-    ) -> Result<(LogPos, ServerVersion)> {
+    ) -> Result<(LogPos, ServerVersion, Vec<RefusedWrite>)> {
+        let user = view.user().id.as_str();
         let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
         let mut record = self.client_record(client)?;
-        let fresh: Vec<LogEntry> = entries
+        let mut fresh: Vec<LogEntry> = entries
             .into_iter()
             .filter(|e| e.seq > record.uploaded)
             .collect();
         let Some(last) = fresh.last().map(|e| e.seq) else {
-            return Ok((record.uploaded, *version));
+            return Ok((record.uploaded, *version, Vec::new()));
+        };
+        let refused = if view.filtered() {
+            self.enforce(view, &mut fresh)?
+        } else {
+            Vec::new()
         };
         let detected = self.detect_conflicts(client, user, &fresh)?;
         let cs = Changeset {
@@ -223,6 +236,14 @@ impl SyncServer {
                 let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
                 txn.open_table(CLIENTS)?
                     .insert(client.0, bytes.as_slice())?;
+            }
+            // Refused writes are reverted: the server writes the objects as they are, stamped
+            // after the client's writes, so every replica drops the refused values.
+            let mut reverted = std::collections::HashSet::new();
+            for r in &refused {
+                if reverted.insert((r.collection.clone(), r.pk.clone())) {
+                    tx.reassert(&r.collection, &r.pk)?;
+                }
             }
             // Policy decisions become the server's own writes, stamped after the client's.
             for (conflict, prior, write_fields) in &detected {
@@ -265,7 +286,128 @@ impl SyncServer {
                 observe(r);
             }
         }
-        Ok((last, *version))
+        Ok((last, *version, refused))
+    }
+
+    /// A view for a user and a subscription set.
+    pub(crate) fn view(&self, user: User, set: Option<&SubscriptionSet>) -> Result<View, String> {
+        View::new(self.config.rules.clone(), user, set, |c| {
+            self.store.schema(c)
+        })
+    }
+
+    /// Takes the writes the client's roles or subscriptions do not allow out of the upload
+    /// and returns them. Each write is judged on the object as the upload's earlier
+    /// (allowed) writes leave it.
+    fn enforce(&self, view: &View, entries: &mut [LogEntry]) -> Result<Vec<RefusedWrite>> {
+        let mut overlay: std::collections::HashMap<
+            (String, crate::value::Pk),
+            ObjectState<String>,
+        > = std::collections::HashMap::new();
+        let mut refused = Vec::new();
+        let live =
+            |s: &ObjectState<String>| -> Result<Option<std::collections::BTreeMap<String, Value>>> {
+                if !s.is_live() {
+                    return Ok(None);
+                }
+                let fields = s
+                    .fields
+                    .iter()
+                    .map(|(f, _, v)| (f.clone(), v.clone()))
+                    .collect();
+                crate::crdt::fold(fields).map(Some)
+            };
+        for e in entries.iter_mut() {
+            let mut kept = Vec::with_capacity(e.writes.len());
+            for w in std::mem::take(&mut e.writes) {
+                let key = (w.collection.clone(), w.pk.clone());
+                if !overlay.contains_key(&key) {
+                    let state = self.store.object_state_named(&w.collection, &w.pk)?;
+                    overlay.insert(key.clone(), state);
+                }
+                let Some(state) = overlay.get(&key) else {
+                    continue;
+                };
+                let mut after = state.clone();
+                apply_write(&mut after, &w, e.stamp);
+                let (before_fields, after_fields) = (live(state)?, live(&after)?);
+                let (coll, pk) = (&w.collection, &w.pk);
+                let empty = std::collections::BTreeMap::new();
+                let denial = match (view.rules(), &w.op, &before_fields) {
+                    (None, ..) => None,
+                    (Some(r), Op::Delete { .. }, Some(b)) => {
+                        r.check_delete(coll, view.user(), pk, b).err()
+                    }
+                    (Some(_), Op::Delete { .. }, None) => None,
+                    (Some(r), _, None) => r
+                        .check_insert(
+                            coll,
+                            view.user(),
+                            pk,
+                            after_fields.as_ref().unwrap_or(&empty),
+                        )
+                        .err(),
+                    (Some(r), _, Some(b)) => r
+                        .check_update(
+                            coll,
+                            view.user(),
+                            pk,
+                            b,
+                            after_fields.as_ref().unwrap_or(&empty),
+                        )
+                        .err(),
+                };
+                let reason = if let Some(d) = denial {
+                    let why = d.reason();
+                    Some(if why.starts_with("denied") {
+                        format!("write to \"{pk}\" in table \"{coll}\" was {why}")
+                    } else {
+                        format!("write to \"{pk}\" in table \"{coll}\" not allowed: {why}")
+                    })
+                } else {
+                    // The object must be in the view: as it will be, or (a delete) as it was.
+                    let judged = match w.op {
+                        Op::Delete { .. } => before_fields.as_ref(),
+                        _ => after_fields.as_ref(),
+                    };
+                    let in_view = judged.is_none_or(|f| view.subscribed(coll, pk, f));
+                    (!in_view).then(|| {
+                        format!(
+                            "write to \"{pk}\" in table \"{coll}\" not allowed; object is outside of the current query view"
+                        )
+                    })
+                };
+                match reason {
+                    None => {
+                        overlay.insert(key, after);
+                        kept.push(w);
+                    }
+                    Some(reason) => {
+                        let (fields, delete) = match &w.op {
+                            Op::Insert { fields } => (fields.clone(), false),
+                            Op::Update { fields } => (
+                                fields
+                                    .iter()
+                                    .map(|f| (f.field.clone(), f.value.clone()))
+                                    .collect(),
+                                false,
+                            ),
+                            Op::Delete { .. } => (Vec::new(), true),
+                        };
+                        refused.push(RefusedWrite {
+                            collection: w.collection,
+                            pk: w.pk,
+                            reason,
+                            fields,
+                            delete,
+                            stamp: e.stamp,
+                        });
+                    }
+                }
+            }
+            e.writes = kept;
+        }
+        Ok(refused)
     }
 
     /// Conflicts of an upload's writes with the server's state. Each write is checked
@@ -316,22 +458,7 @@ impl SyncServer {
                     };
                     out.push((c, state.clone(), fields));
                 }
-                match &w.op {
-                    Op::Insert { fields } => {
-                        state.apply_exists(e.stamp, true);
-                        for (f, v) in fields {
-                            state.apply_field(f.clone(), e.stamp, v.clone());
-                        }
-                    }
-                    Op::Update { fields } => {
-                        for f in fields {
-                            state.apply_field(f.field.clone(), e.stamp, f.value.clone());
-                        }
-                    }
-                    Op::Delete { .. } => {
-                        state.apply_exists(e.stamp, false);
-                    }
-                }
+                apply_write(state, w, e.stamp);
             }
         }
         Ok(out)
@@ -546,7 +673,7 @@ enum State {
     /// Sending the server's state to a client that must reset.
     Snapshotting {
         client: ReplicaId,
-        claims: Claims,
+        view: Arc<View>,
         /// Where the next chunk starts (`None`: the beginning).
         next_key: Option<Vec<u8>>,
         /// The server version when the snapshot began.
@@ -558,7 +685,7 @@ enum State {
     },
     Ready {
         client: ReplicaId,
-        claims: Claims,
+        view: Arc<View>,
         /// The client's download position as far as this session has sent.
         sent: ServerVersion,
         /// Pieces of an upload transaction still arriving.
@@ -596,10 +723,16 @@ impl ServerSession {
     /// The authenticated user, once the handshake is done.
     pub fn user(&self) -> Option<&str> {
         match &self.state {
-            State::Ready { claims, .. } | State::Snapshotting { claims, .. } => {
-                Some(&claims.user_id)
-            }
+            State::Ready { view, .. } | State::Snapshotting { view, .. } => Some(&view.user().id),
             _ => None,
+        }
+    }
+
+    /// The authenticated user with the fields from the token.
+    fn user_info(&self) -> User {
+        match &self.state {
+            State::Ready { view, .. } | State::Snapshotting { view, .. } => view.user().clone(),
+            _ => User::new(""),
         }
     }
 
@@ -639,6 +772,8 @@ impl ServerSession {
                     last_sync,
                     reset_pending,
                     reset_settled,
+                    subscriptions,
+                    subscriptions_acked,
                 },
             ) => {
                 if protocol != PROTOCOL_VERSION {
@@ -669,29 +804,58 @@ impl ServerSession {
                 }
                 let record = self.server.client_record(replica)?;
                 let server_version = self.server.version();
-                if let Some(reason) = self.server.reset_reason(
+                let user = User {
+                    id: claims.user_id,
+                    fields: claims.extra,
+                };
+                let (view, refused_subscriptions) =
+                    match self.server.view(user.clone(), subscriptions.as_ref()) {
+                        Ok(v) => (v, None),
+                        // The set is refused; the client keeps what it has and sees what its
+                        // roles allow until it sends a valid set.
+                        Err(message) => (
+                            self.server
+                                .view(user, None)
+                                .map_err(|reason| Error::Corrupt { what: reason })?,
+                            subscriptions.map(|s| ServerMsg::SubscriptionError {
+                                version: s.version,
+                                message,
+                            }),
+                        ),
+                    };
+                let view = Arc::new(view);
+                let mut reason = self.server.reset_reason(
                     &record,
                     schema_version,
                     download_cursor,
                     last_sync,
                     reset_pending,
-                )? {
+                )?;
+                if reason.is_none()
+                    && view.has_subscriptions()
+                    && view.version != subscriptions_acked
+                {
+                    reason = Some(ResetReason::SubscriptionsChanged);
+                }
+                if let Some(reason) = reason {
                     self.state = State::Snapshotting {
                         client: replica,
-                        claims,
+                        view,
                         next_key: None,
                         cursor: server_version,
                         in_flight: 0,
                         done: false,
                     };
-                    return Ok(vec![ServerMsg::ResetRequired {
+                    let mut out = vec![ServerMsg::ResetRequired {
                         reason,
                         uploaded: record.uploaded,
-                    }]);
+                    }];
+                    out.extend(refused_subscriptions);
+                    return Ok(out);
                 }
                 self.state = State::Ready {
                     client: replica,
-                    claims,
+                    view,
                     sent: download_cursor.min(server_version),
                     partial: None,
                     outgoing: Vec::new(),
@@ -703,13 +867,15 @@ impl ServerSession {
                 } else {
                     Vec::new()
                 };
-                Ok(vec![ServerMsg::Welcome {
+                let mut out = vec![ServerMsg::Welcome {
                     server: self.server.store.replica_id(),
                     server_version,
                     uploaded: record.uploaded,
                     schema_version: server_schema,
                     schemas,
-                }])
+                }];
+                out.extend(refused_subscriptions);
+                Ok(out)
             }
             (State::AwaitHello, other) => Ok(self.fail(
                 ErrorCode::UnexpectedMessage,
@@ -721,7 +887,7 @@ impl ServerSession {
             (
                 State::Ready {
                     client,
-                    claims,
+                    view,
                     partial,
                     ..
                 },
@@ -760,15 +926,59 @@ impl ServerSession {
                 if more {
                     *partial = entries.pop();
                 }
-                let (client, user) = (*client, claims.user_id.clone());
+                let (client, view) = (*client, Arc::clone(view));
                 if entries.is_empty() {
                     return Ok(Vec::new());
                 }
-                let (seq, server_version) = self.server.apply_upload(client, &user, entries)?;
-                Ok(vec![ServerMsg::UploadAck {
+                let (seq, server_version, refused) =
+                    self.server.apply_upload(client, &view, entries)?;
+                let mut out = vec![ServerMsg::UploadAck {
                     seq,
                     server_version,
-                }])
+                }];
+                if !refused.is_empty() {
+                    out.push(ServerMsg::CompensatingWrite { refused });
+                }
+                Ok(out)
+            }
+            (State::Ready { client, .. }, ClientMsg::Subscribe { set }) => {
+                let client = *client;
+                let user = self.user_info();
+                match self.server.view(user, Some(&set)) {
+                    Err(message) => Ok(vec![ServerMsg::SubscriptionError {
+                        version: set.version,
+                        message,
+                    }]),
+                    Ok(view) => {
+                        if let State::Ready { view: v, .. } = &mut self.state {
+                            *v = Arc::new(view);
+                        }
+                        Ok(self
+                            .begin_reset(client, ResetReason::SubscriptionsChanged)?
+                            .into_iter()
+                            .collect())
+                    }
+                }
+            }
+            (State::Snapshotting { client, .. }, ClientMsg::Subscribe { set }) => {
+                let client = *client;
+                let user = self.user_info();
+                match self.server.view(user, Some(&set)) {
+                    Err(message) => Ok(vec![ServerMsg::SubscriptionError {
+                        version: set.version,
+                        message,
+                    }]),
+                    Ok(view) => {
+                        // Start the snapshot over, of the new view.
+                        if let State::Snapshotting { view: v, .. } = &mut self.state {
+                            *v = Arc::new(view);
+                        }
+                        Ok(self
+                            .begin_reset(client, ResetReason::SubscriptionsChanged)?
+                            .into_iter()
+                            .collect())
+                    }
+                }
             }
             (
                 State::Snapshotting {
@@ -821,18 +1031,18 @@ impl ServerSession {
     fn end_snapshot(&mut self, settled: LogPos) -> Result<()> {
         let State::Snapshotting {
             client,
-            claims,
+            view,
             cursor,
             ..
         } = &self.state
         else {
             return Ok(());
         };
-        let (client, claims, cursor) = (*client, claims.clone(), *cursor);
+        let (client, view, cursor) = (*client, Arc::clone(view), *cursor);
         self.server.reset_served(client, settled)?;
         self.state = State::Ready {
             client,
-            claims,
+            view,
             sent: cursor,
             partial: None,
             outgoing: Vec::new(),
@@ -842,10 +1052,10 @@ impl ServerSession {
         Ok(())
     }
 
-    /// Switches a connected session to a reset.
+    /// Switches a connected session to a reset (or a view rebuild).
     fn begin_reset(&mut self, client: ReplicaId, reason: ResetReason) -> Result<Option<ServerMsg>> {
-        let claims = match std::mem::replace(&mut self.state, State::Closed) {
-            State::Ready { claims, .. } | State::Snapshotting { claims, .. } => claims,
+        let view = match std::mem::replace(&mut self.state, State::Closed) {
+            State::Ready { view, .. } | State::Snapshotting { view, .. } => view,
             other => {
                 self.state = other;
                 return Ok(None);
@@ -854,7 +1064,7 @@ impl ServerSession {
         let uploaded = self.server.uploaded(client)?;
         self.state = State::Snapshotting {
             client,
-            claims,
+            view,
             next_key: None,
             cursor: self.server.version(),
             in_flight: 0,
@@ -865,27 +1075,27 @@ impl ServerSession {
 
     fn next_snapshot(&mut self) -> Result<Option<ServerMsg>> {
         let State::Snapshotting {
-            client,
-            claims,
+            view,
             next_key,
             cursor,
             in_flight,
             done,
+            ..
         } = &mut self.state
         else {
             return Ok(None);
         };
-        let _ = (client, claims);
-        if *done {
+        if *done || *in_flight >= DOWNLOAD_WINDOW {
             return Ok(None);
         }
-        if *in_flight >= DOWNLOAD_WINDOW {
-            return Ok(None);
-        }
-        let (objects, next) = self
+        let (mut objects, next) = self
             .server
             .store
             .snapshot_chunk(next_key.as_deref(), self.server.config.batch_bytes)?;
+        if view.filtered() {
+            // Only what this client may see, and no tombstones of what it may not.
+            objects.retain(|o| visible_snapshot(view, o));
+        }
         *in_flight += 1;
         let end = match next {
             Some(k) => {
@@ -898,10 +1108,49 @@ impl ServerSession {
                     cursor: *cursor,
                     schema_version: self.server.schema_version()?,
                     schemas: self.server.store.schemas(),
+                    subscriptions: view.has_subscriptions().then_some(view.version),
                 })
             }
         };
         Ok(Some(ServerMsg::Snapshot { objects, end }))
+    }
+
+    /// The changes after the client's position, as whole objects it may see and removals
+    /// of objects it no longer may.
+    fn next_view_download(&mut self) -> Result<Option<ServerMsg>> {
+        let State::Ready {
+            client,
+            view,
+            sent,
+            in_flight,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(None);
+        };
+        let (entries, cursor) = self.server.history_after(*sent, *client)?;
+        let mut seen = std::collections::HashSet::new();
+        let (mut objects, mut removed) = (Vec::new(), Vec::new());
+        for e in entries {
+            for w in e.writes {
+                if !seen.insert((w.collection.clone(), w.pk.clone())) {
+                    continue;
+                }
+                let snap = self.server.store.object_snapshot(&w.collection, &w.pk)?;
+                if visible_snapshot(view, &snap) {
+                    objects.push(snap);
+                } else {
+                    removed.push((w.collection, w.pk));
+                }
+            }
+        }
+        *sent = cursor;
+        *in_flight += 1;
+        Ok(Some(ServerMsg::ViewDownload {
+            objects,
+            removed,
+            cursor,
+        }))
     }
 
     fn next_download(&mut self) -> Result<Option<ServerMsg>> {
@@ -912,6 +1161,7 @@ impl ServerSession {
         let origin = self.server.store.replica_id();
         let State::Ready {
             client,
+            view,
             sent,
             outgoing,
             outgoing_cursor,
@@ -930,6 +1180,9 @@ impl ServerSession {
                 // History this client still needs was compacted while it was connected.
                 let (client, cursor) = (*client, *sent);
                 return self.begin_reset(client, ResetReason::BehindHorizon { cursor, horizon });
+            }
+            if view.filtered() {
+                return self.next_view_download();
             }
         }
         *in_flight += 1;
@@ -1093,6 +1346,42 @@ fn resolve(
     Ok(want)
 }
 
+/// Merges one write into a named object state.
+fn apply_write(state: &mut ObjectState<String>, w: &crate::log::Write, stamp: crate::clock::Stamp) {
+    match &w.op {
+        Op::Insert { fields } => {
+            state.apply_exists(stamp, true);
+            for (f, v) in fields {
+                state.apply_field(f.clone(), stamp, v.clone());
+            }
+        }
+        Op::Update { fields } => {
+            for f in fields {
+                state.apply_field(f.field.clone(), stamp, f.value.clone());
+            }
+        }
+        Op::Delete { .. } => {
+            state.apply_exists(stamp, false);
+        }
+    }
+}
+
+/// Whether a client with this view may hold the object: live, readable, subscribed.
+fn visible_snapshot(view: &View, o: &ObjectSnapshot) -> bool {
+    if !matches!(o.exists, Some((_, true))) {
+        return false;
+    }
+    let fields: std::collections::BTreeMap<String, Value> = o
+        .fields
+        .iter()
+        .map(|(f, _, v)| (f.clone(), v.clone()))
+        .collect();
+    match crate::crdt::fold(fields) {
+        Ok(fields) => view.visible(&o.collection, &o.pk, &fields),
+        Err(_) => false,
+    }
+}
+
 fn kind(m: &ClientMsg) -> &'static str {
     match m {
         ClientMsg::Hello { .. } => "Hello",
@@ -1100,6 +1389,7 @@ fn kind(m: &ClientMsg) -> &'static str {
         ClientMsg::DownloadAck { .. } => "DownloadAck",
         ClientMsg::SnapshotAck { .. } => "SnapshotAck",
         ClientMsg::Ping { .. } => "Ping",
+        ClientMsg::Subscribe { .. } => "Subscribe",
     }
 }
 
@@ -1112,6 +1402,7 @@ mod tests {
     use super::*;
     use crate::clock::Stamp;
     use crate::log::{Op, Write};
+    use crate::sync::token::Claims;
     use crate::value::{Pk, Value};
 
     fn ready_session() -> (Arc<SyncServer>, ServerSession, ReplicaId) {
@@ -1135,6 +1426,8 @@ mod tests {
                 last_sync: 0,
                 reset_pending: false,
                 reset_settled: None,
+                subscriptions: None,
+                subscriptions_acked: 0,
             },
             0,
         );
