@@ -755,6 +755,13 @@ fn user_names(fields: &[(String, Value)]) -> Result<()> {
         .try_for_each(|(name, _)| validate_name(NameKind::Field, name))
 }
 
+impl Store {
+    /// Checks one incoming write against this store's schema.
+    pub(crate) fn check_write_schema(&self, w: &Write) -> Result<()> {
+        check_remote_schema(self, w)
+    }
+}
+
 fn check_remote_schema(store: &Store, w: &Write) -> Result<()> {
     let Some(schema) = store.schema_of(&w.collection) else {
         return Ok(());

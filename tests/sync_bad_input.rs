@@ -505,9 +505,8 @@ async fn garbage_connections_get_typed_errors_and_change_nothing() {
 /// unchanged and it records nothing uploaded for the offending replica. A pieced upload
 /// whose connection drops before the last piece is not applied either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_uploads_are_refused_whole() {
+async fn invalid_uploads_are_refused() {
     let f = fixture().await;
-    let before = f.server_state();
     let strict_before = f.server_store.count("Strict").expect("count");
     let token = token_for(&f.secret, "mallory");
     let now = now_ms();
@@ -519,24 +518,41 @@ async fn invalid_uploads_are_refused_whole() {
             vec![insert("Note", pk, vec![("text", Value::from("sneaky"))])],
         )
     };
-    let strict =
-        |seq, fields: Vec<(&str, Value)>| entry(seq, now, 90, vec![insert("Strict", 1, fields)]);
-    let cases: Vec<(&str, Vec<LogEntry>)> = vec![
+    // A write that breaks the schema is refused on its own (ErrorsOccurred): the upload is
+    // acknowledged, the write is reverted and reported, the connection stays.
+    let schema_cases: Vec<(&str, u64, Vec<LogEntry>)> = vec![
         (
             "schema: n is a string",
-            vec![strict(1, vec![("n", Value::from("five"))])],
-        ),
-        ("schema: required n missing", vec![strict(1, vec![])]),
-        (
-            "schema: required n is null",
-            vec![strict(1, vec![("n", Value::Null)])],
-        ),
-        (
-            "schema: update of an undeclared field",
+            80,
             vec![entry(
                 1,
                 now,
-                90,
+                80,
+                vec![insert("Strict", 1, vec![("n", Value::from("five"))])],
+            )],
+        ),
+        (
+            "schema: required n missing",
+            81,
+            vec![entry(1, now, 81, vec![insert("Strict", 1, vec![])])],
+        ),
+        (
+            "schema: required n is null",
+            82,
+            vec![entry(
+                1,
+                now,
+                82,
+                vec![insert("Strict", 1, vec![("n", Value::Null)])],
+            )],
+        ),
+        (
+            "schema: update of an undeclared field",
+            83,
+            vec![entry(
+                1,
+                now,
+                83,
                 vec![Write {
                     collection: "Strict".into(),
                     pk: Pk::Int(2),
@@ -550,13 +566,80 @@ async fn invalid_uploads_are_refused_whole() {
                 }],
             )],
         ),
-        (
-            "schema violation after a valid entry in the same upload",
+    ];
+    for (case, replica, entries) in schema_cases {
+        let mut s = handshake(&f.addr, &token, replica).await;
+        send(&mut s, &frame(&upload(replica, entries, false)), false).await;
+        match next_skipping_downloads(&mut s).await {
+            Ok(Some(ServerMsg::UploadAck { seq: 1, .. })) => {}
+            other => panic!("{case}: expected UploadAck, got {other:?}"),
+        }
+        match next_skipping_downloads(&mut s).await {
+            Ok(Some(ServerMsg::CompensatingWrite { refused })) => {
+                assert_eq!(refused.len(), 1, "{case}");
+                assert!(
+                    refused[0].reason.contains("failed validation"),
+                    "{case}: {}",
+                    refused[0].reason
+                );
+                assert_eq!(refused[0].collection, "Strict");
+            }
+            other => panic!("{case}: expected CompensatingWrite, got {other:?}"),
+        }
+        assert_eq!(
+            f.server_store.count("Strict").expect("count"),
+            strict_before,
+            "{case}: applied"
+        );
+        assert_eq!(
+            f.server.uploaded(ReplicaId(replica)).expect("uploaded"),
+            1,
+            "{case}"
+        );
+    }
+    let records = f.server.conflicts(0, 100).expect("conflicts");
+    assert_eq!(records.len(), 4);
+    assert!(records
+        .iter()
+        .all(|r| r.conflict.kind == fieldlog::conflict::ConflictKind::ErrorsOccurred));
+    // In one upload, the valid entry goes through and the invalid write is refused.
+    let mut s = handshake(&f.addr, &token, 84).await;
+    send(
+        &mut s,
+        &frame(&upload(
+            84,
             vec![
-                valid_note(1, 500),
-                strict(2, vec![("n", Value::Bool(true))]),
+                entry(
+                    1,
+                    now,
+                    84,
+                    vec![insert("Note", 509, vec![("text", Value::from("fine"))])],
+                ),
+                entry(
+                    2,
+                    now,
+                    84,
+                    vec![insert("Strict", 1, vec![("n", Value::Bool(true))])],
+                ),
             ],
-        ),
+            false,
+        )),
+        false,
+    )
+    .await;
+    match next_skipping_downloads(&mut s).await {
+        Ok(Some(ServerMsg::UploadAck { seq: 2, .. })) => {}
+        other => panic!("mixed upload: expected UploadAck, got {other:?}"),
+    }
+    assert!(f.server_store.get("Note", 509).expect("get").is_some());
+    assert_eq!(
+        f.server_store.count("Strict").expect("count"),
+        strict_before
+    );
+    drop(s);
+    let before = f.server_state();
+
+    let cases: Vec<(&str, Vec<LogEntry>)> = vec![
         (
             "an entry stamped by another replica",
             vec![entry(

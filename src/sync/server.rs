@@ -204,7 +204,27 @@ impl SyncServer {
         let Some(last) = fresh.last().map(|e| e.seq) else {
             return Ok((record.uploaded, *version, Vec::new()));
         };
-        let refused = if view.filtered() {
+        // A write that breaks the server's schema is refused on its own (ErrorsOccurred),
+        // not the whole upload: the client's other writes go through.
+        let mut invalid = Vec::new();
+        for e in &mut fresh {
+            let stamp = e.stamp;
+            e.writes.retain(|w| match self.store.check_write_schema(w) {
+                Ok(()) => true,
+                Err(err) => {
+                    invalid.push(refused_write(
+                        w,
+                        stamp,
+                        format!(
+                            "write to \"{}\" in table \"{}\" failed validation: {err}",
+                            w.pk, w.collection
+                        ),
+                    ));
+                    false
+                }
+            });
+        }
+        let mut refused = if view.filtered() {
             self.enforce(view, &mut fresh)?
         } else {
             Vec::new()
@@ -244,6 +264,35 @@ impl SyncServer {
                 if reverted.insert((r.collection.clone(), r.pk.clone())) {
                     tx.reassert(&r.collection, &r.pk)?;
                 }
+            }
+            for r in &invalid {
+                if reverted.insert((r.collection.clone(), r.pk.clone())) {
+                    tx.reassert(&r.collection, &r.pk)?;
+                }
+                let field = r.fields.first().map(|(f, _)| f.clone());
+                records.push(ConflictRecord {
+                    id: 0,
+                    conflict: Conflict {
+                        kind: ConflictKind::ErrorsOccurred,
+                        collection: r.collection.clone(),
+                        pk: r.pk.clone(),
+                        client: crate::conflict::Side {
+                            value: r.fields.first().map(|(_, v)| v.clone()),
+                            stamp: Some(r.stamp),
+                            replica: Some(client),
+                            user: Some(user.to_owned()),
+                        },
+                        server: crate::conflict::Side {
+                            value: None,
+                            stamp: None,
+                            replica: None,
+                            user: None,
+                        },
+                        field,
+                    },
+                    policy: r.reason.clone(),
+                    decision: Decision::Server,
+                });
             }
             // Policy decisions become the server's own writes, stamped after the client's.
             for (conflict, prior, write_fields) in &detected {
@@ -286,6 +335,7 @@ impl SyncServer {
                 observe(r);
             }
         }
+        refused.extend(invalid);
         Ok((last, *version, refused))
     }
 
@@ -383,25 +433,7 @@ impl SyncServer {
                         kept.push(w);
                     }
                     Some(reason) => {
-                        let (fields, delete) = match &w.op {
-                            Op::Insert { fields } => (fields.clone(), false),
-                            Op::Update { fields } => (
-                                fields
-                                    .iter()
-                                    .map(|f| (f.field.clone(), f.value.clone()))
-                                    .collect(),
-                                false,
-                            ),
-                            Op::Delete { .. } => (Vec::new(), true),
-                        };
-                        refused.push(RefusedWrite {
-                            collection: w.collection,
-                            pk: w.pk,
-                            reason,
-                            fields,
-                            delete,
-                            stamp: e.stamp,
-                        });
+                        refused.push(refused_write(&w, e.stamp, reason));
                     }
                 }
             }
@@ -1344,6 +1376,33 @@ fn resolve(
         _ => {}
     }
     Ok(want)
+}
+
+/// A refused write as the client is told of it.
+fn refused_write(
+    w: &crate::log::Write,
+    stamp: crate::clock::Stamp,
+    reason: String,
+) -> RefusedWrite {
+    let (fields, delete) = match &w.op {
+        Op::Insert { fields } => (fields.clone(), false),
+        Op::Update { fields } => (
+            fields
+                .iter()
+                .map(|f| (f.field.clone(), f.value.clone()))
+                .collect(),
+            false,
+        ),
+        Op::Delete { .. } => (Vec::new(), true),
+    };
+    RefusedWrite {
+        collection: w.collection.clone(),
+        pk: w.pk.clone(),
+        reason,
+        fields,
+        delete,
+        stamp,
+    }
 }
 
 /// Merges one write into a named object state.
