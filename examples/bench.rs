@@ -1,0 +1,527 @@
+//! Runs issue 7's whole YCSB-shaped workload once, at full size, and prints the table the
+//! README shows: fieldlog's figures, each baseline's, and the ratios, measured in one run.
+//!
+//! ```sh
+//! cargo run --release --example bench              # full size (several minutes)
+//! FIELDLOG_BENCH_QUICK=1 cargo run --release --example bench   # about 1/20 of it
+//! ```
+//!
+//! Engines and workload: `benches/workload/mod.rs` (shared with the criterion benches).
+//! Progress goes to stderr, the table to stdout.
+
+#[path = "../benches/workload/mod.rs"]
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use workload::{
+    concurrent, load_all, recovery, update_all, updates, Am, Dist, Engine, Fieldlog, FieldlogPair,
+    Keys, RawRedb, Sizes, Sqlite, SyncRig, Upd,
+};
+
+const RSS_CHILD: &str = "FIELDLOG_BENCH_RSS_CHILD";
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Columns: fieldlog, raw redb 1, raw redb 2, SQLite, automerge.
+const COLS: usize = 5;
+
+#[derive(Default)]
+struct Line {
+    workload: String,
+    unit: &'static str,
+    v: [Option<f64>; COLS],
+    target: String,
+}
+
+fn rate(n: u32, d: Duration) -> f64 {
+    f64::from(n) / d.as_secs_f64()
+}
+
+fn step(what: &str) {
+    eprintln!("[{:>7.1?}] {what}", started().elapsed());
+}
+
+fn started() -> &'static Instant {
+    static T: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    T.get_or_init(Instant::now)
+}
+
+fn fmt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) if unit.ends_with("/s") => {
+            if x >= 1e6 {
+                format!("{:.2} M", x / 1e6)
+            } else if x >= 1e3 {
+                format!("{:.1} k", x / 1e3)
+            } else {
+                format!("{x:.0}")
+            }
+        }
+        Some(x) if unit == "MiB" => format!("{x:.1}"),
+        Some(x) if unit == "s" => format!("{x:.3}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+/// In a child process, so the figure is this engine's alone: load, then the uniform
+/// batched updates; prints the peak RSS of the update phase in bytes.
+fn rss_child(engine: &str) {
+    let s = sizes();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e: Box<dyn Engine> = match engine {
+        "fieldlog" => Box::new(Fieldlog::open(dir.path())),
+        "sqlite" => Box::new(Sqlite::open(dir.path())),
+        _ => panic!("unknown engine {engine}"),
+    };
+    let mut rng = workload::rng(7);
+    load_all(e.as_ref(), s.objects, s.batch, &mut rng);
+    let load_peak = workload::peak_rss();
+    let reset = workload::reset_peak_rss();
+    let ups = updates(&Keys::new(s.objects, Dist::Uniform), s.updates, &mut rng);
+    update_all(e.as_ref(), &ups, s.batch);
+    println!("{} {} {}", workload::peak_rss(), load_peak, reset);
+}
+
+fn rss_of(engine: &str) -> Option<f64> {
+    let out = std::process::Command::new(std::env::current_exe().ok()?)
+        .env(RSS_CHILD, engine)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let update_peak: f64 = it.next()?.parse().ok()?;
+    let load_peak: f64 = it.next()?.parse().ok()?;
+    let reset = it.next()? == "true";
+    eprintln!(
+        "  {engine}: peak RSS {:.1} MiB during updates{}, {:.1} MiB during load",
+        update_peak / MIB,
+        if reset {
+            ""
+        } else {
+            " (VmHWM not resettable: includes load)"
+        },
+        load_peak / MIB
+    );
+    Some(update_peak / MIB)
+}
+
+fn sizes() -> Sizes {
+    if std::env::var_os("FIELDLOG_BENCH_QUICK").is_some() {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    }
+}
+
+/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|merge|read` runs only fieldlog's
+/// part, with the measured work inside `profiled` (e.g. valgrind's
+/// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
+/// the number of writes (default 20,000; durable: 300).
+fn profile(what: &str) {
+    #[inline(never)]
+    fn profiled(f: &mut dyn FnMut()) {
+        let t = Instant::now();
+        f();
+        eprintln!("profiled part: {:.2?}", t.elapsed());
+    }
+    let objects = 10_000;
+    let count: u32 = std::env::var("FIELDLOG_BENCH_PROFILE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if what == "durable" { 300 } else { 20_000 });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = workload::rng(7);
+    let keys = Keys::new(objects, Dist::Uniform);
+    let ups = updates(&keys, count, &mut rng);
+    let t = Instant::now();
+    match what {
+        "merge" => {
+            let pair = FieldlogPair::new(dir.path(), objects, 1_000, &mut rng);
+            pair.write(&ups, 1_000);
+            let sets = pair.produce_changesets(10);
+            profiled(&mut || {
+                for cs in &sets {
+                    pair.b.import(cs).expect("import");
+                }
+            });
+        }
+        _ => {
+            let e = Fieldlog::open(dir.path());
+            load_all(&e, objects, 1_000, &mut rng);
+            let reads: Vec<u32> = (0..count).map(|_| rng.random_range(0..objects)).collect();
+            profiled(&mut || match what {
+                "batch" => {
+                    update_all(&e, &ups, 1_000);
+                }
+                "durable" => {
+                    update_all(&e, &ups, 1);
+                }
+                "read" => {
+                    for &o in &reads {
+                        std::hint::black_box(e.read(o));
+                    }
+                }
+                _ => panic!("FIELDLOG_BENCH_PROFILE: batch, durable, merge or read"),
+            });
+        }
+    }
+    eprintln!("{what}: {count} in {:.2?}", t.elapsed());
+}
+
+/// Rounds each workload is cut into; the engines take turns within a round (in a rotating
+/// order), so a noisy neighbour on a shared machine hits every engine alike.
+const ROUNDS: u32 = 10;
+
+fn part(total: u32, r: u32) -> std::ops::Range<u32> {
+    total * r / ROUNDS..total * (r + 1) / ROUNDS
+}
+
+/// Runs `f` for every engine that takes part, `ROUNDS` times, in rotating order; returns
+/// `total / time` per engine.
+fn rounds(
+    engines: &[&dyn Engine; COLS],
+    takes_part: [bool; COLS],
+    total: u32,
+    what: &str,
+    mut prepare: impl FnMut(u32) -> Box<dyn std::any::Any>,
+    mut f: impl FnMut(usize, &dyn Engine, &dyn std::any::Any) -> Duration,
+) -> [Option<f64>; COLS] {
+    step(what);
+    let mut spent = [Duration::ZERO; COLS];
+    for r in 0..ROUNDS {
+        let input = prepare(r);
+        for k in 0..COLS {
+            let i = (k + r as usize) % COLS;
+            if takes_part[i] {
+                spent[i] += f(i, engines[i], input.as_ref());
+            }
+        }
+    }
+    let mut out = [None; COLS];
+    for i in 0..COLS {
+        if takes_part[i] {
+            out[i] = Some(rate(total, spent[i]));
+        }
+    }
+    out
+}
+
+fn main() {
+    if let Ok(engine) = std::env::var(RSS_CHILD) {
+        rss_child(&engine);
+        return;
+    }
+    if let Ok(what) = std::env::var("FIELDLOG_BENCH_PROFILE") {
+        profile(&what);
+        return;
+    }
+    started();
+    let s = sizes();
+    let n = s.objects;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut lines: Vec<Line> = Vec::new();
+
+    let fieldlog = Fieldlog::open(dir.path());
+    let raw = RawRedb::open(dir.path(), false);
+    let raw_log = RawRedb::open(dir.path(), true);
+    let sqlite = Sqlite::open(dir.path());
+    let am = Am::new();
+    let engines: [&dyn Engine; COLS] = [&fieldlog, &raw, &raw_log, &sqlite, &am];
+    let all = [true; COLS];
+    let durable = [true, true, true, true, false];
+    let mut rng = workload::rng(7);
+    let batch = s.batch as usize;
+
+    let load = rounds(
+        &engines,
+        all,
+        n,
+        &format!("load {n} objects"),
+        |r| Box::new(workload::rows(part(n, r), &mut rng)),
+        |_, e, rows| {
+            let rows = rows.downcast_ref::<Vec<workload::Row>>().expect("rows");
+            let t = Instant::now();
+            for c in rows.chunks(batch) {
+                e.load(c);
+            }
+            t.elapsed()
+        },
+    );
+    let mut batched = Vec::new();
+    for dist in [Dist::Uniform, Dist::Zipfian] {
+        let keys = Keys::new(n, dist);
+        batched.push(rounds(
+            &engines,
+            all,
+            s.updates,
+            &format!("{} batched updates, {dist:?}", s.updates),
+            |r| Box::new(updates(&keys, part(s.updates, r).len() as u32, &mut rng)),
+            |_, e, ups| {
+                let ups = ups.downcast_ref::<Vec<Upd>>().expect("updates");
+                update_all(e, ups, s.batch)
+            },
+        ));
+    }
+    step("disk sizes");
+    let mut disk = [None; COLS];
+    for i in 0..4 {
+        disk[i] = Some(engines[i].disk_bytes() as f64 / MIB);
+    }
+    let keys = Keys::new(n, Dist::Uniform);
+    let single = rounds(
+        &engines,
+        durable,
+        s.durable,
+        &format!("{} durable single updates", s.durable),
+        |r| Box::new(updates(&keys, part(s.durable, r).len() as u32, &mut rng)),
+        |_, e, ups| update_all(e, ups.downcast_ref::<Vec<Upd>>().expect("updates"), 1),
+    );
+    let conc = rounds(
+        &engines,
+        durable,
+        s.threads * s.per_thread,
+        &format!("{} threads x {} durable updates", s.threads, s.per_thread),
+        |r| {
+            let each = part(s.per_thread, r).len() as u32;
+            let work: Vec<Vec<Upd>> = (0..s.threads)
+                .map(|_| updates(&keys, each, &mut rng))
+                .collect();
+            Box::new(work)
+        },
+        |_, e, w| concurrent(e, w.downcast_ref::<Vec<Vec<Upd>>>().expect("work")),
+    );
+    let reads = rounds(
+        &engines,
+        durable,
+        s.reads,
+        &format!("{} random reads", s.reads),
+        |r| {
+            let objs: Vec<u32> = part(s.reads, r).map(|_| rng.random_range(0..n)).collect();
+            Box::new(objs)
+        },
+        |i, e, objs| {
+            let objs = objs.downcast_ref::<Vec<u32>>().expect("objects");
+            let t = Instant::now();
+            let mut bytes = 0;
+            for &o in objs {
+                bytes += e.read(o);
+            }
+            let d = t.elapsed();
+            assert_eq!(bytes, objs.len() * 1000, "{i}: short reads");
+            d
+        },
+    );
+
+    // merge: fieldlog imports another replica's writes (as sync uploads them, ~1 MiB
+    // changesets of 10 transactions); raw redb and SQLite write the same values blind, 10,000
+    // per transaction; automerge applies the other document's changes.
+    step(&format!(
+        "merge setup: {} writes on the other replicas",
+        s.updates
+    ));
+    let pair = FieldlogPair::new(dir.path(), n, s.batch, &mut workload::rng(9));
+    let merge_ups = updates(&keys, s.updates, &mut workload::rng(8));
+    pair.write(&merge_ups, s.batch);
+    let mut sets = pair.produce_changesets(10);
+    let am_b = am.fork();
+    update_all(&am, &merge_ups, s.batch);
+    let mut am_changes = am.changes_for(&am_b);
+    let (sets_per_round, changes_per_round) = (
+        sets.len().div_ceil(ROUNDS as usize),
+        am_changes.len().div_ceil(ROUNDS as usize),
+    );
+    let mut applied = 0;
+    let merge = rounds(
+        &engines,
+        all,
+        s.updates,
+        &format!("merge {} remote field writes", s.updates),
+        |r| Box::new(r),
+        |i, e, r| {
+            let r = *r.downcast_ref::<u32>().expect("round") as usize;
+            match i {
+                0 => {
+                    let mine: Vec<_> = sets.drain(..sets_per_round.min(sets.len())).collect();
+                    let t = Instant::now();
+                    for cs in &mine {
+                        applied += pair.b.import(cs).expect("import").applied;
+                    }
+                    t.elapsed()
+                }
+                4 => {
+                    let mine: Vec<_> = am_changes
+                        .drain(..changes_per_round.min(am_changes.len()))
+                        .collect();
+                    let t = Instant::now();
+                    am_b.apply(mine);
+                    t.elapsed()
+                }
+                _ => {
+                    let ups = &merge_ups[part(s.updates, r as u32).start as usize
+                        ..part(s.updates, r as u32).end as usize];
+                    update_all(e, ups, 10 * s.batch)
+                }
+            }
+        },
+    );
+    eprintln!("  fieldlog: {applied} of {} remote writes won", s.updates);
+    drop((pair, am_b));
+
+    let rate_line = |w: &str, unit, v, target: &str| Line {
+        workload: w.into(),
+        unit,
+        v,
+        target: target.into(),
+    };
+    lines.push(rate_line(
+        &format!("load {n} objects, 1,000/txn"),
+        "objects/s",
+        load,
+        "",
+    ));
+    lines.push(rate_line(
+        &format!("update {} fields, 1,000/txn, uniform", s.updates),
+        "writes/s",
+        batched[0],
+        "≥ 1.0 × SQLite, ≥ 1.0 × raw redb 1",
+    ));
+    lines.push(rate_line(
+        &format!("update {} fields, 1,000/txn, zipfian", s.updates),
+        "writes/s",
+        batched[1],
+        "≥ 1.0 × SQLite, ≥ 1.0 × raw redb 1",
+    ));
+    lines.push(rate_line(
+        &format!("update {}, one durable commit each", s.durable),
+        "writes/s",
+        single,
+        "≥ 1.0 × SQLite",
+    ));
+    lines.push(rate_line(
+        &format!("{} writers × {} durable updates", s.threads, s.per_thread),
+        "writes/s",
+        conc,
+        &format!(
+            "≥ 5 × without group commit (now {:.2} × fieldlog's single writer)",
+            conc[0].unwrap_or(f64::NAN) / single[0].unwrap_or(f64::NAN)
+        ),
+    ));
+    lines.push(rate_line(
+        &format!("merge {} remote field writes", s.updates),
+        "writes/s",
+        merge,
+        "≥ 5 × automerge, ≥ 2 × SQLite (blind)",
+    ));
+    lines.push(rate_line(
+        &format!("read {} random objects", s.reads),
+        "objects/s",
+        reads,
+        "≥ 1.0 × SQLite",
+    ));
+
+    // What redb's compact() makes of fieldlog's pruned file (not repacked: see DESIGN).
+    drop((raw, raw_log, sqlite, am));
+    let path = fieldlog.path.clone();
+    drop(fieldlog);
+    let mut db = redb::Database::open(&path).expect("reopen");
+    while db.compact().expect("compact") {}
+    drop(db);
+    let compacted = std::fs::metadata(&path).map_or(0, |m| m.len()) as f64 / MIB;
+    lines.push(Line {
+        workload: "disk after load + batched updates (fieldlog: log pruned)".into(),
+        unit: "MiB",
+        v: disk,
+        target: format!(
+            "≤ 1.25 × SQLite (fieldlog after redb compact(), at the end: {compacted:.1} MiB)"
+        ),
+    });
+
+    step(&format!(
+        "sync: {} field changes end to end over loopback TCP",
+        s.sync
+    ));
+    let sync_rate = {
+        let mut rig = SyncRig::new(dir.path(), n, s.batch);
+        let d = rig.round(s.sync);
+        assert!(rig.converged(), "sync diverged");
+        rate(s.sync, d)
+    };
+    lines.push(Line {
+        workload: format!("sync {} changes, client → server → client (TCP)", s.sync),
+        unit: "changes/s",
+        v: [Some(sync_rate), None, None, None, None],
+        target: "".into(),
+    });
+    for &u in &s.recovery {
+        step(&format!("recovery: {u} unsynced writes, {n} objects"));
+        let d = tempfile::tempdir().expect("tempdir");
+        let (report, whole) = recovery(d.path(), n, u);
+        lines.push(Line {
+            workload: format!(
+                "client reset, {u} unsynced writes, {n} objects (replay {:.3} s)",
+                report.replay_time.as_secs_f64()
+            ),
+            unit: "s",
+            v: [Some(whole.as_secs_f64()), None, None, None, None],
+            target: if u >= 100_000 {
+                format!(
+                    "< 1 s: {}",
+                    if whole.as_secs_f64() < 1.0 {
+                        "met"
+                    } else {
+                        "not met"
+                    }
+                )
+            } else {
+                String::new()
+            },
+        });
+    }
+    step("peak RSS on the update workload (child processes)");
+    lines.push(Line {
+        workload: format!("peak RSS, {} batched updates", s.updates),
+        unit: "MiB",
+        v: [rss_of("fieldlog"), None, None, rss_of("sqlite"), None],
+        target: "< 200 MiB".into(),
+    });
+    step("done");
+
+    let names = [
+        "fieldlog",
+        "raw redb (1 insert/write)",
+        "raw redb (state+log)",
+        "SQLite",
+        "automerge",
+    ];
+    println!(
+        "\nYCSB-shaped: {n} objects × 10 fields × 100 B, keys user0..user{}; durable commits \
+         (fsync) unless said; automerge in memory. Each workload in {ROUNDS} rounds, engines \
+         taking turns. {} cores.\n",
+        n - 1,
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    print!("| workload | unit |");
+    for name in names {
+        print!(" {name} |");
+    }
+    for name in &names[1..] {
+        print!(" fieldlog ÷ {name} |");
+    }
+    println!(" target |");
+    println!("|{}", "---|".repeat(2 + COLS + COLS - 1 + 1));
+    for l in &lines {
+        print!("| {} | {} |", l.workload, l.unit);
+        for v in l.v {
+            print!(" {} |", fmt(v, l.unit));
+        }
+        for v in &l.v[1..] {
+            match (l.v[0], v) {
+                (Some(a), Some(b)) if *b > 0.0 => print!(" {:.2} |", a / b),
+                _ => print!(" — |"),
+            }
+        }
+        println!(" {} |", l.target);
+    }
+}
