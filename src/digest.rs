@@ -1,8 +1,10 @@
 //! The state digest: a blake3-based hash of the visible state, equal on converged replicas.
 //!
-//! It is a multiset hash: the sum (four wrapping 64-bit lanes) of one blake3 hash per
-//! visible object, so a write updates it by subtracting the object's old hash and adding
-//! its new one, without a scan. Interned ids never enter it; names do.
+//! It is a multiset hash: the sum (four wrapping 64-bit lanes) of one blake3 hash per term
+//! of the visible state — one term per live object (collection, pk, existence stamp) and
+//! one per field of a live object (collection, pk, field name, stamp, value). A write
+//! subtracts the terms it replaces and adds the new ones: a one-field update hashes one
+//! field, not the object. Interned ids never enter it; names do.
 
 use std::fmt;
 
@@ -65,22 +67,35 @@ impl DigestSum {
     }
 }
 
-/// The hash of one visible object. `fields` must be sorted by name.
-pub(crate) fn object_hash<'a>(
-    collection: &str,
-    pk: &Pk,
-    fields: impl Iterator<Item = (&'a str, Stamp, &'a Value)>,
-) -> Digest {
+fn object_prefix(tag: u8, collection: &str, pk: &Pk) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
+    h.update(&[tag]);
     h.update(&(collection.len() as u64).to_le_bytes());
     h.update(collection.as_bytes());
     pk.hash_into(&mut h);
-    for (name, stamp, value) in fields {
-        h.update(&(name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        stamp.hash_into(&mut h);
-        value.hash_into(&mut h);
-    }
+    h
+}
+
+/// The term of a live object's existence.
+pub(crate) fn exists_term(collection: &str, pk: &Pk, stamp: Stamp) -> Digest {
+    let mut h = object_prefix(b'o', collection, pk);
+    stamp.hash_into(&mut h);
+    Digest(*h.finalize().as_bytes())
+}
+
+/// The term of one field of a live object.
+pub(crate) fn field_term(
+    collection: &str,
+    pk: &Pk,
+    name: &str,
+    stamp: Stamp,
+    value: &Value,
+) -> Digest {
+    let mut h = object_prefix(b'f', collection, pk);
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    stamp.hash_into(&mut h);
+    value.hash_into(&mut h);
     Digest(*h.finalize().as_bytes())
 }
 
@@ -91,8 +106,8 @@ mod tests {
     #[test]
     fn add_then_sub_is_identity() {
         let mut s = DigestSum::default();
-        let a = object_hash("C", &Pk::Int(1), std::iter::empty());
-        let b = object_hash("C", &Pk::Int(2), std::iter::empty());
+        let a = exists_term("C", &Pk::Int(1), Stamp::ZERO);
+        let b = field_term("C", &Pk::Int(2), "f", Stamp::ZERO, &Value::Int(1));
         s.add(&a);
         s.add(&b);
         s.sub(&a);

@@ -51,7 +51,8 @@ pub use error::{Error, NameKind, Result};
 pub use log::{FieldWrite, LogEntry, LogPos, Op, Write};
 pub use schema::{FieldSpec, FieldType, Schema};
 pub use store::{
-    Committed, Durability, ImportReport, Object, Options, Store, WriteTx, VALUE_BYTES_MAX_DEFAULT,
+    Committed, Durability, ImportReport, Object, Options, Store, WriteTx, CACHE_BYTES_DEFAULT,
+    VALUE_BYTES_MAX_DEFAULT,
 };
 pub use value::{Pk, Value, NAME_LEN_MAX};
 

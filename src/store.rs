@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::changeset::Changeset;
 use crate::clock::{Hlc, ReplicaId, Stamp, SystemTimeSource, TimeSource, MAX_DRIFT_MS_DEFAULT};
 use crate::crdt;
-use crate::digest::{object_hash, Digest, DigestSum};
+use crate::digest::{exists_term, field_term, Digest, DigestSum};
 use crate::error::{Error, NameKind, Result};
 use crate::log::{FieldWrite, LogEntry, LogPos, Op, Write};
 use crate::merge::{ObjectState, Outcome};
@@ -49,7 +49,12 @@ const META_RESET: &str = "reset";
 const STAGING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_staging");
 /// During a reset: digest and counts of the staged state.
 const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("reset_staging_meta");
-const FORMAT_VERSION: u64 = 1;
+/// 2: the digest sums per-field terms.
+const FORMAT_VERSION: u64 = 2;
+
+/// Default size of redb's page cache: enough for hot pages, small enough to keep a
+/// client's memory modest (redb's own default is 1 GiB).
+pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
@@ -73,6 +78,8 @@ pub struct Options {
     pub max_drift_ms: u64,
     /// The durability of commits that do not choose their own.
     pub durability: Durability,
+    /// The size of redb's page cache, in bytes (the OS caches the file as well).
+    pub cache_bytes: usize,
     /// Where physical time comes from.
     pub time: Arc<dyn TimeSource>,
 }
@@ -83,6 +90,7 @@ impl Default for Options {
             value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
             max_drift_ms: MAX_DRIFT_MS_DEFAULT,
             durability: Durability::Immediate,
+            cache_bytes: CACHE_BYTES_DEFAULT,
             time: Arc::new(SystemTimeSource),
         }
     }
@@ -223,18 +231,82 @@ impl NameView<'_> {
         Some((self.base.by_id.len() + pos) as u32)
     }
 
-    /// The object's visible hash, if it is live.
-    fn hash(&self, coll: &str, pk: &Pk, state: &ObjectState<u32>) -> Result<Option<Digest>> {
-        if !state.is_live() {
-            return Ok(None);
+    /// Adds (`add`) or subtracts every digest term of a live object.
+    fn all_terms(
+        &self,
+        coll: &str,
+        pk: &Pk,
+        state: &ObjectState<u32>,
+        sum: &mut DigestSum,
+        add: bool,
+    ) -> Result<()> {
+        let Some((stamp, true)) = state.exists else {
+            return Ok(());
+        };
+        let mut apply = |d: Digest| if add { sum.add(&d) } else { sum.sub(&d) };
+        apply(exists_term(coll, pk, stamp));
+        for (f, s, v) in &state.fields {
+            apply(field_term(coll, pk, self.name(*f)?, *s, v));
         }
-        let mut fields = state
-            .fields
-            .iter()
-            .map(|(f, s, v)| Ok((self.name(*f)?, *s, v)))
-            .collect::<Result<Vec<_>>>()?;
-        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        Ok(Some(object_hash(coll, pk, fields.into_iter())))
+        Ok(())
+    }
+
+    /// Moves `sum` from the object's `before` state to `after`, hashing only what changed,
+    /// and returns the change in live objects (-1, 0, 1).
+    fn digest_delta(
+        &self,
+        coll: &str,
+        pk: &Pk,
+        before: Option<&ObjectState<u32>>,
+        after: &ObjectState<u32>,
+        sum: &mut DigestSum,
+    ) -> Result<i64> {
+        let was = before.is_some_and(ObjectState::is_live);
+        let is = after.is_live();
+        let same_existence = before.map(|b| b.exists) == Some(after.exists);
+        match (before, was && is && same_existence) {
+            (Some(b), true) => {
+                // Same incarnation: only fields whose stamp moved change terms.
+                let (mut i, mut j) = (0, 0);
+                let (old, new) = (&b.fields, &after.fields);
+                while i < old.len() || j < new.len() {
+                    let order = match (old.get(i), new.get(j)) {
+                        (Some(o), Some(n)) => o.0.cmp(&n.0),
+                        (Some(_), None) => std::cmp::Ordering::Less,
+                        _ => std::cmp::Ordering::Greater,
+                    };
+                    match order {
+                        std::cmp::Ordering::Less => {
+                            let (f, s, v) = &old[i];
+                            sum.sub(&field_term(coll, pk, self.name(*f)?, *s, v));
+                            i += 1;
+                        }
+                        std::cmp::Ordering::Greater => {
+                            let (f, s, v) = &new[j];
+                            sum.add(&field_term(coll, pk, self.name(*f)?, *s, v));
+                            j += 1;
+                        }
+                        std::cmp::Ordering::Equal => {
+                            let ((f, os, ov), (_, ns, nv)) = (&old[i], &new[j]);
+                            if os != ns {
+                                let name = self.name(*f)?;
+                                sum.sub(&field_term(coll, pk, name, *os, ov));
+                                sum.add(&field_term(coll, pk, name, *ns, nv));
+                            }
+                            i += 1;
+                            j += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                if let Some(b) = before {
+                    self.all_terms(coll, pk, b, sum, false)?;
+                }
+                self.all_terms(coll, pk, after, sum, true)?;
+            }
+        }
+        Ok(i64::from(is) - i64::from(was))
     }
 
     fn live_fields(&self, state: &ObjectState<u32>) -> Result<BTreeMap<String, Value>> {
@@ -254,7 +326,9 @@ impl Store {
 
     /// Opens the store at `path` with options.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store> {
-        let db = Database::create(path.as_ref())?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(path.as_ref())?;
         let mut store = Store::init(db, options)?;
         store.path = Some(path.as_ref().to_owned());
         Ok(store)
@@ -267,7 +341,9 @@ impl Store {
 
     /// Opens a store over any redb storage backend (crash and I/O-fault tests use this).
     pub fn open_backend(backend: impl StorageBackend, options: Options) -> Result<Store> {
-        let db = Database::builder().create_with_backend(backend)?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(backend)?;
         Store::init(db, options)
     }
 
@@ -379,6 +455,37 @@ impl Store {
     /// The digest of the visible state; equal on replicas that hold the same writes.
     pub fn digest(&self) -> Digest {
         lock(&self.writer).digest.digest()
+    }
+
+    /// Recomputes the digest from every object (a full scan) and says whether it equals the
+    /// incrementally kept one: an integrity check.
+    pub fn verify_digest(&self) -> Result<bool> {
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(OBJECTS)?;
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let mut sum = DigestSum::default();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let key = k.value();
+            let cid = u32::from_be_bytes(
+                key.get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| corrupt("object key"))?,
+            );
+            let pk = Pk::decode(&key[4..]).ok_or_else(|| corrupt("object key"))?;
+            view.all_terms(
+                view.name(cid)?,
+                &pk,
+                &decode_state(v.value())?,
+                &mut sum,
+                true,
+            )?;
+        }
+        Ok(sum.digest() == self.digest())
     }
 
     /// The highest hybrid time this store has issued or seen (persisted with every commit).
@@ -897,6 +1004,22 @@ impl<'s> WriteTx<'s> {
         Ok(key)
     }
 
+    /// Whether the object is live as this transaction sees it (without building it).
+    fn live(&self, key: &[u8]) -> bool {
+        let Some(p) = self.pending.get(key) else {
+            return false;
+        };
+        match &p.op {
+            Some(NetOp::Insert(_)) => true,
+            Some(NetOp::Delete) => false,
+            None | Some(NetOp::Update(_)) => p
+                .after
+                .as_ref()
+                .or(p.before.as_ref())
+                .is_some_and(ObjectState::is_live),
+        }
+    }
+
     /// The object as this transaction sees it: `None` if it is not live.
     fn view(&self, key: &[u8]) -> Result<Option<BTreeMap<String, Value>>> {
         let Some(p) = self.pending.get(key) else {
@@ -985,7 +1108,7 @@ impl<'s> WriteTx<'s> {
 
     fn insert_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let key = self.load(coll, pk)?;
-        if self.view(&key)?.is_some() {
+        if self.live(&key) {
             return Err(Error::AlreadyExists {
                 collection: coll.to_owned(),
                 pk: pk.clone(),
@@ -1090,7 +1213,7 @@ impl<'s> WriteTx<'s> {
 
     fn update_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let key = self.load(coll, pk)?;
-        if self.view(&key)?.is_none() {
+        if !self.live(&key) {
             return Err(Self::not_found(coll, pk));
         }
         let fields = self.check_fields(coll, pk, fields)?;
@@ -1123,7 +1246,7 @@ impl<'s> WriteTx<'s> {
         let mark = self.new_names.len();
         let r = (|| {
             let key = self.load(collection, &pk)?;
-            if self.view(&key)?.is_none() {
+            if !self.live(&key) {
                 return Err(Self::not_found(collection, &pk));
             }
             if let Some(p) = self.pending.get_mut(&key) {
@@ -1388,18 +1511,7 @@ impl<'s> WriteTx<'s> {
                 if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let old = match &before {
-                    Some(b) => view.hash(coll, &p.pk, b)?,
-                    None => None,
-                };
-                let new = view.hash(coll, &p.pk, &state)?;
-                if let Some(h) = &old {
-                    digest.sub(h);
-                }
-                if let Some(h) = &new {
-                    digest.add(h);
-                }
-                let delta = i64::from(new.is_some()) - i64::from(old.is_some());
+                let delta = view.digest_delta(coll, &p.pk, before.as_ref(), &state, &mut digest)?;
                 if delta != 0 {
                     *count_delta.entry(p.coll).or_default() += delta;
                 }
@@ -1746,8 +1858,7 @@ impl Store {
         let mut meta = txn.open_table(STAGING_META)?;
         let mut sum = staged_digest(&meta)?;
         for (cid, o, state) in &staged {
-            if let Some(h) = view.hash(&o.collection, &o.pk, state)? {
-                sum.add(&h);
+            if view.digest_delta(&o.collection, &o.pk, None, state, &mut sum)? > 0 {
                 bump_count(&mut meta, *cid, 1)?;
             }
             table.insert(
@@ -2044,19 +2155,9 @@ impl Store {
                     continue;
                 }
                 let coll = view.name(*cid)?;
-                let old = match before {
-                    Some(b) => view.hash(coll, pk, b)?,
-                    None => None,
-                };
-                let new = view.hash(coll, pk, after)?;
-                if let Some(h) = &old {
-                    sum.sub(h);
-                }
-                if let Some(h) = &new {
-                    sum.add(h);
-                }
+                let delta = view.digest_delta(coll, pk, before.as_ref(), after, &mut sum)?;
                 let c = counts.entry(*cid).or_default();
-                *c = c.saturating_add_signed(i64::from(new.is_some()) - i64::from(old.is_some()));
+                *c = c.saturating_add_signed(delta);
                 staging.insert(key.as_slice(), encode(after)?.as_slice())?;
             }
         }

@@ -520,6 +520,11 @@ fn run(n: usize, steps: Vec<Step>, seed: u64) -> Result<(), TestCaseError> {
     for (i, r) in reps.iter().enumerate() {
         prop_assert!(r.known.keys().copied().eq(all.iter().copied()));
         prop_assert_eq!(r.store.digest(), d0, "digest of replica {} vs replica 0", i);
+        prop_assert!(
+            r.store.verify_digest().unwrap(),
+            "incremental digest of replica {} drifted",
+            i
+        );
         let scans: Vec<Vec<Object>> = COLLS.iter().map(|c| r.store.scan(c).unwrap()).collect();
         prop_assert_eq!(
             &scans,

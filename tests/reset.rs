@@ -155,6 +155,7 @@ async fn dog_keeps_a_age_and_b_name_after_reset() {
         assert_eq!(field(s, 1, "name"), Some(Value::from("Max")));
         assert_eq!(field(s, 1, "age"), Some(Value::from(4)));
         assert_eq!(s.digest(), server.digest());
+        assert!(s.verify_digest().unwrap());
     }
     // The backup is gone after success.
     assert!(!report.backup.as_ref().unwrap().exists());

@@ -335,6 +335,10 @@ async fn subscription_changes_bring_objects_in_and_take_them_out() {
         "objects leaving the view are removed locally"
     );
     assert!(
+        alice.store.verify_digest().unwrap(),
+        "digest after removals"
+    );
+    assert!(
         w.server.store().get("Item", "c9").unwrap().is_some(),
         "leaving the view is not a delete"
     );
