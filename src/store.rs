@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -165,6 +165,26 @@ pub struct Store {
     writer: Mutex<Writer>,
     /// Set after a storage failure in a write; writes are refused until reopened.
     poisoned: AtomicBool,
+    /// Group commit: which commits are durable (see [`Store::wait_durable`]).
+    group: Mutex<GroupCommit>,
+    group_done: Condvar,
+    /// Writers waiting for the writer lock: when there are some, durable commits share
+    /// one fsync instead of one each.
+    waiting: AtomicUsize,
+}
+
+/// Commits are numbered in redb order; a durable commit makes every earlier one durable.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    /// Commits made so far.
+    committed: u64,
+    /// Every commit up to this one is on stable storage.
+    durable: u64,
+    /// A leader is making a durable commit.
+    flushing: bool,
+    /// Why the last flush failed (its waiters and later ones fail too: the store is
+    /// poisoned).
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -439,7 +459,57 @@ impl Store {
             schemas: RwLock::new(schemas),
             writer: Mutex::new(writer),
             poisoned: AtomicBool::new(false),
+            group: Mutex::new(GroupCommit::default()),
+            group_done: Condvar::new(),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Blocks until commit number `seq` is on stable storage. One waiter at a time leads:
+    /// it makes an empty durable commit, which makes every earlier commit durable, and
+    /// wakes everyone it covered. A failed flush fails every waiter it would have covered.
+    fn wait_durable(&self, seq: u64) -> Result<()> {
+        let mut g = lock(&self.group);
+        loop {
+            if g.durable >= seq {
+                return Ok(());
+            }
+            if g.failed.is_some() {
+                // The flush that would have covered this commit failed: not durable.
+                return Err(Error::Poisoned);
+            }
+            if !g.flushing {
+                break;
+            }
+            g = self
+                .group_done
+                .wait(g)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        g.flushing = true;
+        drop(g);
+        let r = (|| {
+            let _w = lock(&self.writer);
+            let target = lock(&self.group).committed;
+            let txn = self.db.begin_write()?;
+            txn.commit()?;
+            Ok::<_, Error>(target)
+        })();
+        let mut g = lock(&self.group);
+        g.flushing = false;
+        let out = match r {
+            Ok(target) => {
+                g.durable = g.durable.max(target);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned.store(true, Ordering::SeqCst);
+                g.failed = Some(e.to_string());
+                Err(e)
+            }
+        };
+        self.group_done.notify_all();
+        out
     }
 
     /// This store's replica id.
@@ -696,7 +766,9 @@ impl Store {
     /// Starts a write transaction. Only one runs at a time; others wait.
     pub fn begin(&self) -> Result<WriteTx<'_>> {
         self.check_poisoned()?;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let writer = lock(&self.writer);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
         let txn = self.db.begin_write()?;
         Ok(WriteTx {
             store: self,
@@ -1406,10 +1478,22 @@ impl<'s> WriteTx<'s> {
                 durability,
                 ..
             } = self;
-            if durability == Durability::Deferred {
+            // With other writers waiting (or a flush under way), a durable commit joins a
+            // group: commit without fsync now, then wait for one fsync that covers all.
+            let grouped = durability == Durability::Immediate
+                && (store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing);
+            if durability == Durability::Deferred || grouped {
                 txn.set_durability(redb::Durability::None)?;
             }
             txn.commit()?;
+            let number = {
+                let mut g = lock(&store.group);
+                g.committed += 1;
+                if durability == Durability::Immediate && !grouped {
+                    g.durable = g.committed;
+                }
+                g.committed
+            };
             writer.digest = p.digest;
             writer.counts.extend(p.counts);
             if let Some(seq) = p.committed.seq {
@@ -1422,6 +1506,10 @@ impl<'s> WriteTx<'s> {
                     names.by_name.insert(n.clone(), id);
                     names.by_id.push(n);
                 }
+            }
+            drop(writer);
+            if grouped {
+                store.wait_durable(number)?;
             }
             Ok(p.committed)
         })();
