@@ -1172,6 +1172,17 @@ impl<'s> WriteTx<'s> {
         self.insert_fields(collection, pk, fields)
     }
 
+    /// An insert whose fields may include counter and text parts (the server re-writing
+    /// objects as they were); names are checked as they are for imported writes.
+    pub(crate) fn insert_engine(
+        &mut self,
+        collection: &str,
+        pk: Pk,
+        fields: Vec<(String, Value)>,
+    ) -> Result<()> {
+        self.insert_fields(collection, pk, fields)
+    }
+
     fn insert_fields(&mut self, coll: &str, pk: Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let mark = self.new_names.len();
         let r = self.insert_inner(coll, &pk, fields);
@@ -2114,17 +2125,9 @@ impl Store {
                             ),
                         });
                     }
-                    if field.is_some() && !trial.is_live() {
-                        let (s, _) = trial.exists.unwrap_or((Stamp::ZERO, false));
-                        return Ok(Replay::Superseded {
-                            server_value: None,
-                            server_stamp: s,
-                            reason: format!(
-                                "the object was deleted on the server (by {}); an update does not bring it back",
-                                s.replica
-                            ),
-                        });
-                    }
+                    // An update of an object deleted on the server is kept like in normal
+                    // sync: merged (hidden while the object is deleted) and uploaded, where
+                    // the server's conflict policy for update-vs-delete decides.
                     *state = trial;
                     Ok(Replay::Recovered)
                 };

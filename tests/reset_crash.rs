@@ -844,7 +844,10 @@ fn crash_at_each_step_of_a_reset() {
     );
 
     // (d) the recovered writes uploaded and applied, the UploadAck not yet at the client.
+    // The first UploadAck after the swap confirms the settled position (the server answers
+    // the final SnapshotAck with it); the second acknowledges the recovered writes.
     let mut swapped = false;
+    let mut acks_after_swap = 0;
     crash_case(
         &p,
         &r,
@@ -856,7 +859,14 @@ fn crash_at_each_step_of_a_reset() {
                 swapped = true;
             }
             match m {
-                Msg::Down(ServerMsg::UploadAck { .. }) if swapped => Act::HoldStop,
+                Msg::Down(ServerMsg::UploadAck { .. }) if swapped => {
+                    acks_after_swap += 1;
+                    if acks_after_swap == 2 {
+                        Act::HoldStop
+                    } else {
+                        Act::Deliver
+                    }
+                }
                 _ => Act::Deliver,
             }
         },
@@ -869,8 +879,10 @@ fn crash_at_each_step_of_a_reset() {
         },
     );
 
-    // (e) the UploadAck handled: the backup and the marker go in that handler.
+    // (e) the recovered writes' UploadAck handled (the second after the swap, see (d)):
+    // the backup and the marker go in that handler.
     let mut swapped = false;
+    let mut acks_after_swap = 0;
     crash_case(
         &p,
         &r,
@@ -882,7 +894,14 @@ fn crash_at_each_step_of_a_reset() {
                 swapped = true;
             }
             match m {
-                Msg::Down(ServerMsg::UploadAck { .. }) if swapped => Act::DeliverStop,
+                Msg::Down(ServerMsg::UploadAck { .. }) if swapped => {
+                    acks_after_swap += 1;
+                    if acks_after_swap == 2 {
+                        Act::DeliverStop
+                    } else {
+                        Act::Deliver
+                    }
+                }
                 _ => Act::Deliver,
             }
         },

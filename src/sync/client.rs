@@ -346,13 +346,13 @@ impl ClientSession {
                 self.ready = true;
                 self.in_flight = 0;
                 self.outgoing.clear();
-                self.finish_reset_if_uploaded()?;
+                self.finish_reset_if_uploaded(uploaded)?;
                 Ok(Vec::new())
             }
             ServerMsg::UploadAck { seq, .. } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.store.mark_synced(seq)?;
-                self.finish_reset_if_uploaded()?;
+                self.finish_reset_if_uploaded(seq)?;
                 Ok(Vec::new())
             }
             ServerMsg::ViewDownload {
@@ -502,20 +502,22 @@ impl ClientSession {
         self.ready = true;
         self.in_flight = 0;
         self.outgoing.clear();
-        self.finish_reset_if_uploaded()?;
+        // The marker stays until the server shows it holds the settled position (a Welcome
+        // or an acknowledgement): the final SnapshotAck may still be lost.
         Ok(())
     }
 
     /// Ends a reset once its recovered writes are acknowledged: the backup goes (unless the
     /// application recovers by hand), then the marker.
-    fn finish_reset_if_uploaded(&mut self) -> Result<()> {
+    /// `confirmed`: the position the server just said it holds for this client.
+    fn finish_reset_if_uploaded(&mut self, confirmed: LogPos) -> Result<()> {
         let Some(m) = self.store.reset_marker()? else {
             return Ok(());
         };
-        let ResetPhase::Uploading { until, .. } = m.phase else {
+        let ResetPhase::Uploading { until, settled } = m.phase else {
             return Ok(());
         };
-        if self.store.last_sync() < until {
+        if self.store.last_sync() < until || confirmed < settled {
             return Ok(());
         }
         if m.mode != ResetMode::Manual {

@@ -1014,7 +1014,10 @@ impl ServerSession {
             }
             (
                 State::Snapshotting {
-                    in_flight, done, ..
+                    client,
+                    in_flight,
+                    done,
+                    ..
                 },
                 ClientMsg::SnapshotAck { settled },
             ) => {
@@ -1022,7 +1025,13 @@ impl ServerSession {
                 if *done && *in_flight == 0 {
                     // The client has swapped the snapshot in; what it sends next (its
                     // recovered writes) belongs to a normal session.
+                    let client = *client;
                     self.end_snapshot(settled.unwrap_or(0))?;
+                    // Confirm the settled position, so the client can end its reset.
+                    return Ok(vec![ServerMsg::UploadAck {
+                        seq: self.server.uploaded(client)?,
+                        server_version: self.server.version(),
+                    }]);
                 }
                 Ok(Vec::new())
             }
@@ -1308,13 +1317,26 @@ fn resolve(
     prior: &ObjectState<String>,
     client_fields: &[(String, Value)],
 ) -> Result<Decision> {
-    let by_stamp = if c.stamp_winner_is_client() {
-        Decision::Client
-    } else {
-        Decision::Server
+    let (coll, pk) = (c.collection.as_str(), c.pk.clone());
+    let live_now = tx.get(coll, pk.clone())?.is_some();
+    // What the merge by stamp already decided. For update vs delete that is the object's
+    // existence: an update never brings a deleted object back.
+    let by_stamp = match c.kind {
+        ConflictKind::ClientUpdateServerDelete | ConflictKind::ClientDeleteServerUpdate => {
+            let deleted_side_won = !live_now;
+            match (c.kind, deleted_side_won) {
+                (ConflictKind::ClientUpdateServerDelete, true) => Decision::Server,
+                (ConflictKind::ClientDeleteServerUpdate, true) => Decision::Client,
+                (ConflictKind::ClientUpdateServerDelete, false) => Decision::Client,
+                _ => Decision::Server,
+            }
+        }
+        _ if c.stamp_winner_is_client() => Decision::Client,
+        _ => Decision::Server,
     };
     let (want, merged) = match policy {
-        Policy::LastWriterWins => (by_stamp.clone(), None),
+        // The merge rule decided; nothing to write.
+        Policy::LastWriterWins => return Ok(by_stamp),
         Policy::ServerWins => (Decision::Server, None),
         Policy::ClientWins => (Decision::Client, None),
         Policy::Custom(handler) => match handler(c) {
@@ -1324,14 +1346,16 @@ fn resolve(
             Resolution::Merged(_) => (Decision::Client, None),
         },
     };
-    let (coll, pk) = (c.collection.as_str(), c.pk.clone());
     let live_fields = |s: &ObjectState<String>| -> Vec<(String, Value)> {
         s.fields
             .iter()
             .map(|(f, _, v)| (f.clone(), v.clone()))
             .collect()
     };
-    let live_now = tx.get(coll, pk.clone())?.is_some();
+    if want == by_stamp && merged.is_none() {
+        return Ok(want);
+    }
+    // Re-inserted objects may carry counter and text parts: engine fields.
     match (c.kind, &want) {
         (ConflictKind::ClientUpdateServerUpdate, Decision::Merged) => {
             if let (Some(f), Some(v)) = (&c.field, merged) {
@@ -1357,16 +1381,16 @@ fn resolve(
             if live_now {
                 tx.delete(coll, pk.clone())?;
             }
-            tx.insert(coll, pk, fields)?;
+            tx.insert_engine(coll, pk, fields)?;
         }
         // Forcing an update of a deleted object makes it an insert of the written fields.
         (ConflictKind::ClientUpdateServerDelete, Decision::Client | Decision::Merged)
             if !live_now =>
         {
-            tx.insert(coll, pk, client_fields.to_vec())?;
+            tx.insert_engine(coll, pk, client_fields.to_vec())?;
         }
         (ConflictKind::ClientDeleteServerUpdate, Decision::Server) if !live_now => {
-            tx.insert(coll, pk, live_fields(prior))?;
+            tx.insert_engine(coll, pk, live_fields(prior))?;
         }
         (ConflictKind::ClientDeleteServerUpdate, Decision::Client | Decision::Merged)
             if live_now =>
