@@ -54,7 +54,7 @@ const FORMAT_VERSION: u64 = 2;
 
 /// Default size of redb's page cache: enough for hot pages, small enough to keep a
 /// client's memory modest (redb's own default is 1 GiB).
-pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
+pub const CACHE_BYTES_DEFAULT: usize = 128 << 20;
 
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
