@@ -84,6 +84,11 @@ impl Changeset {
         if !rest.is_empty() {
             return Err(bad(format!("{} trailing bytes", rest.len())));
         }
+        // The id is the hash of the bytes: one changeset must have one encoding.
+        let canonical = postcard::to_allocvec(&cs).map_err(|e| bad(format!("encode: {e}")))?;
+        if canonical != body[MAGIC.len()..] {
+            return Err(bad("non-canonical encoding"));
+        }
         cs.validate(value_bytes_max)?;
         Ok(cs)
     }

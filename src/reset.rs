@@ -53,6 +53,12 @@ pub enum ResetReason {
     Forced,
     /// The client resumes a reset that a crash interrupted.
     Resumed,
+    /// The server holds writes of this client that the client lost (commits made with
+    /// `Durability::Deferred`, uploaded, then lost in a crash): it rebuilds from the server.
+    ServerAheadOfClient {
+        /// What was found.
+        detail: String,
+    },
     /// The client's subscriptions changed: its view is rebuilt (not reported as a reset).
     SubscriptionsChanged,
 }

@@ -512,6 +512,41 @@ impl Store {
         out
     }
 
+    /// Closes the store, first making every commit durable (those made with
+    /// `Durability::Deferred` too) and reporting if that fails. Dropping a store closes it
+    /// as well, but cannot report a failure: with deferred commits, close explicitly.
+    pub fn close(self) -> Result<()> {
+        self.check_poisoned()?;
+        let w = lock(&self.writer);
+        let r = self
+            .db
+            .begin_write()
+            .map_err(Error::from)
+            .and_then(|txn| txn.commit().map_err(Error::from));
+        drop(w);
+        self.finish(r)
+    }
+
+    /// Never issue log positions up to `pos` again, and count them acknowledged: the server
+    /// holds entries at those positions that this store lost (deferred commits lost in a
+    /// crash after they were uploaded).
+    pub(crate) fn skip_log_to(&self, pos: LogPos) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = lock(&self.writer);
+        let next = w.log_next.max(pos + 1);
+        let last_sync = w.last_sync.max(pos);
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_LOG_NEXT, next.to_le_bytes().as_slice())?;
+            meta.insert(META_LAST_SYNC, last_sync.to_le_bytes().as_slice())?;
+        }
+        self.finish(txn.commit().map_err(Error::from))?;
+        w.log_next = next;
+        w.last_sync = last_sync;
+        Ok(())
+    }
+
     /// This store's replica id.
     pub fn replica_id(&self) -> ReplicaId {
         self.replica
@@ -1934,6 +1969,16 @@ impl Store {
         let mut staged = Vec::with_capacity(objects.len());
         for o in objects {
             o.pk.validate()?;
+            // The clock advances past every stamp it sees, the server's state included:
+            // otherwise the next local write could be stamped below a field it overwrites.
+            let stamps = o
+                .fields
+                .iter()
+                .map(|(_, s, _)| *s)
+                .chain(o.exists.map(|(s, _)| s));
+            for s in stamps.chain(std::iter::once(o.floor)) {
+                tx.writer.hlc.observe(s.time);
+            }
             let cid = tx.intern(NameKind::Collection, &o.collection)?;
             let mut fields = Vec::with_capacity(o.fields.len());
             for (name, stamp, value) in &o.fields {

@@ -324,10 +324,28 @@ impl ClientSession {
                 }
                 let last_sync = self.store.last_sync();
                 if uploaded > self.store.log_head() {
-                    return Err(SyncError::Protocol(format!(
-                        "server claims position {uploaded}, beyond this log's {}",
+                    // Writes the server has were lost here. Their positions are never used
+                    // again, and the client rebuilds from the server, which holds them.
+                    let detail = format!(
+                        "the server holds this client's log up to {uploaded}; the log ends at {}",
                         self.store.log_head()
-                    )));
+                    );
+                    self.store.skip_log_to(uploaded)?;
+                    let backup = self.store.path().map(backup_path);
+                    if let Some(b) = &backup {
+                        self.store.backup_to(b)?;
+                    }
+                    let marker = ResetMarker {
+                        reason: ResetReason::ServerAheadOfClient {
+                            detail: detail.clone(),
+                        },
+                        mode: self.config.reset_mode,
+                        phase: ResetPhase::Downloading,
+                        backup,
+                    };
+                    self.store.set_reset_marker(Some(&marker))?;
+                    // Reconnecting asks for the snapshot (the marker says a reset is pending).
+                    return Err(SyncError::Protocol(detail));
                 }
                 if uploaded > last_sync {
                     // The server applied an upload whose acknowledgement was lost.

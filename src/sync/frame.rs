@@ -86,7 +86,7 @@ pub fn encode_frame<M: Serialize>(msg: &M, frame_len_max: usize) -> Result<Vec<u
 /// Returns `Ok(None)` if `buf` holds only part of a frame, or `Ok(Some((msg, consumed)))`
 /// where `consumed` is the frame's length in bytes; bytes after it are left alone. An
 /// oversized length prefix is refused as soon as the header is in, before the body.
-pub fn decode_frame<M: DeserializeOwned>(
+pub fn decode_frame<M: DeserializeOwned + Serialize>(
     buf: &[u8],
     frame_len_max: usize,
 ) -> Result<Option<(M, usize)>, FrameError> {
@@ -108,7 +108,7 @@ pub fn decode_frame<M: DeserializeOwned>(
 /// announcing a large frame and then stalling holds little memory.
 pub async fn read_frame<M, R>(r: &mut R, frame_len_max: usize) -> Result<Option<M>, FrameError>
 where
-    M: DeserializeOwned,
+    M: DeserializeOwned + Serialize,
     R: AsyncRead + Unpin,
 {
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -171,7 +171,10 @@ fn parse_header(header: &[u8], frame_len_max: usize) -> Result<(usize, [u8; 4]),
 }
 
 /// Checks the body against its checksum, then decodes exactly one message from it.
-fn decode_body<M: DeserializeOwned>(body: &[u8], sum: [u8; 4]) -> Result<M, FrameError> {
+fn decode_body<M: DeserializeOwned + Serialize>(
+    body: &[u8],
+    sum: [u8; 4],
+) -> Result<M, FrameError> {
     if checksum(body) != sum {
         return Err(FrameError::Checksum);
     }
@@ -183,6 +186,13 @@ fn decode_body<M: DeserializeOwned>(body: &[u8], sum: [u8; 4]) -> Result<M, Fram
             rest.len(),
             body.len() - rest.len()
         )));
+    }
+    // One message, one encoding: a body postcard would not have written (an overlong
+    // varint, say) is refused, so frames and their checksums are canonical.
+    let canonical =
+        postcard::to_allocvec(&msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if canonical != body {
+        return Err(FrameError::Malformed("non-canonical encoding".into()));
     }
     Ok(msg)
 }

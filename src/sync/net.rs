@@ -33,7 +33,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 /// Spawns a task that reads frames into a channel until EOF or an error.
 fn spawn_reader<M, R>(mut rd: R) -> mpsc::UnboundedReceiver<Result<M, FrameError>>
 where
-    M: serde::de::DeserializeOwned + Send + 'static,
+    M: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
     R: AsyncRead + Send + Unpin + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();

@@ -1,0 +1,527 @@
+//! Invariants 3 and 6 under I/O errors: the store runs on a simulated disk
+//! (`fuzz/src/disk.rs`) that fails the k-th backend operation (read, write, set_len or
+//! sync_data) — once, or from then on — for k = 1, 2, … until a run completes with no fault
+//! injected. The workload opens the store and runs transactions (immediate and deferred),
+//! `mark_synced`, `prune_log`, an import, reads and a clean reopen.
+//!
+//! For every k, and both modes:
+//! 1. no panic (each run is under `catch_unwind`), and every failure is a typed error
+//!    (`Error::Storage`, `Error::Poisoned` or `Error::Io`);
+//! 2. after a failed write, set_len or fsync, the store refuses writes with
+//!    `Error::Poisoned` until it is reopened, even once the disk works again (no silent
+//!    retry of an fsync);
+//! 3. reopened with the fault cleared, from the durable image (power lost after the
+//!    failure), the state is the reference run's state after the last operation that
+//!    returned `Ok` with a durable commit — or, if the failed operation's commit had reached
+//!    the disk before the error, the state after it (counted as `errored_but_durable`:
+//!    invariant 3 wants a failed write to leave no trace, which an fsync error cannot
+//!    promise);
+//! 4. reopened from the live bytes (the process restarted, the OS kept its cache), the
+//!    state is one of the reference states between those two.
+//!
+//! The reference run is the same workload without faults. Prints
+//! `io-faults: points=N panics=0` with the details.
+
+#[path = "../fuzz/src/disk.rs"]
+#[allow(dead_code)]
+mod disk;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use disk::{FaultPlan, OpKind, SimDisk};
+use fieldlog::{Changeset, Durability, Error, ManualTimeSource, Object, Options, Store, Value};
+
+const T0_MS: u64 = 1_700_000_000_000;
+
+/// BUG (reported, not fixed here; see `a_store_cut_off_while_being_created_opens` in
+/// tests/crash_images.rs): a fault while the store file is first created can leave bytes
+/// redb refuses to open ("magic number mismatch"). While `true`, such images are counted
+/// (`unopenable_new_file`), not failed.
+const KNOWN_BUG_CREATE: bool = true;
+const COLLS: [&str; 2] = ["A", "B"];
+
+/// What the user can observe (the digest is left out: replica ids differ between runs).
+#[derive(Clone, Debug, PartialEq)]
+struct State {
+    objects: Vec<Vec<Object>>,
+    head: u64,
+    last_sync: u64,
+}
+
+fn state(store: &Store) -> Result<State, Error> {
+    let mut objects = Vec::new();
+    for c in COLLS {
+        objects.push(store.scan(c)?);
+    }
+    Ok(State {
+        objects,
+        head: store.log_head(),
+        last_sync: store.last_sync(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Step {
+    Tx(u64, Durability),
+    /// A transaction with a large value (the file grows).
+    Big,
+    MarkSynced,
+    Prune,
+    Import,
+    Read,
+    Reopen,
+}
+
+impl Step {
+    fn writes(self) -> bool {
+        !matches!(self, Step::Read)
+    }
+
+    /// Whether its success makes everything before it durable.
+    fn durable(self) -> bool {
+        !matches!(self, Step::Tx(_, Durability::Deferred) | Step::Read)
+    }
+}
+
+const WORKLOAD: [Step; 16] = [
+    Step::Tx(0, Durability::Immediate),
+    Step::Tx(1, Durability::Immediate),
+    Step::Tx(2, Durability::Deferred),
+    Step::Read,
+    Step::Big,
+    Step::Tx(3, Durability::Immediate),
+    Step::MarkSynced,
+    Step::Import,
+    Step::Tx(4, Durability::Deferred),
+    Step::Reopen,
+    Step::Tx(5, Durability::Immediate),
+    Step::Prune,
+    Step::Read,
+    Step::Tx(6, Durability::Immediate),
+    Step::Big,
+    Step::Tx(7, Durability::Deferred),
+];
+
+fn options(time: &ManualTimeSource) -> Options {
+    Options {
+        time: Arc::new(time.clone()),
+        ..Options::default()
+    }
+}
+
+/// A changeset of another replica to import.
+fn remote_changeset() -> Changeset {
+    let peer = Store::open_backend(
+        redb::backends::InMemoryBackend::new(),
+        options(&ManualTimeSource::new(T0_MS)),
+    )
+    .expect("peer");
+    peer.write(|tx| tx.insert("B", 9, [("r", "remote"), ("pad", &*"p".repeat(900))]))
+        .expect("peer write");
+    peer.write(|tx| tx.insert("A", 0, [("f", "remote")]))
+        .expect("peer write");
+    peer.export(0, usize::MAX).expect("export")
+}
+
+fn run_step(
+    store: &mut Option<Store>,
+    step: Step,
+    disk: &SimDisk,
+    time: &ManualTimeSource,
+    remote: &Changeset,
+    crash_on_reopen: bool,
+) -> Result<(), Error> {
+    let s = store.as_ref().expect("open");
+    match step {
+        Step::Tx(i, d) => {
+            let mut tx = s.begin()?;
+            tx.set_durability(d);
+            let pk = (i % 3) as i64;
+            match tx.get("A", pk)? {
+                Some(_) => tx.set("A", pk, "f", i as i64)?,
+                None => tx.insert(
+                    "A",
+                    pk,
+                    [
+                        ("f", Value::from(i as i64)),
+                        ("g", Value::from("x".repeat(2000))),
+                    ],
+                )?,
+            }
+            if i % 2 == 1 {
+                tx.insert("B", i as i64, [("n", i as i64)])?;
+            }
+            if i == 5 {
+                tx.delete("B", 1)?;
+            }
+            tx.commit()?;
+            time.advance(1);
+        }
+        Step::Big => {
+            let n = s.log_head() as i64;
+            s.write(|tx| tx.insert("B", 100 + n, [("big", "b".repeat(300 << 10))]))?;
+        }
+        Step::MarkSynced => s.mark_synced(s.log_head())?,
+        Step::Prune => {
+            s.prune_log(2)?;
+        }
+        Step::Import => {
+            s.import(remote)?;
+        }
+        Step::Read => {
+            state(s)?;
+            s.get("A", 0)?;
+        }
+        Step::Reopen => {
+            if crash_on_reopen {
+                disk.crash();
+            }
+            *store = None;
+            *store = Some(Store::open_backend(disk.backend(), options(time))?);
+        }
+    }
+    Ok(())
+}
+
+/// The reference states: after opening (index 0) and after each step. With
+/// `crash_on_reopen`, the reopen step loses the power instead of closing (deferred commits
+/// before it are lost), which is what a close that fails to write amounts to.
+fn reference(remote: &Changeset, crash_on_reopen: bool, steps: &[Step]) -> Vec<State> {
+    let disk = SimDisk::new();
+    let time = ManualTimeSource::new(T0_MS);
+    let mut store = Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
+    let mut out = vec![state(store.as_ref().expect("open")).expect("state")];
+    for &step in steps {
+        run_step(&mut store, step, &disk, &time, remote, crash_on_reopen)
+            .expect("a run without faults");
+        out.push(state(store.as_ref().expect("open")).expect("state"));
+    }
+    out
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    points: u64,
+    panics: u64,
+    untyped: u64,
+    not_poisoned: u64,
+    wrong_state: u64,
+    errored_but_durable: u64,
+    deferred_lost_on_close: u64,
+    unopenable_new_file: u64,
+    open_failures: u64,
+    by_kind: [u64; 4],
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn fail(&mut self, msg: String) {
+        if self.failures.len() < 20 {
+            self.failures.push(msg);
+        }
+    }
+}
+
+fn typed(e: &Error) -> bool {
+    matches!(e, Error::Storage(_) | Error::Poisoned | Error::Io(_))
+}
+
+/// One run with the fault plan; returns true when the workload completed with no fault.
+fn run_one(
+    plan: FaultPlan,
+    remote: &Changeset,
+    refs: &[State],
+    refs_crash: &[State],
+    tally: &mut Tally,
+) -> bool {
+    let label = format!("k={} forever={}", plan.at, plan.forever);
+    let disk = SimDisk::new();
+    let time = ManualTimeSource::new(T0_MS);
+    disk.set_fault(Some(plan));
+    // Index into `refs` of the last state made durable by an Ok step, and of the newest Ok
+    // step; the failed step, if any.
+    let mut durable = 0usize;
+    let mut newest = 0usize;
+    let mut failed: Option<(usize, Step)> = None;
+    let mut fault_step: Option<(usize, Step)> = None;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut store = match Store::open_backend(disk.backend(), options(&time)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                if !typed(&e) {
+                    tally.untyped += 1;
+                    tally.fail(format!("{label}: open failed untyped: {e:?}"));
+                }
+                return;
+            }
+        };
+        for (i, step) in WORKLOAD.iter().enumerate() {
+            let n = disk.injected().len();
+            let r = run_step(&mut store, *step, &disk, &time, remote, false);
+            if n == 0 && !disk.injected().is_empty() {
+                fault_step = Some((i, *step));
+            }
+            match r {
+                Ok(()) => {
+                    newest = i + 1;
+                    if step.durable() {
+                        durable = i + 1;
+                    }
+                }
+                Err(e) => {
+                    if !typed(&e) {
+                        tally.untyped += 1;
+                        tally.fail(format!("{label}: step {i} {step:?} failed untyped: {e:?}"));
+                    }
+                    failed = Some((i + 1, *step));
+                    let injected = disk.injected();
+                    let write_fault = injected
+                        .iter()
+                        .any(|k| matches!(k, OpKind::Write | OpKind::SetLen | OpKind::Sync));
+                    if step.writes() && write_fault {
+                        if let Some(s) = &store {
+                            // The disk works again (in "once" mode); writes are still refused.
+                            let again = s.write(|tx| tx.insert("P", 1, [("x", 1)]));
+                            if !matches!(again, Err(Error::Poisoned)) {
+                                tally.not_poisoned += 1;
+                                tally.fail(format!(
+                                    "{label}: after {injected:?} failing {step:?}, a write returned {:?}",
+                                    again.map(|_| ())
+                                ));
+                            }
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        // Dropping the store closes it; with a fault still active that must not panic.
+        drop(store);
+    }));
+    if result.is_err() {
+        tally.panics += 1;
+        tally.fail(format!("{label}: panicked"));
+    }
+    let injected = disk.injected();
+    if let Some(kind) = injected.first() {
+        tally.by_kind[*kind as usize] += 1;
+    }
+    // The live bytes (process restart), then the durable image (power cut).
+    let live = SimDisk::from_image(disk.live_image());
+    disk.crash();
+    disk.set_fault(None);
+    // The step in doubt: the one that failed, if it writes.
+    let doubt = failed.filter(|(_, step)| step.writes()).map(|(j, _)| j);
+    // Closing the store (the drop after the last step) may make the deferred steps since
+    // the last durable one durable, or fail to: any state in between.
+    let mut candidates_durable: Vec<usize> = (durable..=newest).collect();
+    candidates_durable.extend(doubt);
+    let candidates_live: Vec<usize> = (durable..=doubt.unwrap_or(newest).max(newest)).collect();
+    // A fault swallowed by a close (redb cannot report it from Drop) loses the deferred
+    // commits before it, as a power cut would: the states then follow `refs_crash`.
+    let close_fault = matches!(fault_step, Some((_, Step::Reopen))) && failed.is_none();
+    let created = failed.is_some() || newest > 0;
+    for (what, d, candidates) in [
+        ("durable image", &disk, &candidates_durable),
+        ("live image", &live, &candidates_live),
+    ] {
+        let reopened = catch_unwind(AssertUnwindSafe(|| {
+            Store::open_backend(d.backend(), options(&time)).and_then(|s| {
+                let st = state(&s)?;
+                // Reopened, the store takes writes again.
+                s.write(|tx| tx.insert("P", 1, [("x", 1)]))?;
+                Ok(st)
+            })
+        }));
+        match reopened {
+            Err(_) => {
+                tally.panics += 1;
+                tally.fail(format!("{label}: reopening the {what} panicked"));
+            }
+            Ok(Err(e)) if !created && KNOWN_BUG_CREATE => {
+                // See `a_store_cut_off_while_being_created_opens` in tests/crash_images.rs.
+                let _ = e;
+                tally.unopenable_new_file += 1;
+            }
+            Ok(Err(e)) => {
+                tally.open_failures += 1;
+                tally.fail(format!("{label}: the {what} does not open: {e:?}"));
+            }
+            Ok(Ok(st)) => {
+                let found = candidates.iter().find(|&&i| refs[i] == st).copied();
+                let found_crash = if close_fault {
+                    candidates.iter().find(|&&i| refs_crash[i] == st).copied()
+                } else {
+                    None
+                };
+                match (found, found_crash) {
+                    (Some(i), _) => {
+                        let is_doubt = Some(i) == doubt
+                            && i > newest
+                            && refs[i] != refs[newest]
+                            && !matches!(failed, Some((_, Step::Reopen)));
+                        if what == "durable image" && is_doubt {
+                            // The failed step's commit reached the disk before the error.
+                            tally.errored_but_durable += 1;
+                        }
+                    }
+                    (None, Some(_)) => tally.deferred_lost_on_close += 1,
+                    (None, None) => {
+                        let which = refs.iter().position(|r| *r == st);
+                        tally.wrong_state += 1;
+                        tally.fail(format!(
+                            "{label}: the {what} holds reference state {which:?}, expected one of {candidates:?} (failed step {failed:?}, fault in step {fault_step:?}, injected {injected:?})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    injected.is_empty()
+}
+
+#[test]
+fn io_faults_at_every_operation() {
+    let started = Instant::now();
+    let remote = remote_changeset();
+    let refs = reference(&remote, false, &WORKLOAD);
+    let refs_crash = reference(&remote, true, &WORKLOAD);
+    let mut tally = Tally::default();
+    let mut ks = [0u64; 2];
+    for (m, forever) in [false, true].into_iter().enumerate() {
+        for k in 1.. {
+            tally.points += 1;
+            ks[m] = k;
+            if run_one(
+                FaultPlan { at: k, forever },
+                &remote,
+                &refs,
+                &refs_crash,
+                &mut tally,
+            ) {
+                break;
+            }
+            assert!(k < 1_000_000, "the workload never completes");
+        }
+    }
+    println!(
+        "io-faults: points={} panics={} (ops: once={} forever={}; untyped={} not_poisoned={} wrong_state={} open_failures={} errored_but_durable={} deferred_lost_on_close={} unopenable_new_file={} first_fault read/write/set_len/sync={:?}; {:.1?})",
+        tally.points,
+        tally.panics,
+        ks[0],
+        ks[1],
+        tally.untyped,
+        tally.not_poisoned,
+        tally.wrong_state,
+        tally.open_failures,
+        tally.errored_but_durable,
+        tally.deferred_lost_on_close,
+        tally.unopenable_new_file,
+        tally.by_kind,
+        started.elapsed()
+    );
+    assert!(tally.failures.is_empty(), "failures: {:#?}", tally.failures);
+}
+
+/// A known bug, kept failing until it is fixed (invariant 3: "a write that returned an
+/// error left no trace"): a commit can return `Err(Storage)` after its data reached stable
+/// storage. Found by `io_faults_at_every_operation` (`errored_but_durable`): `mark_synced`
+/// in the workload fails on a `set_len` that redb makes after the commit's fsync, and after
+/// a power cut the "failed" change is there. For a transaction an application would retry
+/// (an increment, say), that applies it twice. Either the storage error must be returned
+/// only while the commit can still be undone, or the contract must say a storage error
+/// leaves the write in doubt (the store is poisoned; reopen and read to learn the outcome).
+///
+/// This test fails each step of a workload at each of its operations in turn and reports
+/// every step whose error left its effect durable. (Which operation redb makes after the
+/// fsync depends on the file's layout; this workload, the first steps of an earlier version
+/// of `WORKLOAD`, reproduces it: `MarkSynced` fails on a `set_len` at its 8th operation.)
+#[test]
+#[ignore = "BUG: a commit can fail with Error::Storage after it became durable (a set_len after the fsync); invariant 3 says it must leave no trace"]
+fn a_failed_commit_leaves_no_trace() {
+    const STEPS: [Step; 6] = [
+        Step::Tx(0, Durability::Immediate),
+        Step::Tx(1, Durability::Immediate),
+        Step::Tx(2, Durability::Deferred),
+        Step::Read,
+        Step::Tx(3, Durability::Immediate),
+        Step::MarkSynced,
+    ];
+    let remote = remote_changeset();
+    let refs = reference(&remote, false, &STEPS);
+    let mut found = Vec::new();
+    for (i, step) in STEPS.iter().enumerate() {
+        if !step.writes() || *step == Step::Reopen {
+            continue;
+        }
+        for k in 1..10_000 {
+            let disk = SimDisk::new();
+            let time = ManualTimeSource::new(T0_MS);
+            let mut store =
+                Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
+            for s in &STEPS[..i] {
+                run_step(&mut store, *s, &disk, &time, &remote, false).expect("step");
+            }
+            disk.set_fault(Some(FaultPlan {
+                at: k,
+                forever: false,
+            }));
+            let r = run_step(&mut store, *step, &disk, &time, &remote, false);
+            let injected = disk.injected();
+            // Not a clean close: the power goes.
+            disk.crash();
+            drop(store);
+            if injected.is_empty() {
+                break;
+            }
+            disk.set_fault(None);
+            if r.is_err() {
+                let s = Store::open_backend(disk.backend(), options(&time)).expect("reopen");
+                let st = state(&s).expect("state");
+                if st == refs[i + 1] && refs[i + 1] != refs[i] {
+                    found.push(format!("step {i} {step:?}, fault {injected:?} at op {k}"));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "steps that returned an error and are durable after a power cut: {found:#?}"
+    );
+}
+
+/// A known bug, kept failing until it is fixed (invariant 3, `Durability::Deferred`: "a
+/// crash before then loses it (and only it)"): with no crash at all, a deferred commit that
+/// returned `Ok` is lost when the store's close fails to write — and nothing reports it,
+/// because closing happens in `Drop`. A fix: a `Store::close(self) -> Result<()>` (or
+/// `flush`) that makes deferred commits durable and returns the error, so an application
+/// that uses deferred durability can know; and a note in the docs that dropping the store
+/// may lose them on an I/O error.
+#[test]
+fn a_failing_close_reports_that_deferred_commits_may_be_lost() {
+    let time = ManualTimeSource::new(T0_MS);
+    let disk = SimDisk::new();
+    let store = Store::open_backend(disk.backend(), options(&time)).expect("open");
+    store
+        .write(|tx| tx.insert("A", 0, [("f", 0)]))
+        .expect("write");
+    let mut tx = store.begin().expect("begin");
+    tx.set_durability(Durability::Deferred);
+    tx.insert("A", 1, [("f", 1)]).expect("insert");
+    tx.commit().expect("a deferred commit");
+    // The disk fails while the store closes, then works again; the process goes on.
+    disk.set_fault(Some(FaultPlan {
+        at: 1,
+        forever: true,
+    }));
+    let closed = store.close();
+    disk.set_fault(None);
+    let store = Store::open_backend(disk.backend(), options(&time)).expect("reopen");
+    assert!(
+        closed.is_err() || store.get("A", 1).expect("get").is_some(),
+        "a deferred commit that returned Ok vanished with no crash and no error"
+    );
+    assert!(closed.is_err(), "the failing close is reported");
+}
