@@ -973,7 +973,12 @@ impl ServerSession {
                 }
                 Ok(out)
             }
-            (State::Ready { client, .. }, ClientMsg::Subscribe { set }) => {
+            // A new subscription set rebuilds the view (a snapshot in progress starts over,
+            // of the new view).
+            (
+                State::Ready { client, .. } | State::Snapshotting { client, .. },
+                ClientMsg::Subscribe { set },
+            ) => {
                 let client = *client;
                 let user = self.user_info();
                 match self.server.view(user, Some(&set)) {
@@ -982,27 +987,9 @@ impl ServerSession {
                         message,
                     }]),
                     Ok(view) => {
-                        if let State::Ready { view: v, .. } = &mut self.state {
-                            *v = Arc::new(view);
-                        }
-                        Ok(self
-                            .begin_reset(client, ResetReason::SubscriptionsChanged)?
-                            .into_iter()
-                            .collect())
-                    }
-                }
-            }
-            (State::Snapshotting { client, .. }, ClientMsg::Subscribe { set }) => {
-                let client = *client;
-                let user = self.user_info();
-                match self.server.view(user, Some(&set)) {
-                    Err(message) => Ok(vec![ServerMsg::SubscriptionError {
-                        version: set.version,
-                        message,
-                    }]),
-                    Ok(view) => {
-                        // Start the snapshot over, of the new view.
-                        if let State::Snapshotting { view: v, .. } = &mut self.state {
+                        if let State::Ready { view: v, .. } | State::Snapshotting { view: v, .. } =
+                            &mut self.state
+                        {
                             *v = Arc::new(view);
                         }
                         Ok(self
