@@ -52,12 +52,11 @@ use fieldlog::{
 
 const T0_MS: u64 = 1_700_000_000_000;
 
-/// BUG (src/store.rs `finish_reset` / `stage_snapshot`, reported, not fixed here): the
-/// reset swap adopts the server's states without the clock observing their stamps, so the
-/// persisted (and in-memory) high-water mark can stay below stamps in the store. While this
-/// is `true`, images where only *another replica's* stamp is above the clock are counted
-/// (`clock_behind_remote`), not failed; `reset_swap_advances_the_clock` fails until fixed.
-const KNOWN_BUG_RESET_CLOCK: bool = true;
+/// Set to `true` only while a known bug keeps the clock below other replicas' stamps (this
+/// test found one: the reset swap did not observe the snapshot's stamps; fixed, see
+/// `reset_swap_advances_the_clock`): such images are then counted (`clock_behind_remote`)
+/// instead of failed.
+const KNOWN_BUG_RESET_CLOCK: bool = false;
 
 /// BUG (reported, not fixed here): a power cut while a new store file is being created can
 /// leave a file that never opens; while `true`, such images are counted
@@ -671,15 +670,13 @@ fn crash_images_every_sync_point() {
     }
 }
 
-/// A known bug, kept failing until it is fixed (invariant 2 and the merge rule's "the HLC
-/// advances past every stamp it sees"): after a client reset, the client's clock has not
-/// observed the stamps of the server state it swapped in. With the server's clock a minute
-/// ahead (within the drift bound), a field the server wrote before the reset outranks every
-/// write the client makes to it for that minute: the client's later write commits `Ok`,
-/// enters its log, and is silently stale — the user's newest value never shows, locally or
-/// anywhere. Downloads do not have this problem (`import` observes every stamp). A fix:
-/// observe the highest stamp of every staged object in `stage_snapshot` or in the swap
-/// transaction of `finish_reset`, and persist the clock in it.
+/// Regression test (invariant 2 and the merge rule's "the HLC advances past every stamp it
+/// sees"; found by `crash_images_every_sync_point`'s clock check): after a client reset the
+/// client's clock had not observed the stamps of the server state it swapped in. With the
+/// server's clock a minute ahead (within the drift bound), a field the server wrote before
+/// the reset outranked every write the client made to it for that minute: the client's
+/// later write committed `Ok`, entered its log, and was silently stale. Fixed: staging a
+/// snapshot observes every stamp in it.
 #[test]
 fn reset_swap_advances_the_clock() {
     let client_time = ManualTimeSource::new(T0_MS);
@@ -752,7 +749,7 @@ fn reset_swap_advances_the_clock() {
 }
 
 /// A known bug, kept failing until it is fixed (invariant 3: after a power cut "the store
-/// opens"): redb creates a new file in two syncs — a header without its magic number, then
+/// opens"; found by this file's images of the store's creation): redb creates a new file in two syncs — a header without its magic number, then
 /// the magic — so a power cut between them leaves a file that `Store::open` refuses forever
 /// ("Not a redb database: magic number mismatch"); the application cannot start until the
 /// file is deleted by hand. Nothing was ever acknowledged in it. A fix: create a new store
@@ -780,16 +777,13 @@ fn a_store_cut_off_while_being_created_opens() {
     );
 }
 
-/// A known bug, kept failing until it is fixed (invariants 1 and 3): a write committed with
-/// `Durability::Deferred` can be uploaded, and applied by the server, before it is durable
-/// on the client. If the client then loses power, it comes back without that log entry,
-/// while the server's record says the client's log reaches it. From then on every Welcome
-/// says `uploaded` is beyond the client's log head and the client refuses it
-/// (`SyncError::Protocol`, "transient": the transport reconnects forever), so the client
-/// never syncs again; and its next local write reuses the lost entry's position, which the
-/// server would skip as already applied. A fix: never upload an entry that is not durable
-/// (make the upload read only what a durable commit covers, or commit durably before
-/// uploading), or have the client ask for a reset when the server is ahead of its log.
+/// Regression test (invariants 1 and 3): a write committed with `Durability::Deferred` can
+/// be uploaded, and applied by the server, before it is durable on the client. If the
+/// client then loses power, it comes back without that log entry while the server's record
+/// says its log reaches it. It used to refuse every Welcome from then on ("server claims
+/// position beyond this log", transient: reconnecting forever), and its next write would
+/// have reused the lost entry's position, which the server skips as applied. Fixed: the
+/// client never reuses those positions and rebuilds from the server (a reset).
 #[test]
 fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
     let time = ManualTimeSource::new(T0_MS);

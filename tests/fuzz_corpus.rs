@@ -111,14 +111,12 @@ fn write_seed_files() {
     }
 }
 
-/// A known bug, kept failing until it is fixed (see `fuzz/src/frame.rs`).
-///
-/// The frame decoder accepts non-canonical postcard: `Ping { id: 0 }` with the id spelt
-/// `0x80 0x00` instead of `0x00` decodes, and so do maps with unsorted or repeated keys (the
-/// fuzzer's `tests/corpus/frame_decode/noncanonical-map-order`), so one message has several
-/// encodings and `frame_decode`'s "decodes ⇒ re-encodes to the same bytes" fails. A fix:
-/// after decoding, re-encode and refuse the frame as `Malformed` if the bytes differ (the
-/// same for `Changeset::decode`, whose id is the hash of its bytes).
+/// Regression test (invariant 6; found by `frame_decode`): the frame decoder accepted
+/// non-canonical postcard — `Ping { id: 0 }` with the id spelt `0x80 0x00` instead of
+/// `0x00`, or maps with unsorted or repeated keys (`tests/corpus/frame_decode/
+/// noncanonical-map-order`) — so one message had several encodings. Fixed: a body that does
+/// not re-encode to itself is `Malformed` (and so is such a changeset, whose id is the hash
+/// of its bytes).
 #[test]
 fn frame_noncanonical_varint_is_refused() {
     let canonical = postcard::to_allocvec(&ClientMsg::Ping { id: 0 }).expect("encode");

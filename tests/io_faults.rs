@@ -1,8 +1,9 @@
 //! Invariants 3 and 6 under I/O errors: the store runs on a simulated disk
 //! (`fuzz/src/disk.rs`) that fails the k-th backend operation (read, write, set_len or
 //! sync_data) — once, or from then on — for k = 1, 2, … until a run completes with no fault
-//! injected. The workload opens the store and runs transactions (immediate and deferred),
-//! `mark_synced`, `prune_log`, an import, reads and a clean reopen.
+//! injected. The workload opens the store and runs transactions (immediate and deferred, one
+//! with a 64 KiB value), `mark_synced`, `prune_log`, an import, reads, a reopen
+//! (`Store::close`, then open) and a final `Store::close`.
 //!
 //! For every k, and both modes:
 //! 1. no panic (each run is under `catch_unwind`), and every failure is a typed error
@@ -16,8 +17,10 @@
 //!    the disk before the error, the state after it (counted as `errored_but_durable`:
 //!    invariant 3 wants a failed write to leave no trace, which an fsync error cannot
 //!    promise);
+//!    After a `Store::close` that returned `Ok`, deferred commits are durable too;
 //! 4. reopened from the live bytes (the process restarted, the OS kept its cache), the
-//!    state is one of the reference states between those two.
+//!    state is one of the reference states between those two;
+//! 5. the reopened store takes writes again.
 //!
 //! The reference run is the same workload without faults. Prints
 //! `io-faults: points=N panics=0` with the details.
@@ -85,7 +88,7 @@ impl Step {
     }
 }
 
-const WORKLOAD: [Step; 16] = [
+const WORKLOAD: [Step; 15] = [
     Step::Tx(0, Durability::Immediate),
     Step::Tx(1, Durability::Immediate),
     Step::Tx(2, Durability::Deferred),
@@ -100,7 +103,6 @@ const WORKLOAD: [Step; 16] = [
     Step::Prune,
     Step::Read,
     Step::Tx(6, Durability::Immediate),
-    Step::Big,
     Step::Tx(7, Durability::Deferred),
 ];
 
@@ -131,7 +133,6 @@ fn run_step(
     disk: &SimDisk,
     time: &ManualTimeSource,
     remote: &Changeset,
-    crash_on_reopen: bool,
 ) -> Result<(), Error> {
     let s = store.as_ref().expect("open");
     match step {
@@ -161,7 +162,7 @@ fn run_step(
         }
         Step::Big => {
             let n = s.log_head() as i64;
-            s.write(|tx| tx.insert("B", 100 + n, [("big", "b".repeat(300 << 10))]))?;
+            s.write(|tx| tx.insert("B", 100 + n, [("big", "b".repeat(64 << 10))]))?;
         }
         Step::MarkSynced => s.mark_synced(s.log_head())?,
         Step::Prune => {
@@ -175,27 +176,23 @@ fn run_step(
             s.get("A", 0)?;
         }
         Step::Reopen => {
-            if crash_on_reopen {
-                disk.crash();
+            if let Some(s) = store.take() {
+                s.close()?;
             }
-            *store = None;
             *store = Some(Store::open_backend(disk.backend(), options(time))?);
         }
     }
     Ok(())
 }
 
-/// The reference states: after opening (index 0) and after each step. With
-/// `crash_on_reopen`, the reopen step loses the power instead of closing (deferred commits
-/// before it are lost), which is what a close that fails to write amounts to.
-fn reference(remote: &Changeset, crash_on_reopen: bool, steps: &[Step]) -> Vec<State> {
+/// The reference states: after opening (index 0) and after each step.
+fn reference(remote: &Changeset, steps: &[Step]) -> Vec<State> {
     let disk = SimDisk::new();
     let time = ManualTimeSource::new(T0_MS);
     let mut store = Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
     let mut out = vec![state(store.as_ref().expect("open")).expect("state")];
     for &step in steps {
-        run_step(&mut store, step, &disk, &time, remote, crash_on_reopen)
-            .expect("a run without faults");
+        run_step(&mut store, step, &disk, &time, remote).expect("a run without faults");
         out.push(state(store.as_ref().expect("open")).expect("state"));
     }
     out
@@ -209,7 +206,6 @@ struct Tally {
     not_poisoned: u64,
     wrong_state: u64,
     errored_but_durable: u64,
-    deferred_lost_on_close: u64,
     unopenable_new_file: u64,
     open_failures: u64,
     by_kind: [u64; 4],
@@ -229,13 +225,7 @@ fn typed(e: &Error) -> bool {
 }
 
 /// One run with the fault plan; returns true when the workload completed with no fault.
-fn run_one(
-    plan: FaultPlan,
-    remote: &Changeset,
-    refs: &[State],
-    refs_crash: &[State],
-    tally: &mut Tally,
-) -> bool {
+fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tally) -> bool {
     let label = format!("k={} forever={}", plan.at, plan.forever);
     let disk = SimDisk::new();
     let time = ManualTimeSource::new(T0_MS);
@@ -245,7 +235,6 @@ fn run_one(
     let mut durable = 0usize;
     let mut newest = 0usize;
     let mut failed: Option<(usize, Step)> = None;
-    let mut fault_step: Option<(usize, Step)> = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut store = match Store::open_backend(disk.backend(), options(&time)) {
             Ok(s) => Some(s),
@@ -258,12 +247,7 @@ fn run_one(
             }
         };
         for (i, step) in WORKLOAD.iter().enumerate() {
-            let n = disk.injected().len();
-            let r = run_step(&mut store, *step, &disk, &time, remote, false);
-            if n == 0 && !disk.injected().is_empty() {
-                fault_step = Some((i, *step));
-            }
-            match r {
+            match run_step(&mut store, *step, &disk, &time, remote) {
                 Ok(()) => {
                     newest = i + 1;
                     if step.durable() {
@@ -297,8 +281,20 @@ fn run_one(
                 }
             }
         }
-        // Dropping the store closes it; with a fault still active that must not panic.
-        drop(store);
+        match (failed, store) {
+            // Completed: close, which makes the deferred commits durable or says it failed.
+            (None, Some(s)) => match s.close() {
+                Ok(()) => durable = newest,
+                Err(e) => {
+                    if !typed(&e) {
+                        tally.untyped += 1;
+                        tally.fail(format!("{label}: close failed untyped: {e:?}"));
+                    }
+                }
+            },
+            // Dropping a store closes it too; with a fault still active that must not panic.
+            (_, s) => drop(s),
+        }
     }));
     if result.is_err() {
         tally.panics += 1;
@@ -319,9 +315,6 @@ fn run_one(
     let mut candidates_durable: Vec<usize> = (durable..=newest).collect();
     candidates_durable.extend(doubt);
     let candidates_live: Vec<usize> = (durable..=doubt.unwrap_or(newest).max(newest)).collect();
-    // A fault swallowed by a close (redb cannot report it from Drop) loses the deferred
-    // commits before it, as a power cut would: the states then follow `refs_crash`.
-    let close_fault = matches!(fault_step, Some((_, Step::Reopen))) && failed.is_none();
     let created = failed.is_some() || newest > 0;
     for (what, d, candidates) in [
         ("durable image", &disk, &candidates_durable),
@@ -332,6 +325,7 @@ fn run_one(
                 let st = state(&s)?;
                 // Reopened, the store takes writes again.
                 s.write(|tx| tx.insert("P", 1, [("x", 1)]))?;
+                s.close()?;
                 Ok(st)
             })
         }));
@@ -349,34 +343,25 @@ fn run_one(
                 tally.open_failures += 1;
                 tally.fail(format!("{label}: the {what} does not open: {e:?}"));
             }
-            Ok(Ok(st)) => {
-                let found = candidates.iter().find(|&&i| refs[i] == st).copied();
-                let found_crash = if close_fault {
-                    candidates.iter().find(|&&i| refs_crash[i] == st).copied()
-                } else {
-                    None
-                };
-                match (found, found_crash) {
-                    (Some(i), _) => {
-                        let is_doubt = Some(i) == doubt
-                            && i > newest
-                            && refs[i] != refs[newest]
-                            && !matches!(failed, Some((_, Step::Reopen)));
-                        if what == "durable image" && is_doubt {
-                            // The failed step's commit reached the disk before the error.
-                            tally.errored_but_durable += 1;
-                        }
-                    }
-                    (None, Some(_)) => tally.deferred_lost_on_close += 1,
-                    (None, None) => {
-                        let which = refs.iter().position(|r| *r == st);
-                        tally.wrong_state += 1;
-                        tally.fail(format!(
-                            "{label}: the {what} holds reference state {which:?}, expected one of {candidates:?} (failed step {failed:?}, fault in step {fault_step:?}, injected {injected:?})"
-                        ));
+            Ok(Ok(st)) => match candidates.iter().find(|&&i| refs[i] == st) {
+                Some(&i) => {
+                    let is_doubt = Some(i) == doubt
+                        && i > newest
+                        && refs[i] != refs[newest]
+                        && !matches!(failed, Some((_, Step::Reopen)));
+                    if what == "durable image" && is_doubt {
+                        // The failed step's commit reached the disk before the error.
+                        tally.errored_but_durable += 1;
                     }
                 }
-            }
+                None => {
+                    let which = refs.iter().position(|r| *r == st);
+                    tally.wrong_state += 1;
+                    tally.fail(format!(
+                        "{label}: the {what} holds reference state {which:?}, expected one of {candidates:?} (failed step {failed:?}, injected {injected:?})"
+                    ));
+                }
+            },
         }
     }
     injected.is_empty()
@@ -386,28 +371,21 @@ fn run_one(
 fn io_faults_at_every_operation() {
     let started = Instant::now();
     let remote = remote_changeset();
-    let refs = reference(&remote, false, &WORKLOAD);
-    let refs_crash = reference(&remote, true, &WORKLOAD);
+    let refs = reference(&remote, &WORKLOAD);
     let mut tally = Tally::default();
     let mut ks = [0u64; 2];
     for (m, forever) in [false, true].into_iter().enumerate() {
         for k in 1.. {
             tally.points += 1;
             ks[m] = k;
-            if run_one(
-                FaultPlan { at: k, forever },
-                &remote,
-                &refs,
-                &refs_crash,
-                &mut tally,
-            ) {
+            if run_one(FaultPlan { at: k, forever }, &remote, &refs, &mut tally) {
                 break;
             }
             assert!(k < 1_000_000, "the workload never completes");
         }
     }
     println!(
-        "io-faults: points={} panics={} (ops: once={} forever={}; untyped={} not_poisoned={} wrong_state={} open_failures={} errored_but_durable={} deferred_lost_on_close={} unopenable_new_file={} first_fault read/write/set_len/sync={:?}; {:.1?})",
+        "io-faults: points={} panics={} (ops: once={} forever={}; untyped={} not_poisoned={} wrong_state={} open_failures={} errored_but_durable={} unopenable_new_file={} first_fault read/write/set_len/sync={:?}; {:.1?})",
         tally.points,
         tally.panics,
         ks[0],
@@ -417,7 +395,6 @@ fn io_faults_at_every_operation() {
         tally.wrong_state,
         tally.open_failures,
         tally.errored_but_durable,
-        tally.deferred_lost_on_close,
         tally.unopenable_new_file,
         tally.by_kind,
         started.elapsed()
@@ -450,7 +427,7 @@ fn a_failed_commit_leaves_no_trace() {
         Step::MarkSynced,
     ];
     let remote = remote_changeset();
-    let refs = reference(&remote, false, &STEPS);
+    let refs = reference(&remote, &STEPS);
     let mut found = Vec::new();
     for (i, step) in STEPS.iter().enumerate() {
         if !step.writes() || *step == Step::Reopen {
@@ -462,13 +439,13 @@ fn a_failed_commit_leaves_no_trace() {
             let mut store =
                 Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
             for s in &STEPS[..i] {
-                run_step(&mut store, *s, &disk, &time, &remote, false).expect("step");
+                run_step(&mut store, *s, &disk, &time, &remote).expect("step");
             }
             disk.set_fault(Some(FaultPlan {
                 at: k,
                 forever: false,
             }));
-            let r = run_step(&mut store, *step, &disk, &time, &remote, false);
+            let r = run_step(&mut store, *step, &disk, &time, &remote);
             let injected = disk.injected();
             // Not a clean close: the power goes.
             disk.crash();
@@ -492,13 +469,11 @@ fn a_failed_commit_leaves_no_trace() {
     );
 }
 
-/// A known bug, kept failing until it is fixed (invariant 3, `Durability::Deferred`: "a
-/// crash before then loses it (and only it)"): with no crash at all, a deferred commit that
-/// returned `Ok` is lost when the store's close fails to write — and nothing reports it,
-/// because closing happens in `Drop`. A fix: a `Store::close(self) -> Result<()>` (or
-/// `flush`) that makes deferred commits durable and returns the error, so an application
-/// that uses deferred durability can know; and a note in the docs that dropping the store
-/// may lose them on an I/O error.
+/// Regression test (invariant 3, `Durability::Deferred`: "a crash before then loses it
+/// (and only it)"; found by `io_faults_at_every_operation`): with no crash at all, a deferred
+/// commit that returned `Ok` was lost when closing the store failed to write, and nothing
+/// could report it, closing being `Drop`. Fixed: `Store::close` makes deferred commits
+/// durable and returns the error.
 #[test]
 fn a_failing_close_reports_that_deferred_commits_may_be_lost() {
     let time = ManualTimeSource::new(T0_MS);

@@ -36,8 +36,16 @@
 //!   in, its `last_sync` never moves backwards, and both survive crashes; the server's
 //!   version and digest survive restarts.
 //!
-//! Not yet: permission-violating writes and "no client sees another user's object" (look
-//! for HOOK(permissions)); every client has its own user, and the server has no rules.
+//! Permissions (invariant 5): the server has a rules file (`RULES`: each object has an
+//! `owner`, and a user may read and write only objects it owns); clients are dealt out to
+//! `USERS` users, so some share one. Writes normally set `owner` to the writer's user; at
+//! rate `forbidden` a client writes an object owned by another user or gives its object
+//! away (`ClientAction::Forbidden`). Checks: every server-to-client message and every
+//! client's store (after every step) holds no object of another user (a client may hold
+//! its own not yet refused write); every write that gives an object away is reported to
+//! its client (`take_refused_writes`, and kept in `rejected_writes`) or settled by a reset,
+//! and no refused write is on the server or in its history; the oracle leaves refused
+//! writes out; each client converges to the server's objects of its user.
 //!
 //! `FIELDLOG_SIM_SEEDS=N` runs seeds 0..N (default 256; `FIELDLOG_SIM_FIRST` moves the
 //! start); `FIELDLOG_SIM_SEED=n` replays one seed exactly; `FIELDLOG_SIM_TRACE=1` prints its
@@ -45,7 +53,7 @@
 //! `SEED=<n>`. The suite steers around known bugs (`Knobs`); `FIELDLOG_SIM_KNOWN_BUGS=1`
 //! stops that, and the `seed_*` regression tests (ignored while the bugs are open) replay
 //! the seeds that found them. Last line: `simulation: seeds=N client_ops=M
-//! convergence_failures=F max_rounds=R resets=X`.
+//! convergence_failures=F max_rounds=R resets=X refused=N leaks=0`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -54,8 +62,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport, UnsyncedWrite};
-use fieldlog::sync::client::{ClientConfig, ClientSession};
-use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
+use fieldlog::rules::Rules;
+use fieldlog::sync::client::{self as sync_client, ClientConfig, ClientSession};
+use fieldlog::sync::protocol::{ClientMsg, RefusedWrite, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Error, LogEntry, ManualTimeSource, Op, Options, Pk, Stamp, Store, Value, WriteTx};
@@ -76,6 +85,76 @@ const MAX_SKEW_MS: i64 = 120_000;
 /// connection dials, and every connection delivers at most one message each way.
 const HEAL_ROUNDS_MAX: usize = 2_000;
 const DEFAULT_SEEDS: u64 = 256;
+/// The field naming an object's user.
+const OWNER: &str = "owner";
+/// Users the clients are dealt out to (client `i` is `user{i % USERS}`).
+const USERS: usize = 2;
+/// Each user reads and writes only its own objects.
+const RULES: &str = r#"{
+  "rules": {
+    "Item": [
+      {
+        "name": "own",
+        "apply_when": {},
+        "document_filters": {
+          "read": { "owner": "%%user.id" },
+          "write": { "owner": "%%user.id" }
+        },
+        "read": true, "write": true, "insert": true, "delete": true
+      }
+    ]
+  }
+}"#;
+
+fn user_name(k: usize) -> String {
+    format!("user{k}")
+}
+
+/// The owner of a set of fields, if it is a string.
+fn owner_of<'a>(mut fields: impl Iterator<Item = (&'a str, &'a Value)>) -> Option<&'a str> {
+    fields
+        .find(|(f, _)| *f == OWNER)
+        .and_then(|(_, v)| match v {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+/// What in a server-to-client message belongs to another user than `user`.
+fn leaks_in(m: &ServerMsg, user: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut object = |what: &str, pk: &Pk, owner: Option<&str>| {
+        if owner.is_some_and(|o| o != user) {
+            out.push(format!("{what} carries {pk} of {owner:?} to {user}"));
+        }
+    };
+    match m {
+        ServerMsg::Snapshot { objects, .. } | ServerMsg::ViewDownload { objects, .. } => {
+            for o in objects {
+                let owner = owner_of(o.fields.iter().map(|(f, _, v)| (f.as_str(), v)));
+                object(down_kind(m), &o.pk, owner);
+            }
+        }
+        ServerMsg::Download { changeset, .. } => {
+            for e in &changeset.entries {
+                for w in &e.writes {
+                    let owner = match &w.op {
+                        Op::Insert { fields } => {
+                            owner_of(fields.iter().map(|(f, v)| (f.as_str(), v)))
+                        }
+                        Op::Update { fields } => {
+                            owner_of(fields.iter().map(|f| (f.field.as_str(), &f.value)))
+                        }
+                        Op::Delete { .. } => None,
+                    };
+                    object("Download", &w.pk, owner);
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
 
 type R<T = ()> = std::result::Result<T, String>;
 
@@ -117,8 +196,7 @@ struct Rates {
     ping: f64,
     /// A client writes.
     write: f64,
-    /// Writes the user may not make. HOOK(permissions): 0 until the simulation gives the
-    /// server a rules file; see `ClientAction::Forbidden`.
+    /// A client's write is one its user may not make (`ClientAction::Forbidden`).
     forbidden: f64,
     /// The server's download and snapshot batch size, and the clients' upload batch size:
     /// small ones split transactions into pieces.
@@ -132,7 +210,7 @@ struct Rates {
 
 /// How a seed runs besides its seed: how long, and switches for known bugs, so the suite
 /// keeps exploring everything else while they are open. Regression tests replay their seed
-/// with `Knobs::ALL`.
+/// with their bug's knob set (`Knobs::ALL` sets them all).
 #[derive(Clone, Copy, Debug)]
 struct Knobs {
     /// Each seed's safety phase is this many times longer (`FIELDLOG_SIM_SCALE`).
@@ -149,6 +227,20 @@ struct Knobs {
     /// (ClientAheadOfServer), replaying writes the first reset already settled. While open,
     /// a connection never loses a queued final SnapshotAck.
     final_snapshot_ack_lost: bool,
+    /// BUG 4 (open): the server tells a client of its refused writes only in the
+    /// `CompensatingWrite` that follows the `UploadAck` on the same connection. When the
+    /// connection breaks before it arrives, the upload is applied (the next Welcome says
+    /// so) and the refusal is never sent again: the client never learns that its write was
+    /// refused (`rejected_writes` lacks it). While open, a connection never loses a queued
+    /// CompensatingWrite.
+    compensating_write_lost: bool,
+    /// BUG 5 (open): a `ViewDownload` that lists an object in `removed` (it left the view:
+    /// deleted, or another user's) removes it locally even when the client holds unsynced
+    /// writes to it (an insert made after the delete). The upload then makes the object
+    /// the user's on the server, but downloads skip the client's own writes, so it never
+    /// comes back: the client lacks an object of its user forever (no convergence). While
+    /// open, the driver takes such objects out of `removed` (what a fix would do).
+    view_removes_unsynced: bool,
 }
 
 impl Knobs {
@@ -156,8 +248,10 @@ impl Knobs {
         scale: 1,
         counters_with_deletes: true,
         final_snapshot_ack_lost: true,
+        compensating_write_lost: true,
+        view_removes_unsynced: true,
     };
-    /// What the suite runs: everything, now that both bugs are fixed (the knobs stay so a
+    /// What the suite runs: everything (bugs 1, 2, 4 and 5 are fixed; the knobs stay so a
     /// future bug can be steered around while it is open).
     const SUITE: Knobs = Knobs::ALL;
 }
@@ -192,7 +286,7 @@ impl Rates {
             server_write: maybe(rng, 0.05),
             ping: maybe(rng, 0.05),
             write: rng.random_range(0.15..0.7),
-            forbidden: 0.0,
+            forbidden: maybe(rng, 0.20),
             server_batch: *[200, 600, 1 << 20, 1 << 20].choose(rng).unwrap(),
             client_batch: *[150, 400, 1 << 20, 1 << 20].choose(rng).unwrap(),
             client_window: rng.random_range(1..=4),
@@ -244,6 +338,10 @@ struct Stats {
     partitions: u64,
     resets: u64,
     heal_rounds: usize,
+    /// Forbidden writes made, writes the server refused, objects of another user seen.
+    forbidden: u64,
+    refused: u64,
+    leaks: u64,
 }
 
 impl Stats {
@@ -260,6 +358,9 @@ impl Stats {
         self.partitions += o.partitions;
         self.resets += o.resets;
         self.heal_rounds = self.heal_rounds.max(o.heal_rounds);
+        self.forbidden += o.forbidden;
+        self.refused += o.refused;
+        self.leaks += o.leaks;
     }
 }
 
@@ -277,6 +378,9 @@ struct Conn {
 
 struct Client {
     path: PathBuf,
+    user: String,
+    /// Every write the server refused, as the session reported them.
+    refused: Vec<RefusedWrite>,
     mode: ResetMode,
     token: String,
     time: ManualTimeSource,
@@ -481,15 +585,9 @@ enum ClientAction {
     Set(i64, &'static str, Value),
     Delete(i64),
     Increment(i64, i64),
-    /// HOOK(permissions): a write the user's rules forbid (e.g. to another user's object).
-    /// Never drawn while `Rates::forbidden` is 0. To do: give the server a rules file
-    /// (`ServerConfig::rules`, one owner per object), draw it, expect a `CompensatingWrite`
-    /// naming it, collect the refused writes like reset reports
-    /// (they join `refused` in `check_final`, so the oracle leaves them out and
-    /// "no acknowledged write lost" accepts them), and check that no client ever holds
-    /// another user's object.
-    #[allow(dead_code)]
-    Forbidden(i64),
+    /// A write the user's rules forbid: an insert of an object owned by another user, or
+    /// giving one's object to another user (an `Insert` or a `Set` of `owner`).
+    Forbidden(Box<ClientAction>),
 }
 
 fn apply(tx: &mut WriteTx<'_>, a: &ClientAction) -> fieldlog::Result<()> {
@@ -498,7 +596,7 @@ fn apply(tx: &mut WriteTx<'_>, a: &ClientAction) -> fieldlog::Result<()> {
         ClientAction::Set(pk, f, v) => tx.set(COLL, *pk, f, v.clone()),
         ClientAction::Delete(pk) => tx.delete(COLL, *pk),
         ClientAction::Increment(pk, d) => tx.increment(COLL, *pk, COUNTER, *d),
-        ClientAction::Forbidden(_) => unimplemented!("HOOK(permissions)"),
+        ClientAction::Forbidden(a) => apply(tx, a),
     }
 }
 
@@ -509,16 +607,20 @@ impl Sim {
 
     /// A world for a scripted test: `clients` clients in `mode`, no faults, big batches.
     fn scripted(clients: usize, mode: ResetMode) -> Sim {
-        let mut sim = Sim::build(0, Knobs::ALL, |r| {
+        let mut sim = Sim::build(0, Knobs::SUITE, |r| {
             r.clients = clients;
             r.server_batch = 1 << 20;
             r.client_batch = 1 << 20;
             r.client_window = 4;
         });
         sim.faults = false;
+        let token = token_for(&sim.secret, &user_name(0));
         for c in &mut sim.clients {
             c.mode = mode;
             c.skew = 0;
+            // One user, so every client sees every object.
+            c.user = user_name(0);
+            c.token = token.clone();
         }
         sim.tick(0);
         sim
@@ -550,7 +652,9 @@ impl Sim {
             clients.push(Client {
                 path,
                 mode: random_mode(&mut rng),
-                token: token_for(&secret, &format!("user{i}")),
+                user: user_name(i % USERS),
+                refused: Vec::new(),
+                token: token_for(&secret, &user_name(i % USERS)),
                 time,
                 skew,
                 partitioned_until: 0,
@@ -602,8 +706,47 @@ impl Sim {
         let store = Store::open_with(self.server_path(), options(&self.server_time)).unwrap();
         let mut config = ServerConfig::new(self.secret.clone());
         config.batch_bytes = self.r.server_batch;
+        config.rules = Some(Arc::new(Rules::load(RULES).unwrap()));
         let server = SyncServer::open(Arc::new(store), config).unwrap();
         self.server = Some(Arc::new(server));
+    }
+
+    /// The server's store served without rules, for the audit (which must read the whole
+    /// history and every tombstone).
+    fn unfiltered(&self) -> R<Arc<SyncServer>> {
+        let mut config = ServerConfig::new(self.secret.clone());
+        config.batch_bytes = self.r.server_batch;
+        SyncServer::open(Arc::clone(self.server().store()), config)
+            .map(Arc::new)
+            .map_err(|e| format!("unfiltered server: {e}"))
+    }
+
+    /// No client holds an object of another user, except one its own write gave away that
+    /// the server has not refused yet (`strict`: none at all).
+    fn check_holdings(&mut self, strict: bool) -> R {
+        for i in 0..self.clients.len() {
+            let store = self.store(i);
+            let user = self.clients[i].user.clone();
+            for o in store.scan(COLL).map_err(|e| e.to_string())? {
+                let owner = owner_of(o.fields.iter().map(|(f, v)| (f.as_str(), v)));
+                let Some(owner) = owner.filter(|o| *o != user) else {
+                    continue;
+                };
+                let stamp = store
+                    .get_field(COLL, o.pk.clone(), OWNER)
+                    .map_err(|e| e.to_string())?
+                    .map(|(_, s)| s);
+                let own = stamp.is_some_and(|s| s.replica == store.replica_id());
+                if strict || !own {
+                    self.stats.leaks += 1;
+                    return Err(format!(
+                        "client {i} ({user}) holds {} of {owner} (owner written at {stamp:?})",
+                        o.pk
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn server(&self) -> &Arc<SyncServer> {
@@ -667,11 +810,25 @@ impl Sim {
                     }
                 }
             }
+            if !knobs.compensating_write_lost {
+                // KNOWN BUG 4: queued refusals reach the client before the break.
+                for m in conn.down.drain(..) {
+                    if matches!(m, ServerMsg::CompensatingWrite { .. }) {
+                        let _ = conn.client.on_message(m);
+                    }
+                }
+                c.refused.extend(conn.client.take_refused_writes());
+            }
             // Reports are taken after every message; none can be left here.
             let left = conn.client.take_reset_reports();
             c.errors.extend(
                 left.iter()
                     .map(|r| format!("a reset report was not taken: {r:?}")),
+            );
+            let left = conn.client.take_refused_writes();
+            c.errors.extend(
+                left.iter()
+                    .map(|r| format!("a refused write was not taken: {r:?}")),
             );
         }
     }
@@ -755,6 +912,20 @@ impl Sim {
             return Ok(());
         }
         let store = self.store(i);
+        if !self.knobs.view_removes_unsynced {
+            // KNOWN BUG 5: objects with unsynced writes are not removed.
+            let front = self.clients[i].conn.as_mut().unwrap().down.front_mut();
+            if let Some(ServerMsg::ViewDownload { removed, .. }) = front {
+                let unsynced = store
+                    .log_after(store.last_sync(), usize::MAX)
+                    .map_err(|e| e.to_string())?;
+                removed.retain(|(_, pk)| {
+                    !unsynced
+                        .iter()
+                        .any(|e| e.writes.iter().any(|w| w.pk == *pk))
+                });
+            }
+        }
         let c = &mut self.clients[i];
         let conn = c.conn.as_mut().unwrap();
         let m = conn.down.pop_front().unwrap();
@@ -771,9 +942,16 @@ impl Sim {
         } else {
             String::new()
         };
+        let leaks = leaks_in(&m, &c.user);
+        if !leaks.is_empty() {
+            self.stats.leaks += leaks.len() as u64;
+            return Err(format!("client {i}: {leaks:?}"));
+        }
         let sync_before = store.last_sync();
         let r = conn.client.on_message(m);
         let reports = conn.client.take_reset_reports();
+        let refused = conn.client.take_refused_writes();
+        c.refused.extend(refused);
         match r {
             Ok(out) => conn.up.extend(out),
             Err(e) => {
@@ -903,7 +1081,8 @@ impl Sim {
         } else {
             1
         };
-        let (counters, deletes) = (self.r.counters, self.r.deletes);
+        let (counters, deletes, forbidden) = (self.r.counters, self.r.deletes, self.r.forbidden);
+        let user = self.clients[i].user.clone();
         let rng = &mut self.rng;
         let value = &mut self.value;
         let mut actions = Vec::new();
@@ -911,10 +1090,24 @@ impl Sim {
             for _ in 0..n {
                 let pk = rng.random_range(0..PKS);
                 let live = tx.get(COLL, pk)?.is_some();
-                let a = if !live {
-                    let mut fields = Vec::new();
+                let other = if rng.random_bool(forbidden) {
+                    let k = rng.random_range(1..USERS);
+                    let me: usize = user["user".len()..].parse().unwrap();
+                    Some(Value::from(user_name((me + k) % USERS)))
+                } else {
+                    None
+                };
+                let a = if let Some(other) = other {
+                    ClientAction::Forbidden(Box::new(if live {
+                        ClientAction::Set(pk, OWNER, other)
+                    } else {
+                        let f = FIELDS[rng.random_range(0..FIELDS.len())];
+                        ClientAction::Insert(pk, vec![(OWNER, other), (f, next_value(rng, value))])
+                    }))
+                } else if !live {
+                    let mut fields = vec![(OWNER, Value::from(user.as_str()))];
                     for f in FIELDS {
-                        if fields.is_empty() || rng.random_bool(0.5) {
+                        if fields.len() == 1 || rng.random_bool(0.5) {
                             fields.push((f, next_value(rng, value)));
                         }
                     }
@@ -939,6 +1132,10 @@ impl Sim {
                 if c.seq.is_some() {
                     self.stats.client_ops += 1;
                 }
+                self.stats.forbidden += actions
+                    .iter()
+                    .filter(|a| matches!(a, ClientAction::Forbidden(_)))
+                    .count() as u64;
                 self.log(|| format!("client {i} writes {actions:?} -> {c:?}"));
                 Ok(())
             }
@@ -951,9 +1148,10 @@ impl Sim {
         let v = next_value(&mut self.rng, &mut self.value);
         let f = FIELDS[self.rng.random_range(0..FIELDS.len())];
         let del = self.rng.random_bool(0.1) && self.r.deletes;
+        let owner = Value::from(user_name(self.rng.random_range(0..USERS)));
         let r = self.server().write(|tx| {
             if tx.get(COLL, pk)?.is_none() {
-                tx.insert(COLL, pk, [(f, v)])
+                tx.insert(COLL, pk, [(f, v), (OWNER, owner)])
             } else if del {
                 tx.delete(COLL, pk)
             } else {
@@ -1085,11 +1283,9 @@ impl Sim {
             self.stats.forced += 1;
             self.log(|| format!("operator forces a reset of client {i}"));
         }
-        if self.r.forbidden > 0.0 {
-            // HOOK(permissions): draw `ClientAction::Forbidden` here.
-            unimplemented!("permission-violating writes");
-        }
-        self.network_step()
+        // Forbidden writes are drawn in `client_write`.
+        self.network_step()?;
+        self.check_holdings(false)
     }
 
     // -- healing and checks ----------------------------------------------------------------
@@ -1128,6 +1324,7 @@ impl Sim {
                 }
             }
             self.no_errors()?;
+            self.check_holdings(false)?;
             match self.divergence()? {
                 None if self.in_flight() == 0 => return Ok(round),
                 None => why = "messages still in flight".into(),
@@ -1175,6 +1372,19 @@ impl Sim {
         Ok(())
     }
 
+    /// The server's live objects owned by `user`.
+    fn server_objects_of(&self, user: &str) -> R<Vec<fieldlog::Object>> {
+        let all = self
+            .server()
+            .store()
+            .scan(COLL)
+            .map_err(|e| e.to_string())?;
+        Ok(all
+            .into_iter()
+            .filter(|o| owner_of(o.fields.iter().map(|(f, v)| (f.as_str(), v))) == Some(user))
+            .collect())
+    }
+
     /// Why the replicas are not converged yet, if they are not.
     fn divergence(&self) -> R<Option<String>> {
         let server = self.server();
@@ -1208,9 +1418,24 @@ impl Sim {
                     "client {i}: cursor {download_cursor}, server version {version}"
                 )));
             }
-            if store.digest() != digest {
+            let _ = digest;
+            let mine = store.scan(COLL).map_err(|e| e.to_string())?;
+            let theirs = self.server_objects_of(&c.user)?;
+            if mine != theirs {
+                let diff: Vec<_> = mine
+                    .iter()
+                    .filter(|o| !theirs.contains(o))
+                    .map(|o| format!("client has {o:?}"))
+                    .chain(
+                        theirs
+                            .iter()
+                            .filter(|o| !mine.contains(o))
+                            .map(|o| format!("server has {o:?}")),
+                    )
+                    .collect();
                 return Ok(Some(format!(
-                    "client {i}: digest differs from the server's"
+                    "client {i}: its objects differ from the server's objects of {}: {diff:?}",
+                    c.user
                 )));
             }
         }
@@ -1248,7 +1473,7 @@ impl Sim {
     /// Reads the server's history after `audit.upto` through downloads to a made-up replica
     /// (which has no entries of its own, so it gets every record).
     fn audit_history(&mut self) -> R {
-        let server = Arc::clone(self.server());
+        let server = self.unfiltered()?;
         let version = server.version();
         if self.audit.upto >= version {
             return Ok(());
@@ -1336,7 +1561,8 @@ impl Sim {
     /// (a made-up replica resuming a reset, which never acknowledges the last chunk).
     fn server_snapshot(&self) -> R<Vec<ObjectSnapshot>> {
         let hello = self.observer_hello(0, true)?;
-        let mut s = self.server().session();
+        let server = self.unfiltered()?;
+        let mut s = server.session();
         let out = s.on_message(hello, self.now);
         ensure!(
             matches!(out.as_slice(), [ServerMsg::ResetRequired { .. }]),
@@ -1360,6 +1586,7 @@ impl Sim {
     }
 
     fn check_final(&mut self) -> R {
+        self.check_holdings(true)?;
         self.audit_history()?;
         let server = Arc::clone(self.server());
         let version = server.version();
@@ -1374,8 +1601,49 @@ impl Sim {
             .store()
             .log_after(0, usize::MAX)
             .map_err(|e| e.to_string())?;
+        // Writes the server refused (compensating writes), as field writes of the logs.
+        let mut comp: BTreeSet<(Stamp, Pk, Option<String>, Value)> = BTreeSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            let store = c.store.as_ref().unwrap();
+            let kept: Vec<RefusedWrite> = sync_client::rejected_writes(store)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect();
+            ensure!(
+                kept == c.refused,
+                "client {i}: rejected_writes {kept:?} differ from the refused writes reported {:?}",
+                c.refused
+            );
+            for r in &c.refused {
+                let w = logs[i]
+                    .iter()
+                    .filter(|e| e.stamp == r.stamp)
+                    .flat_map(|e| &e.writes)
+                    .find(|w| w.collection == r.collection && w.pk == r.pk && same_write(w, r))
+                    .ok_or_else(|| format!("client {i}: refused write {r:?} is in no log entry"))?;
+                let one = LogEntry {
+                    seq: 0,
+                    stamp: r.stamp,
+                    writes: vec![w.clone()],
+                };
+                comp.extend(
+                    flatten(&one)
+                        .into_iter()
+                        .map(|(p, f, v)| (r.stamp, p, f, v)),
+                );
+            }
+        }
         let mut by_stamp: HashMap<Stamp, Vec<BTreeSet<Flat>>> = HashMap::new();
-        for e in logs.iter().flatten().chain(&server_log) {
+        for e in logs.iter().flatten() {
+            by_stamp.entry(e.stamp).or_default().push(
+                flatten(e)
+                    .into_iter()
+                    .filter(|(p, f, v)| !comp.contains(&(e.stamp, p.clone(), f.clone(), v.clone())))
+                    .collect(),
+            );
+        }
+        for e in &server_log {
             by_stamp
                 .entry(e.stamp)
                 .or_default()
@@ -1400,7 +1668,24 @@ impl Sim {
                     "history: transaction {stamp} applied twice, at versions {first} and {v}"
                 ));
             }
+            if let Some((p, f, v)) = set
+                .iter()
+                .find(|(p, f, v)| comp.contains(&(*stamp, p.clone(), f.clone(), v.clone())))
+            {
+                return Err(format!(
+                    "history {v}: the refused write {p}.{f:?} = {v:?} at {stamp} was applied"
+                ));
+            }
             let known = by_stamp.get(stamp).is_some_and(|sets| sets.contains(set));
+            if let Some(log) = by_stamp
+                .get(stamp)
+                .and_then(|sets| sets.iter().find(|l| !known && set.is_subset(l)))
+            {
+                let unreported: Vec<&Flat> = log.difference(set).collect();
+                return Err(format!(
+                    "history {v}: the server left {unreported:?} of transaction {stamp} out (refused), and the client was never told (no CompensatingWrite names them)"
+                ));
+            }
             ensure!(
                 known,
                 "history {v}: transaction {stamp} {set:?} is in no log (logs hold {:?})",
@@ -1424,11 +1709,41 @@ impl Sim {
                 refused.extend(r.discarded.iter().map(|d| key(&d.write)));
             }
         }
-        // HOOK(permissions): compensating writes join `refused` here.
-
-        // No acknowledged write lost; every committed write accounted for.
+        // Every write giving an object to another user was refused (or settled by a reset,
+        // or beaten: a stale write changes nothing, and the server need not refuse it).
+        let mut in_report: BTreeSet<(Stamp, Pk, Option<String>, Value)> = BTreeSet::new();
+        for c in &self.clients {
+            for r in &c.reports {
+                in_report.extend(r.recovered.iter().map(key));
+            }
+        }
         let snapshot = self.server_snapshot()?;
         let reports: Vec<&ResetReport> = self.clients.iter().flat_map(|c| &c.reports).collect();
+        for (i, c) in self.clients.iter().enumerate() {
+            for e in &logs[i] {
+                for (p, f, v) in flatten(e) {
+                    let foreign = f.as_deref() == Some(OWNER) && v != Value::from(c.user.as_str());
+                    let k = (e.stamp, p, f, v);
+                    if !foreign
+                        || comp.contains(&k)
+                        || refused.contains(&k)
+                        || in_report.contains(&k)
+                    {
+                        continue;
+                    }
+                    let w = (k.1.clone(), k.2.clone(), k.3.clone());
+                    let f = fate(&snapshot, &reports, e.stamp, &w);
+                    ensure!(
+                        f == Fate::Beaten,
+                        "client {i} ({}): the forbidden write {k:?} was not refused ({f:?})",
+                        c.user
+                    );
+                }
+            }
+        }
+        refused.extend(comp.iter().cloned());
+
+        // No acknowledged write lost; every committed write accounted for.
         for (i, c) in self.clients.iter().enumerate() {
             for e in &logs[i] {
                 let settled = c
@@ -1446,6 +1761,14 @@ impl Sim {
                 }
                 for w in flatten(e) {
                     let f = fate(&snapshot, &reports, e.stamp, &w);
+                    if comp.contains(&(e.stamp, w.0.clone(), w.1.clone(), w.2.clone())) {
+                        ensure!(
+                            f != Fate::OnServer,
+                            "client {i}: the refused write {w:?} at {} is on the server",
+                            e.stamp
+                        );
+                        continue;
+                    }
                     ensure!(
                         f != Fate::Lost,
                         "client {i} ({:?}): write {w:?} of entry {} at {} was lost",
@@ -1467,10 +1790,15 @@ impl Sim {
                     );
                     if f == Fate::Superseded {
                         // Reported superseded while nothing newer is on the server: only an
-                        // update of an object the server has deleted.
+                        // update of an object the server has deleted (or the client may no
+                        // longer see: another user's).
                         let live = snapshot
                             .iter()
                             .find(|o| o.pk == w.0)
+                            .filter(|o| {
+                                owner_of(o.fields.iter().map(|(f, _, v)| (f.as_str(), v)))
+                                    == Some(c.user.as_str())
+                            })
                             .and_then(|o| o.exists)
                             .is_some_and(|(_, alive)| alive);
                         ensure!(
@@ -1548,6 +1876,22 @@ impl Sim {
         }
 
         Ok(())
+    }
+}
+
+/// Whether a refused write is this log write.
+fn same_write(w: &fieldlog::Write, r: &RefusedWrite) -> bool {
+    match &w.op {
+        Op::Insert { fields } => !r.delete && *fields == r.fields,
+        Op::Update { fields } => {
+            !r.delete
+                && fields.len() == r.fields.len()
+                && fields
+                    .iter()
+                    .zip(&r.fields)
+                    .all(|(a, (f, v))| a.field == *f && a.value == *v)
+        }
+        Op::Delete { .. } => r.delete,
     }
 }
 
@@ -1762,6 +2106,7 @@ fn healed(seed: u64, knobs: Knobs) -> R<Sim> {
 fn run_seed(seed: u64, knobs: Knobs) -> R<Stats> {
     let mut sim = healed(seed, knobs)?;
     sim.check_final()?;
+    sim.stats.refused = sim.clients.iter().map(|c| c.refused.len() as u64).sum();
     Ok(sim.stats)
 }
 
@@ -1826,7 +2171,10 @@ fn simulation() {
                 if knobs.scale != 1 {
                     how += &format!(" FIELDLOG_SIM_SCALE={}", knobs.scale);
                 }
-                if knobs.final_snapshot_ack_lost {
+                if knobs.final_snapshot_ack_lost
+                    && knobs.compensating_write_lost
+                    && knobs.view_removes_unsynced
+                {
                     how += " FIELDLOG_SIM_KNOWN_BUGS=1";
                 }
                 eprintln!("SEED={seed}:{how} {e}");
@@ -1835,15 +2183,18 @@ fn simulation() {
         }
     }
     println!(
-        "simulation: seeds={} client_ops={} convergence_failures={} max_rounds={} resets={}",
+        "simulation: seeds={} client_ops={} convergence_failures={} max_rounds={} resets={} refused={} leaks={}",
         seeds.len(),
         total.client_ops,
         failures.len(),
         total.heal_rounds,
-        total.resets
+        total.resets,
+        total.refused,
+        total.leaks
     );
     println!(
-        "simulation: server_ops={} messages={} drops={} duplicates={} crashes={} server_restarts={} compactions={} forced_resets={} partitions={} seconds={:.1}",
+        "simulation: forbidden={} server_ops={} messages={} drops={} duplicates={} crashes={} server_restarts={} compactions={} forced_resets={} partitions={} seconds={:.1}",
+        total.forbidden,
         total.server_ops,
         total.delivered,
         total.drops,
@@ -2013,7 +2364,7 @@ fn cursor_checks_can_fail() {
 /// BadChangeset, and the client gets the same error on every reconnect, never syncing again.
 #[test]
 fn seed_8_counter_update_of_a_deleted_object() {
-    replay(8, Knobs::ALL);
+    replay(8, Knobs::SUITE);
 }
 
 /// BUG 2 (see `Knobs::final_snapshot_ack_lost`; invariant 4): an operator-forced reset
@@ -2022,14 +2373,14 @@ fn seed_8_counter_update_of_a_deleted_object() {
 /// server keeps `force_reset` and the old position, and the next Hello gets a second reset.
 #[test]
 fn seed_39_lost_final_snapshot_ack_resets_again() {
-    replay(39, Knobs::ALL);
+    replay(39, Knobs::SUITE);
 }
 
 /// BUG 2 again, after a compaction reset that discarded two writes: the second reset
 /// (ClientAheadOfServer) replays them again from the server's stale position.
 #[test]
 fn seed_225_lost_final_snapshot_ack_after_compaction() {
-    replay(225, Knobs::ALL);
+    replay(225, Knobs::SUITE);
 }
 
 /// BUG 3 (invariant 4): a forced reset replays an update of pk 1 made after another
@@ -2044,9 +2395,103 @@ fn seed_2342_reset_drops_an_update_of_a_deleted_object() {
         2342,
         Knobs {
             scale: 2,
-            ..Knobs::ALL
+            ..Knobs::SUITE
         },
     );
+}
+
+/// BUG 4 (see `Knobs::compensating_write_lost`; invariant 5): client 1 (user1) inserts pk 3,
+/// which user0 owns on the server; the server refuses and reverts it, acknowledges the
+/// upload, and the connection breaks before the `CompensatingWrite` arrives. The next
+/// Welcome says the upload was applied, and the refusal is never sent again: the client's
+/// `rejected_writes` never names the write.
+#[test]
+fn seed_0_refusal_lost_with_its_connection() {
+    replay(
+        0,
+        Knobs {
+            compensating_write_lost: true,
+            ..Knobs::SUITE
+        },
+    );
+}
+
+/// BUG 5 (see `Knobs::view_removes_unsynced`; invariants 1 and 5): client 0 (user0) inserts
+/// pk 5 offline; a `ViewDownload` lists pk 5 in `removed` (it is not user0's on the server
+/// at that moment) and the client drops it, unsynced insert and all. The insert is then
+/// uploaded and accepted, so the server holds pk 5 as user0's, but downloads skip the
+/// client's own writes and pk 5 never comes back: healing ends with the client lacking it.
+#[test]
+fn seed_50_view_removal_drops_an_unsynced_insert() {
+    replay(
+        50,
+        Knobs {
+            view_removes_unsynced: true,
+            ..Knobs::SUITE
+        },
+    );
+}
+
+/// The permission checks can fail: a message carrying another user's object is named, and
+/// so is a client holding one it did not write, and a refusal the client was not told of.
+#[test]
+fn permission_checks_can_fail() {
+    let mut sim = healed(3, Knobs::SUITE).unwrap();
+    let other = user_name(1);
+    let snap = |owner: &str| fieldlog::reset::ObjectSnapshot {
+        collection: COLL.into(),
+        pk: Pk::Int(0),
+        exists: Some((Stamp::ZERO, true)),
+        floor: Stamp::ZERO,
+        fields: vec![(OWNER.into(), Stamp::ZERO, Value::from(owner))],
+    };
+    let m = ServerMsg::ViewDownload {
+        objects: vec![snap(&other)],
+        removed: Vec::new(),
+        cursor: 0,
+    };
+    assert_eq!(leaks_in(&m, "user0").len(), 1);
+    assert!(leaks_in(&m, &other).is_empty());
+    let m = ServerMsg::Snapshot {
+        objects: vec![snap(&other)],
+        end: None,
+    };
+    assert_eq!(leaks_in(&m, "user0").len(), 1);
+
+    // Another replica's write of another user's object lands in client 0's store.
+    let forger = fieldlog::ReplicaId(0xf0f0);
+    let cs = fieldlog::Changeset {
+        origin: forger,
+        entries: vec![LogEntry {
+            seq: 1,
+            stamp: Stamp {
+                time: (sim.now + 200_000) << 16,
+                replica: forger,
+            },
+            writes: vec![fieldlog::Write {
+                collection: COLL.into(),
+                pk: Pk::Int(99),
+                op: Op::Insert {
+                    fields: vec![(OWNER.into(), Value::from(user_name(1)))],
+                },
+            }],
+        }],
+    };
+    assert_eq!(sim.clients[0].user, "user0");
+    sim.store(0).import(&cs).unwrap();
+    let e = sim.check_holdings(false).unwrap_err();
+    assert!(e.contains("holds 99 of user1"), "{e}");
+
+    // A seed with refused writes, where the client forgets one.
+    let e = (0..100)
+        .find_map(|seed| {
+            let mut sim = healed(seed, Knobs::SUITE).unwrap();
+            let c = sim.clients.iter_mut().find(|c| !c.refused.is_empty())?;
+            c.refused.pop();
+            sim.check_final().err()
+        })
+        .unwrap();
+    assert!(e.contains("differ from the refused writes"), "{e}");
 }
 
 // The bugs again as short scripts, which do not depend on how the library's changes move a
@@ -2061,7 +2506,13 @@ fn script_write(sim: &Sim, i: usize, f: impl FnOnce(&mut WriteTx<'_>) -> fieldlo
 #[test]
 fn script_counter_increment_after_a_delete() {
     let mut sim = Sim::scripted(2, ResetMode::RecoverUnsyncedChanges);
-    script_write(&sim, 0, |tx| tx.insert(COLL, 0, [("a", 1)]));
+    script_write(&sim, 0, |tx| {
+        tx.insert(
+            COLL,
+            0,
+            [("a", Value::from(1)), (OWNER, Value::from("user0"))],
+        )
+    });
     sim.connect(0).unwrap();
     sim.connect(1).unwrap();
     sim.settle().unwrap();
@@ -2080,7 +2531,13 @@ fn script_counter_increment_after_a_delete() {
 #[test]
 fn script_lost_final_snapshot_ack() {
     let mut sim = Sim::scripted(1, ResetMode::RecoverUnsyncedChanges);
-    script_write(&sim, 0, |tx| tx.insert(COLL, 0, [("a", 1)]));
+    script_write(&sim, 0, |tx| {
+        tx.insert(
+            COLL,
+            0,
+            [("a", Value::from(1)), (OWNER, Value::from("user0"))],
+        )
+    });
     sim.connect(0).unwrap();
     sim.settle().unwrap();
     sim.disconnect(0);
@@ -2109,7 +2566,13 @@ fn script_lost_final_snapshot_ack() {
 fn script_reset_drops_an_update_of_a_deleted_object() {
     let (a, b, c) = (0, 1, 2);
     let mut sim = Sim::scripted(3, ResetMode::RecoverUnsyncedChanges);
-    script_write(&sim, b, |tx| tx.insert(COLL, 1, [("a", 1)]));
+    script_write(&sim, b, |tx| {
+        tx.insert(
+            COLL,
+            1,
+            [("a", Value::from(1)), (OWNER, Value::from("user0"))],
+        )
+    });
     for i in [a, b, c] {
         sim.connect(i).unwrap();
     }
@@ -2120,7 +2583,13 @@ fn script_reset_drops_an_update_of_a_deleted_object() {
     sim.settle().unwrap();
     sim.disconnect(c);
     sim.tick(10);
-    script_write(&sim, c, |tx| tx.insert(COLL, 1, [("a", 2)]));
+    script_write(&sim, c, |tx| {
+        tx.insert(
+            COLL,
+            1,
+            [("a", Value::from(2)), (OWNER, Value::from("user0"))],
+        )
+    });
     sim.tick(10);
     script_write(&sim, a, |tx| tx.set(COLL, 1, "b", 3));
     let id = sim.store(a).replica_id();

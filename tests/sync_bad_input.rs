@@ -570,10 +570,7 @@ async fn invalid_uploads_are_refused() {
     for (case, replica, entries) in schema_cases {
         let mut s = handshake(&f.addr, &token, replica).await;
         send(&mut s, &frame(&upload(replica, entries, false)), false).await;
-        match next_skipping_downloads(&mut s).await {
-            Ok(Some(ServerMsg::UploadAck { seq: 1, .. })) => {}
-            other => panic!("{case}: expected UploadAck, got {other:?}"),
-        }
+        // The refusal comes first, so a client that saw the acknowledgement saw it too.
         match next_skipping_downloads(&mut s).await {
             Ok(Some(ServerMsg::CompensatingWrite { refused })) => {
                 assert_eq!(refused.len(), 1, "{case}");
@@ -585,6 +582,10 @@ async fn invalid_uploads_are_refused() {
                 assert_eq!(refused[0].collection, "Strict");
             }
             other => panic!("{case}: expected CompensatingWrite, got {other:?}"),
+        }
+        match next_skipping_downloads(&mut s).await {
+            Ok(Some(ServerMsg::UploadAck { seq: 1, .. })) => {}
+            other => panic!("{case}: expected UploadAck, got {other:?}"),
         }
         assert_eq!(
             f.server_store.count("Strict").expect("count"),
@@ -627,6 +628,10 @@ async fn invalid_uploads_are_refused() {
         false,
     )
     .await;
+    match next_skipping_downloads(&mut s).await {
+        Ok(Some(ServerMsg::CompensatingWrite { refused })) => assert_eq!(refused.len(), 1),
+        other => panic!("mixed upload: expected CompensatingWrite, got {other:?}"),
+    }
     match next_skipping_downloads(&mut s).await {
         Ok(Some(ServerMsg::UploadAck { seq: 2, .. })) => {}
         other => panic!("mixed upload: expected UploadAck, got {other:?}"),

@@ -1,7 +1,8 @@
 //! `changeset_import`: bytes as a changeset (invariant 6). Decoding and importing either
 //! succeed or return a typed error; a refused changeset leaves the store exactly as it was;
-//! decode ∘ encode is the identity; an accepted changeset imported twice changes nothing
-//! the second time.
+//! decoded bytes are canonical (they re-encode to themselves: a changeset's id is the hash
+//! of its bytes) and decode ∘ encode is the identity; an accepted changeset imported twice
+//! changes nothing the second time.
 
 use fieldlog::{Changeset, Error, Store, Value};
 
@@ -49,6 +50,10 @@ pub fn check(data: &[u8]) {
         }
         if let Ok(cs) = Changeset::decode(bytes, usize::MAX) {
             let again = cs.encode().expect("re-encode");
+            assert_eq!(
+                again, bytes,
+                "a decoded changeset re-encodes to other bytes"
+            );
             assert_eq!(Changeset::decode(&again, usize::MAX).ok(), Some(cs));
         }
     }

@@ -18,13 +18,11 @@ use serde::Serialize;
 /// The frame limit the checks use (small, so `TooLarge` is reachable).
 pub const LIMIT: usize = 1 << 16;
 
-/// BUG (src/sync/frame.rs, reported, not fixed here): the decoder accepts non-canonical
-/// postcard: over-long varints (`0x80 0x00` for 0) and maps whose keys are unsorted or
-/// repeated (a `BTreeMap` sorts and dedups them), so one message has many encodings and a
-/// decoded frame can re-encode to other bytes. While this is `true`, the check tolerates
-/// exactly that — a re-encoding that decodes to the same message — and nothing else;
-/// `tests/fuzz_corpus.rs` (`frame_noncanonical_varint_is_refused`) fails until the decoder
-/// refuses them.
+/// Set to `true` only while a known bug makes the decoder accept non-canonical postcard
+/// (this target found one: over-long varints and unsorted or repeated map keys decoded, so
+/// one message had many encodings; fixed, see `frame_noncanonical_varint_is_refused` in
+/// `tests/fuzz_corpus.rs`): the check then tolerates a re-encoding that differs but decodes
+/// to the same message.
 pub const NONCANONICAL_TOLERATED: bool = false;
 
 /// Runs every frame check on `data`.

@@ -178,11 +178,16 @@ pub fn rejected_writes(store: &Store) -> Result<Vec<(u64, RefusedWrite)>> {
 }
 
 fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
+    // The server resends refusals the client may have missed: keep each once.
+    let known = rejected_writes(store)?;
     let mut tx = store.begin()?;
     {
         let mut table = tx.raw().open_table(REJECTED)?;
         let mut id = table.last()?.map_or(0, |(k, _)| k.value());
         for r in refused {
+            if known.iter().any(|(_, k)| k == r) {
+                continue;
+            }
             id += 1;
             let bytes = postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?;
             table.insert(id, bytes.as_slice())?;
@@ -375,9 +380,21 @@ impl ClientSession {
             }
             ServerMsg::ViewDownload {
                 objects,
-                removed,
+                mut removed,
                 cursor,
             } => {
+                if !removed.is_empty() {
+                    // An object with unsynced local writes stays until they are uploaded
+                    // and judged: removing it now would lose them for good (downloads do
+                    // not bring a client's own writes back).
+                    let unsynced: std::collections::HashSet<(String, crate::value::Pk)> = self
+                        .store
+                        .unsynced(usize::MAX)?
+                        .into_iter()
+                        .flat_map(|e| e.writes.into_iter().map(|w| (w.collection, w.pk)))
+                        .collect();
+                    removed.retain(|k| !unsynced.contains(k));
+                }
                 self.store.merge_view(&objects, &removed, |tx| {
                     tx.raw()
                         .open_table(CLIENT_SYNC)?
@@ -387,8 +404,13 @@ impl ClientSession {
                 Ok(vec![ClientMsg::DownloadAck { cursor }])
             }
             ServerMsg::CompensatingWrite { refused } => {
-                record_rejected(&self.store, &refused)?;
-                self.refused.extend(refused);
+                let known = rejected_writes(&self.store)?;
+                let fresh: Vec<RefusedWrite> = refused
+                    .into_iter()
+                    .filter(|r| !known.iter().any(|(_, k)| k == r))
+                    .collect();
+                record_rejected(&self.store, &fresh)?;
+                self.refused.extend(fresh);
                 Ok(Vec::new())
             }
             ServerMsg::SubscriptionError { version, message } => {

@@ -45,6 +45,9 @@ const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_history"
 const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_clients");
 /// conflict number → postcard [`ConflictRecord`].
 const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_conflicts");
+/// (client replica id, its log position) → postcard `Vec<RefusedWrite>`: refusals kept
+/// until the client shows (by its `last_sync`) that it received them.
+const REFUSALS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_refusals");
 /// `horizon` (history at or below it was compacted away), `schema_version`,
 /// `breaking_version` (the schema version of the last breaking change).
 const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
@@ -251,6 +254,12 @@ impl SyncServer {
                     let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
                     history.insert(v, bytes.as_slice())?;
                 }
+                if !refused.is_empty() || !invalid.is_empty() {
+                    let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
+                    let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
+                    txn.open_table(REFUSALS)?
+                        .insert((client.0, last), bytes.as_slice())?;
+                }
                 record.uploaded = last;
                 record.user = user.to_owned();
                 let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
@@ -337,6 +346,28 @@ impl SyncServer {
         }
         refused.extend(invalid);
         Ok((last, *version, refused))
+    }
+
+    /// Refusals of uploads above `last_sync` the client may have missed (a connection cut
+    /// between the refusal and the acknowledgement); those at or below it were received
+    /// and are forgotten.
+    fn pending_refusals(&self, client: ReplicaId, last_sync: LogPos) -> Result<Vec<RefusedWrite>> {
+        let mut tx = self.store.begin()?;
+        let mut out = Vec::new();
+        {
+            let mut table = tx.raw().open_table(REFUSALS)?;
+            table.retain_in((client.0, 0)..=(client.0, last_sync), |_, _| false)?;
+            for row in
+                table.range((client.0, last_sync.saturating_add(1))..=(client.0, u64::MAX))?
+            {
+                let (_, v) = row?;
+                let batch: Vec<RefusedWrite> = postcard::from_bytes(v.value())
+                    .map_err(|e| corrupt(format!("refusals: {e}")))?;
+                out.extend(batch);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// A view for a user and a subscription set.
@@ -878,10 +909,15 @@ impl ServerSession {
                         in_flight: 0,
                         done: false,
                     };
-                    let mut out = vec![ServerMsg::ResetRequired {
+                    let missed = self.server.pending_refusals(replica, last_sync)?;
+                    let mut out = Vec::new();
+                    if !missed.is_empty() {
+                        out.push(ServerMsg::CompensatingWrite { refused: missed });
+                    }
+                    out.push(ServerMsg::ResetRequired {
                         reason,
                         uploaded: record.uploaded,
-                    }];
+                    });
                     out.extend(refused_subscriptions);
                     return Ok(out);
                 }
@@ -899,13 +935,20 @@ impl ServerSession {
                 } else {
                     Vec::new()
                 };
-                let mut out = vec![ServerMsg::Welcome {
+                // Refusals the client may have missed come before the Welcome, which lets
+                // it count the uploads they belong to as acknowledged.
+                let missed = self.server.pending_refusals(replica, last_sync)?;
+                let mut out = Vec::new();
+                if !missed.is_empty() {
+                    out.push(ServerMsg::CompensatingWrite { refused: missed });
+                }
+                out.push(ServerMsg::Welcome {
                     server: self.server.store.replica_id(),
                     server_version,
                     uploaded: record.uploaded,
                     schema_version: server_schema,
                     schemas,
-                }];
+                });
                 out.extend(refused_subscriptions);
                 Ok(out)
             }
@@ -964,13 +1007,15 @@ impl ServerSession {
                 }
                 let (seq, server_version, refused) =
                     self.server.apply_upload(client, &view, entries)?;
-                let mut out = vec![ServerMsg::UploadAck {
-                    seq,
-                    server_version,
-                }];
+                // The refusal goes first: a client that saw the acknowledgement saw it too.
+                let mut out = Vec::new();
                 if !refused.is_empty() {
                     out.push(ServerMsg::CompensatingWrite { refused });
                 }
+                out.push(ServerMsg::UploadAck {
+                    seq,
+                    server_version,
+                });
                 Ok(out)
             }
             // A new subscription set rebuilds the view (a snapshot in progress starts over,
