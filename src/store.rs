@@ -962,6 +962,18 @@ impl Store {
     }
 }
 
+/// Fields as the application passes them, names checked.
+fn user_fields<K: Into<String>, V: Into<Value>>(
+    fields: impl IntoIterator<Item = (K, V)>,
+) -> Result<Vec<(String, Value)>> {
+    let fields: Vec<(String, Value)> = fields
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    user_names(&fields)?;
+    Ok(fields)
+}
+
 /// Application code names its own fields; `__` names belong to the engine.
 fn user_names(fields: &[(String, Value)]) -> Result<()> {
     fields
@@ -1198,13 +1210,8 @@ impl<'s> WriteTx<'s> {
         K: Into<String>,
         V: Into<Value>,
     {
-        let pk = pk.into();
-        let fields: Vec<(String, Value)> = fields
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        user_names(&fields)?;
-        self.insert_fields(collection, pk, fields)
+        let fields = user_fields(fields)?;
+        self.insert_fields(collection, pk.into(), fields)
     }
 
     /// An insert whose fields may include counter and text parts (the server re-writing
@@ -1254,11 +1261,7 @@ impl<'s> WriteTx<'s> {
         V: Into<Value>,
     {
         let pk = pk.into();
-        let fields: Vec<(String, Value)> = fields
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        user_names(&fields)?;
+        let fields = user_fields(fields)?;
         let mark = self.new_names.len();
         let r = self.update_inner(collection, &pk, fields);
         self.rollback_on_err(r, mark)

@@ -108,6 +108,14 @@ fn client_value(store: &Store, key: &str) -> Result<u64> {
     }
 }
 
+/// Records the download cursor inside the transaction that applies what it covers.
+fn set_cursor(tx: &mut crate::store::WriteTx<'_>, cursor: ServerVersion) -> Result<()> {
+    tx.raw()
+        .open_table(CLIENT_SYNC)?
+        .insert(DOWNLOAD_CURSOR, cursor)?;
+    Ok(())
+}
+
 /// The persisted download cursor of a client store.
 pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
     client_value(store, DOWNLOAD_CURSOR)
@@ -395,12 +403,8 @@ impl ClientSession {
                         .collect();
                     removed.retain(|k| !unsynced.contains(k));
                 }
-                self.store.merge_view(&objects, &removed, |tx| {
-                    tx.raw()
-                        .open_table(CLIENT_SYNC)?
-                        .insert(DOWNLOAD_CURSOR, cursor)?;
-                    Ok(())
-                })?;
+                self.store
+                    .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
                 Ok(vec![ClientMsg::DownloadAck { cursor }])
             }
             ServerMsg::CompensatingWrite { refused } => {
@@ -600,12 +604,8 @@ impl ClientSession {
             origin: changeset.origin,
             entries,
         };
-        self.store.import_with(&cs, |tx, _| {
-            tx.raw()
-                .open_table(CLIENT_SYNC)?
-                .insert(DOWNLOAD_CURSOR, cursor)?;
-            Ok(())
-        })?;
+        self.store
+            .import_with(&cs, |tx, _| set_cursor(tx, cursor))?;
         Ok(vec![ClientMsg::DownloadAck { cursor }])
     }
 

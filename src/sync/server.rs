@@ -352,6 +352,22 @@ impl SyncServer {
     /// between the refusal and the acknowledgement); those at or below it were received
     /// and are forgotten.
     fn pending_refusals(&self, client: ReplicaId, last_sync: LogPos) -> Result<Vec<RefusedWrite>> {
+        // Most handshakes have none: look before taking the writer.
+        {
+            let rtx = self.store.read_txn()?;
+            let table = match rtx.open_table(REFUSALS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            if table
+                .range((client.0, 0)..=(client.0, u64::MAX))?
+                .next()
+                .is_none()
+            {
+                return Ok(Vec::new());
+            }
+        }
         let mut tx = self.store.begin()?;
         let mut out = Vec::new();
         {
@@ -381,10 +397,7 @@ impl SyncServer {
     /// and returns them. Each write is judged on the object as the upload's earlier
     /// (allowed) writes leave it.
     fn enforce(&self, view: &View, entries: &mut [LogEntry]) -> Result<Vec<RefusedWrite>> {
-        let mut overlay: std::collections::HashMap<
-            (String, crate::value::Pk),
-            ObjectState<String>,
-        > = std::collections::HashMap::new();
+        let mut overlay = Overlay::default();
         let mut refused = Vec::new();
         let live =
             |s: &ObjectState<String>| -> Result<Option<std::collections::BTreeMap<String, Value>>> {
@@ -401,14 +414,7 @@ impl SyncServer {
         for e in entries.iter_mut() {
             let mut kept = Vec::with_capacity(e.writes.len());
             for w in std::mem::take(&mut e.writes) {
-                let key = (w.collection.clone(), w.pk.clone());
-                if !overlay.contains_key(&key) {
-                    let state = self.store.object_state_named(&w.collection, &w.pk)?;
-                    overlay.insert(key.clone(), state);
-                }
-                let Some(state) = overlay.get(&key) else {
-                    continue;
-                };
+                let state = overlay.state(&self.store, &w)?;
                 let mut after = state.clone();
                 apply_write(&mut after, &w, e.stamp);
                 let (before_fields, after_fields) = (live(state)?, live(&after)?);
@@ -460,7 +466,7 @@ impl SyncServer {
                 };
                 match reason {
                     None => {
-                        overlay.insert(key, after);
+                        *state = after;
                         kept.push(w);
                     }
                     Some(reason) => {
@@ -483,23 +489,13 @@ impl SyncServer {
         user: &str,
         entries: &[LogEntry],
     ) -> Result<Vec<Detected>> {
-        let mut overlay: std::collections::HashMap<
-            (String, crate::value::Pk),
-            ObjectState<String>,
-        > = std::collections::HashMap::new();
+        let mut overlay = Overlay::default();
         let mut users: std::collections::HashMap<ReplicaId, Option<String>> =
             std::collections::HashMap::new();
         let mut out = Vec::new();
         for e in entries {
             for w in &e.writes {
-                let key = (w.collection.clone(), w.pk.clone());
-                if !overlay.contains_key(&key) {
-                    let state = self.store.object_state_named(&w.collection, &w.pk)?;
-                    overlay.insert(key.clone(), state);
-                }
-                let Some(state) = overlay.get_mut(&key) else {
-                    continue;
-                };
+                let state = overlay.state(&self.store, w)?;
                 for mut c in detect(w, e.stamp, client, state) {
                     c.client.user = Some(user.to_owned());
                     if let Some(r) = c.server.replica {
@@ -1458,6 +1454,22 @@ fn refused_write(
         fields,
         delete,
         stamp,
+    }
+}
+
+/// The server's objects as an upload's earlier writes leave them, loaded on first use.
+#[derive(Default)]
+struct Overlay(std::collections::HashMap<(String, crate::value::Pk), ObjectState<String>>);
+
+impl Overlay {
+    fn state(&mut self, store: &Store, w: &crate::log::Write) -> Result<&mut ObjectState<String>> {
+        let key = (w.collection.clone(), w.pk.clone());
+        Ok(match self.0.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(store.object_state_named(&w.collection, &w.pk)?)
+            }
+        })
     }
 }
 
