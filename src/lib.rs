@@ -43,6 +43,7 @@ mod serde_object;
 mod store;
 pub mod sync;
 mod value;
+mod wal;
 
 pub use changeset::{Changeset, ChangesetId};
 pub use clock::{ManualTimeSource, ReplicaId, Stamp, SystemTimeSource, TimeSource};

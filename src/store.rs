@@ -26,6 +26,7 @@ use crate::reset::{
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
 use crate::value::{validate_name, Pk, Value};
+use crate::wal::{self, Redo};
 
 /// (collection id, encoded pk) → postcard `ObjectState<u32>`.
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
@@ -45,16 +46,26 @@ const META_LAST_SYNC: &str = "last_sync";
 const META_SCHEMA_PREFIX: &str = "schema/";
 const META_COUNT_PREFIX: &str = "count/";
 const META_RESET: &str = "reset";
+const META_WAL_SEQ: &str = "wal_seq";
 /// During a reset: the server's state being downloaded, in the `objects` format.
 const STAGING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_staging");
 /// During a reset: digest and counts of the staged state.
 const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("reset_staging_meta");
 /// 2: the digest sums per-field terms.
-const FORMAT_VERSION: u64 = 2;
+/// The write-ahead file grows by this much at a time.
+const WAL_GROWTH: u64 = 1 << 20;
+
+/// 3: commits may sit in the write-ahead file (a build that reads 2 would not replay them).
+const FORMAT_VERSION: u64 = 3;
+/// Older formats this build opens (and upgrades).
+const FORMAT_UPGRADES: [u64; 1] = [2];
 
 /// Default size of redb's page cache: enough for hot pages, small enough to keep a
 /// client's memory modest (redb's own default is 1 GiB).
 pub const CACHE_BYTES_DEFAULT: usize = 128 << 20;
+
+/// Default size the write-ahead file reaches before a checkpoint (see [`Options::checkpoint_bytes`]).
+pub const CHECKPOINT_BYTES_DEFAULT: u64 = 16 << 20;
 
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
@@ -82,6 +93,11 @@ pub struct Options {
     pub cache_bytes: usize,
     /// Where physical time comes from.
     pub time: Arc<dyn TimeSource>,
+    /// How many bytes of commits the write-ahead file (`<path>-wal`) takes before a
+    /// checkpoint writes them into the database file. Small durable commits cost one
+    /// append and one fsync of that file; this bounds the file and the work of reopening
+    /// after a crash. 0: no write-ahead file, every durable commit is a redb commit.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for Options {
@@ -92,6 +108,7 @@ impl Default for Options {
             durability: Durability::Immediate,
             cache_bytes: CACHE_BYTES_DEFAULT,
             time: Arc::new(SystemTimeSource),
+            checkpoint_bytes: CHECKPOINT_BYTES_DEFAULT,
         }
     }
 }
@@ -151,11 +168,19 @@ struct Writer {
     log_next: LogPos,
     last_sync: LogPos,
     counts: HashMap<u32, u64>,
+    /// The last write-ahead record's number (see `wal.rs`).
+    wal_seq: u64,
+    /// Where the next write-ahead record goes: 0 after a checkpoint.
+    wal_at: u64,
+    /// The write-ahead file's length (grown ahead of the records, in steps).
+    wal_len: u64,
 }
 
 /// An embedded fieldlog store: one redb file.
 pub struct Store {
     db: Database,
+    /// The write-ahead file, if the store has one (see `wal.rs`).
+    wal: Option<Box<dyn StorageBackend>>,
     /// The file, if the store has one (a reset backs it up).
     path: Option<std::path::PathBuf>,
     replica: ReplicaId,
@@ -197,6 +222,13 @@ impl std::fmt::Debug for Store {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The write-ahead file beside the store file at `path`.
+pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    p.into()
 }
 
 fn corrupt(what: impl Into<String>) -> Error {
@@ -344,13 +376,27 @@ impl Store {
         Store::open_with(path, Options::default())
     }
 
-    /// Opens the store at `path` with options.
+    /// Opens the store at `path` with options. Its write-ahead file is `<path>-wal`
+    /// (unless [`Options::checkpoint_bytes`] is 0): keep it with the store file.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store> {
+        let path = path.as_ref();
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
-            .create(path.as_ref())?;
-        let mut store = Store::init(db, options)?;
-        store.path = Some(path.as_ref().to_owned());
+            .create(path)?;
+        // Opened after the database, whose lock keeps a second process out of both.
+        let wal: Option<Box<dyn StorageBackend>> = if options.checkpoint_bytes > 0 {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(wal_path(path))?;
+            Some(Box::new(redb::backends::FileBackend::new(file)?))
+        } else {
+            None
+        };
+        let mut store = Store::init(db, wal, options)?;
+        store.path = Some(path.to_owned());
         Ok(store)
     }
 
@@ -359,15 +405,96 @@ impl Store {
         Store::open_backend(redb::backends::InMemoryBackend::new(), Options::default())
     }
 
-    /// Opens a store over any redb storage backend (crash and I/O-fault tests use this).
+    /// Opens a store over any redb storage backend, without a write-ahead file: every
+    /// durable commit is a redb commit.
     pub fn open_backend(backend: impl StorageBackend, options: Options) -> Result<Store> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)?;
-        Store::init(db, options)
+        Store::init(db, None, options)
     }
 
-    fn init(db: Database, options: Options) -> Result<Store> {
+    /// Opens a store over a redb storage backend for the database and another for its
+    /// write-ahead file (crash and I/O-fault tests use this with simulated disks).
+    pub fn open_backend_with_wal(
+        backend: impl StorageBackend,
+        wal: impl StorageBackend,
+        options: Options,
+    ) -> Result<Store> {
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(backend)?;
+        let wal: Option<Box<dyn StorageBackend>> =
+            (options.checkpoint_bytes > 0).then(|| Box::new(wal) as Box<dyn StorageBackend>);
+        Store::init(db, wal, options)
+    }
+
+    /// Puts back the commits the write-ahead file holds beyond the database's last one
+    /// (see `wal.rs`), in one durable redb commit.
+    fn replay_wal(db: &Database, wal: &dyn StorageBackend) -> Result<()> {
+        let (replica, after) = {
+            let rtx = db.begin_read()?;
+            let meta = match rtx.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let Some(replica) = meta.get(META_REPLICA)? else {
+                // A new database: nothing was ever recorded for it.
+                return Ok(());
+            };
+            let replica = u64_of(replica.value(), META_REPLICA)?;
+            let after = match meta.get(META_WAL_SEQ)? {
+                Some(v) => u64_of(v.value(), META_WAL_SEQ)?,
+                None => 0,
+            };
+            (replica, after)
+        };
+        let len = usize::try_from(wal.len()?).map_err(|_| corrupt("write-ahead file size"))?;
+        let mut bytes = vec![0u8; len];
+        wal.read(0, &mut bytes)?;
+        let records = wal::replayable(&bytes, replica, after);
+        if records.is_empty() {
+            return Ok(());
+        }
+        let txn = db.begin_write()?;
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            let mut log = txn.open_table(LOG)?;
+            let mut names = txn.open_table(NAMES)?;
+            let mut meta = txn.open_table(META)?;
+            for row in records.into_iter().flat_map(|r| r.rows) {
+                match row {
+                    Redo::Object(k, Some(v)) => {
+                        objects.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    Redo::Object(k, None) => {
+                        objects.remove(k.as_slice())?;
+                    }
+                    Redo::Log(seq, entry) => {
+                        log.insert(seq, entry.as_slice())?;
+                    }
+                    Redo::Name(id, name) => {
+                        names.insert(id, name.as_str())?;
+                    }
+                    Redo::Meta(k, v) => {
+                        meta.insert(k.as_str(), v.as_slice())?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn init(db: Database, wal: Option<Box<dyn StorageBackend>>, options: Options) -> Result<Store> {
+        let wal_len = match &wal {
+            Some(wal) => {
+                Store::replay_wal(&db, wal.as_ref())?;
+                wal.len()?
+            }
+            None => 0,
+        };
         let txn = db.begin_write()?;
         let (replica, writer, interner, schemas) = {
             let mut meta = txn.open_table(META)?;
@@ -379,7 +506,9 @@ impl Store {
             match format {
                 Some(v) => {
                     let found = u64_of(&v, META_FORMAT)?;
-                    if found != FORMAT_VERSION {
+                    if FORMAT_UPGRADES.contains(&found) {
+                        meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                    } else if found != FORMAT_VERSION {
                         return Err(corrupt(format!(
                             "format version {found}; this build reads {FORMAT_VERSION}"
                         )));
@@ -407,6 +536,7 @@ impl Store {
             let hlc = get_u64(META_HLC, 0)?;
             let log_next = get_u64(META_LOG_NEXT, 1)?;
             let last_sync = get_u64(META_LAST_SYNC, 0)?;
+            let wal_seq = get_u64(META_WAL_SEQ, 0)?;
             let digest = match meta.get(META_DIGEST)? {
                 Some(v) => Digest(
                     v.value()
@@ -446,12 +576,16 @@ impl Store {
                 log_next,
                 last_sync,
                 counts,
+                wal_seq,
+                wal_at: 0,
+                wal_len,
             };
             (replica, writer, interner, schemas)
         };
         txn.commit()?;
         Ok(Store {
             db,
+            wal,
             path: None,
             replica,
             options,
@@ -489,6 +623,13 @@ impl Store {
         g.flushing = true;
         drop(g);
         let r = (|| {
+            if let Some(wal) = &self.wal {
+                // Every commit numbered up to `target` has appended its record (or is
+                // durable by itself): one sync covers them, while others keep appending.
+                let target = lock(&self.group).committed;
+                wal.sync_data().map_err(redb::Error::from)?;
+                return Ok(target);
+            }
             let _w = lock(&self.writer);
             let target = lock(&self.group).committed;
             let txn = self.db.begin_write()?;
@@ -512,17 +653,24 @@ impl Store {
         out
     }
 
+    /// A durable redb commit: every commit so far is in the database file, and the
+    /// write-ahead file starts again from its beginning. The caller holds the writer.
+    fn checkpoint(&self, writer: &mut Writer) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.commit()?;
+        let mut g = lock(&self.group);
+        g.durable = g.durable.max(g.committed);
+        writer.wal_at = 0;
+        Ok(())
+    }
+
     /// Closes the store, first making every commit durable (those made with
     /// `Durability::Deferred` too) and reporting if that fails. Dropping a store closes it
     /// as well, but cannot report a failure: with deferred commits, close explicitly.
     pub fn close(self) -> Result<()> {
         self.check_poisoned()?;
-        let w = lock(&self.writer);
-        let r = self
-            .db
-            .begin_write()
-            .map_err(Error::from)
-            .and_then(|txn| txn.commit().map_err(Error::from));
+        let mut w = lock(&self.writer);
+        let r = self.checkpoint(&mut w);
         drop(w);
         self.finish(r)
     }
@@ -1514,7 +1662,7 @@ impl<'s> WriteTx<'s> {
     pub fn commit(mut self) -> Result<Committed> {
         let store = self.store;
         let r = (move || {
-            let Some(p) = self.prepare()? else {
+            let Some(mut p) = self.prepare()? else {
                 return Ok(Committed {
                     seq: None,
                     stamp: None,
@@ -1527,22 +1675,51 @@ impl<'s> WriteTx<'s> {
                 durability,
                 ..
             } = self;
-            // With other writers waiting (or a flush under way), a durable commit joins a
-            // group: commit without fsync now, then wait for one fsync that covers all.
-            let grouped = durability == Durability::Immediate
-                && (store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing);
-            if durability == Durability::Deferred || grouped {
+            if p.record.is_some() {
+                writer.wal_seq += 1;
+            }
+            let mode = match (&store.wal, p.record.take()) {
+                (Some(_), Some(record)) => Mode::Logged(record),
+                // Nothing may sit in redb unrecorded while commits go to the write-ahead
+                // file: a commit that cannot be recorded is durable by itself.
+                (Some(_), None) => Mode::Direct,
+                // With other writers waiting (or a flush under way), a durable commit joins
+                // a group: commit without fsync now, then wait for one fsync for all.
+                (None, _) if durability == Durability::Deferred => Mode::Deferred,
+                (None, _)
+                    if store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing =>
+                {
+                    Mode::Grouped
+                }
+                (None, _) => Mode::Direct,
+            };
+            if !matches!(mode, Mode::Direct) {
                 txn.set_durability(redb::Durability::None)?;
             }
             txn.commit()?;
+            if let (Mode::Logged(record), Some(wal)) = (&mode, &store.wal) {
+                let end = writer.wal_at + record.len() as u64;
+                if end > writer.wal_len {
+                    // Backends may refuse writes past the end; grow in steps, not per record.
+                    let len = end.next_multiple_of(WAL_GROWTH);
+                    wal.set_len(len).map_err(redb::Error::from)?;
+                    writer.wal_len = len;
+                }
+                wal.write(writer.wal_at, record)
+                    .map_err(redb::Error::from)?;
+                writer.wal_at = end;
+            }
             let number = {
                 let mut g = lock(&store.group);
                 g.committed += 1;
-                if durability == Durability::Immediate && !grouped {
+                if matches!(mode, Mode::Direct) {
                     g.durable = g.committed;
                 }
                 g.committed
             };
+            if matches!(mode, Mode::Direct) {
+                writer.wal_at = 0;
+            }
             writer.digest = p.digest;
             writer.counts.extend(p.counts);
             if let Some(seq) = p.committed.seq {
@@ -1556,8 +1733,17 @@ impl<'s> WriteTx<'s> {
                     names.by_id.push(n);
                 }
             }
+            let wait = match mode {
+                Mode::Logged(_) if writer.wal_at >= store.options.checkpoint_bytes => {
+                    store.checkpoint(&mut writer)?;
+                    false
+                }
+                Mode::Logged(_) => durability == Durability::Immediate,
+                Mode::Grouped => true,
+                Mode::Direct | Mode::Deferred => false,
+            };
             drop(writer);
-            if grouped {
+            if wait {
                 store.wait_durable(number)?;
             }
             Ok(p.committed)
@@ -1580,6 +1766,13 @@ impl<'s> WriteTx<'s> {
             },
             replica: self.store.replica,
         };
+        // Rows for the write-ahead file; other modules' tables (`raw`) are not recorded, so
+        // a transaction that wrote them commits to redb durably instead.
+        let mut redo =
+            (self.store.wal.is_some() && !self.raw_used && self.log_hook.is_none()).then(Vec::new);
+        // A large transaction is cheaper as a redb commit than as a record.
+        let record_max = (self.store.options.checkpoint_bytes / 4).min(wal::RECORD_BYTES_MAX / 4);
+        let mut record_bytes = 0u64;
         let names = self.store.names();
         let view = NameView {
             base: &names,
@@ -1652,10 +1845,20 @@ impl<'s> WriteTx<'s> {
                 if delta != 0 {
                     *count_delta.entry(p.coll).or_default() += delta;
                 }
-                if p.purge {
+                let row = if p.purge {
                     objects.remove(key.as_slice())?;
+                    None
                 } else {
-                    objects.insert(key.as_slice(), encode(&state)?.as_slice())?;
+                    let row = encode(&state)?;
+                    objects.insert(key.as_slice(), row.as_slice())?;
+                    Some(row)
+                };
+                if let Some(r) = &mut redo {
+                    record_bytes += (key.len() + row.as_ref().map_or(0, Vec::len)) as u64;
+                    r.push(Redo::Object(key.clone(), row));
+                    if record_bytes > record_max {
+                        redo = None;
+                    }
                 }
             }
         }
@@ -1667,10 +1870,21 @@ impl<'s> WriteTx<'s> {
         let mut meta = self.txn.open_table(META)?;
         if let Some(seq) = seq {
             let entry = LogEntry { seq, stamp, writes };
-            self.txn
-                .open_table(LOG)?
-                .insert(seq, encode(&entry)?.as_slice())?;
-            meta.insert(META_LOG_NEXT, (seq + 1).to_le_bytes().as_slice())?;
+            let bytes = encode(&entry)?;
+            self.txn.open_table(LOG)?.insert(seq, bytes.as_slice())?;
+            if let Some(r) = &mut redo {
+                record_bytes += bytes.len() as u64;
+                r.push(Redo::Log(seq, bytes));
+                if record_bytes > record_max {
+                    redo = None;
+                }
+            }
+            put_meta(
+                &mut meta,
+                &mut redo,
+                META_LOG_NEXT,
+                &(seq + 1).to_le_bytes(),
+            )?;
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
                 hook(&named, &self.txn)?;
@@ -1679,7 +1893,11 @@ impl<'s> WriteTx<'s> {
         if !self.new_names.is_empty() {
             let mut table = self.txn.open_table(NAMES)?;
             for (i, n) in self.new_names.iter().enumerate() {
-                table.insert((names.by_id.len() + i) as u32, n.as_str())?;
+                let id = (names.by_id.len() + i) as u32;
+                table.insert(id, n.as_str())?;
+                if let Some(redo) = &mut redo {
+                    redo.push(Redo::Name(id, n.clone()));
+                }
             }
         }
         drop(names);
@@ -1687,18 +1905,34 @@ impl<'s> WriteTx<'s> {
         for (cid, delta) in &count_delta {
             let n = self.writer.counts.get(cid).copied().unwrap_or(0);
             let n = n.saturating_add_signed(*delta);
-            meta.insert(
-                format!("{META_COUNT_PREFIX}{cid}").as_str(),
-                n.to_le_bytes().as_slice(),
+            put_meta(
+                &mut meta,
+                &mut redo,
+                &format!("{META_COUNT_PREFIX}{cid}"),
+                &n.to_le_bytes(),
             )?;
             counts.push((*cid, n));
         }
-        meta.insert(
+        put_meta(
+            &mut meta,
+            &mut redo,
             META_HLC,
-            self.writer.hlc.high_water().to_le_bytes().as_slice(),
+            &self.writer.hlc.high_water().to_le_bytes(),
         )?;
-        meta.insert(META_DIGEST, digest.digest().0.as_slice())?;
+        put_meta(&mut meta, &mut redo, META_DIGEST, &digest.digest().0)?;
+        let wal_seq = self.writer.wal_seq + 1;
+        if redo.is_some() {
+            put_meta(&mut meta, &mut redo, META_WAL_SEQ, &wal_seq.to_le_bytes())?;
+        }
         drop(meta);
+        let record = match redo {
+            Some(rows) => Some(wal::encode(&wal::Record {
+                replica: self.store.replica.0,
+                seq: wal_seq,
+                rows,
+            })?),
+            None => None,
+        };
         Ok(Some(Prepared {
             committed: Committed {
                 seq,
@@ -1706,8 +1940,37 @@ impl<'s> WriteTx<'s> {
             },
             digest,
             counts,
+            record,
         }))
     }
+}
+
+/// How a transaction reaches the disk.
+enum Mode {
+    /// A redb commit without fsync, and this record appended to the write-ahead file; the
+    /// next sync of that file (or a checkpoint) makes it durable.
+    Logged(Vec<u8>),
+    /// A durable redb commit (making every earlier commit durable too).
+    Direct,
+    /// No write-ahead file: a redb commit without fsync, then one empty durable commit
+    /// for the group.
+    Grouped,
+    /// No write-ahead file: a redb commit without fsync, durable with a later one.
+    Deferred,
+}
+
+/// Puts a meta row, and records it for the write-ahead file.
+fn put_meta(
+    meta: &mut redb::Table<&str, &[u8]>,
+    redo: &mut Option<Vec<Redo>>,
+    key: &str,
+    value: &[u8],
+) -> Result<()> {
+    meta.insert(key, value)?;
+    if let Some(redo) = redo {
+        redo.push(Redo::Meta(key.to_owned(), value.to_vec()));
+    }
+    Ok(())
 }
 
 /// What a transaction will change in memory once redb has committed it.
@@ -1715,6 +1978,8 @@ struct Prepared {
     committed: Committed,
     digest: DigestSum,
     counts: Vec<(u32, u64)>,
+    /// The write-ahead record (numbered `wal_seq + 1`), if the transaction made one.
+    record: Option<Vec<u8>>,
 }
 
 // ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
@@ -1894,10 +2159,10 @@ impl Store {
             return Ok(());
         };
         self.check_poisoned()?;
-        let _w = lock(&self.writer);
-        // An empty durable commit flushes commits made with `Durability::Deferred`.
-        let txn = self.db.begin_write()?;
-        self.finish(txn.commit().map_err(Error::from))?;
+        let mut w = lock(&self.writer);
+        // Every commit (deferred ones, those in the write-ahead file) into the file.
+        let r = self.checkpoint(&mut w);
+        self.finish(r)?;
         let mut tmp = dest.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = std::path::PathBuf::from(tmp);

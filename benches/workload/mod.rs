@@ -242,10 +242,23 @@ impl Fieldlog {
     pub fn open(dir: &Path) -> Fieldlog {
         let path = dir.join("fieldlog.redb");
         Fieldlog {
-            store: Arc::new(Store::open(&path).expect("open fieldlog")),
+            store: Arc::new(Store::open_with(&path, options()).expect("open fieldlog")),
             path,
         }
     }
+}
+
+/// The store's default options; `FIELDLOG_BENCH_CHECKPOINT_BYTES` changes the write-ahead
+/// file's size (0: none), to compare.
+pub fn options() -> fieldlog::Options {
+    let mut o = fieldlog::Options::default();
+    if let Some(n) = std::env::var("FIELDLOG_BENCH_CHECKPOINT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.checkpoint_bytes = n;
+    }
+    o
 }
 
 pub fn fieldlog_load(store: &Store, rows: &[Row], durability: Durability) {
@@ -651,6 +664,19 @@ pub fn update_all(e: &dyn Engine, ups: &[Upd], batch: u32) -> Duration {
 /// `work.len()` threads, each committing its updates one per durable transaction, all
 /// started together; returns the wall time.
 pub fn concurrent(e: &dyn Engine, work: &[Vec<Upd>]) -> Duration {
+    writers(e, work, None)
+}
+
+/// The same writers without group commit: one transaction, and its fsync, at a time.
+pub fn concurrent_one_at_a_time(e: &dyn Engine, work: &[Vec<Upd>]) -> Duration {
+    writers(e, work, Some(&std::sync::Mutex::new(())))
+}
+
+fn writers(
+    e: &dyn Engine,
+    work: &[Vec<Upd>],
+    one_at_a_time: Option<&std::sync::Mutex<()>>,
+) -> Duration {
     let start = Barrier::new(work.len() + 1);
     std::thread::scope(|s| {
         let handles: Vec<_> = work
@@ -661,6 +687,8 @@ pub fn concurrent(e: &dyn Engine, work: &[Vec<Upd>]) -> Duration {
                     let mut w = e.thread_writer();
                     start.wait();
                     for u in ups {
+                        let _one =
+                            one_at_a_time.map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
                         w(u);
                     }
                 })
@@ -687,8 +715,8 @@ pub struct FieldlogPair {
 
 impl FieldlogPair {
     pub fn new(dir: &Path, objects: u32, batch: u32, rng: &mut impl Rng) -> FieldlogPair {
-        let a = Store::open(dir.join("merge_a.redb")).expect("open a");
-        let b = Store::open(dir.join("merge_b.redb")).expect("open b");
+        let a = Store::open_with(dir.join("merge_a.redb"), options()).expect("open a");
+        let b = Store::open_with(dir.join("merge_b.redb"), options()).expect("open b");
         let mut lo = 0;
         while lo < objects {
             let hi = (lo + batch).min(objects);

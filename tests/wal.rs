@@ -1,0 +1,242 @@
+//! The write-ahead file keeps invariant 3: commits acknowledged durable survive a power cut
+//! (both files cut back to what their last sync made durable), whatever sits in the file is
+//! put back exactly once, and a file that does not belong to the database is ignored.
+//! (`crash_images.rs` cuts at every sync point of both files; this file covers the cases by
+//! name.)
+
+#[path = "../fuzz/src/disk.rs"]
+#[allow(dead_code)]
+mod disk;
+
+use disk::SimDisk;
+use fieldlog::{Durability, Options, Store, Value};
+
+fn options(checkpoint_bytes: u64) -> Options {
+    Options {
+        checkpoint_bytes,
+        ..Options::default()
+    }
+}
+
+fn open(db: &SimDisk, wal: &SimDisk, checkpoint_bytes: u64) -> Store {
+    Store::open_backend_with_wal(db.backend(), wal.backend(), options(checkpoint_bytes))
+        .expect("open")
+}
+
+fn crash(store: Store, db: &SimDisk, wal: &SimDisk) {
+    db.crash();
+    wal.crash();
+    drop(store);
+}
+
+fn value_of(store: &Store, pk: i64, field: &str) -> Option<Value> {
+    store
+        .get("T", pk)
+        .expect("get")
+        .and_then(|o| o.get(field).cloned())
+}
+
+#[test]
+fn acknowledged_commits_survive_a_power_cut_without_a_checkpoint() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    let db_syncs = db.syncs();
+    for i in 0..50i64 {
+        store
+            .write(|tx| tx.insert("T", i, [("n", Value::from(i))]))
+            .expect("insert");
+    }
+    store
+        .write(|tx| tx.set("T", 7, "n", "seven"))
+        .expect("update");
+    store.write(|tx| tx.delete("T", 8)).expect("delete");
+    let digest = store.digest();
+    let head = store.log_head();
+    // The database file was not synced by those commits: only the write-ahead file was.
+    assert_eq!(db.syncs(), db_syncs, "no redb commit reached the disk");
+    assert!(wal.syncs() >= 52);
+    crash(store, &db, &wal);
+
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.count("T").expect("count"), 49);
+    assert_eq!(value_of(&store, 7, "n"), Some(Value::from("seven")));
+    assert_eq!(value_of(&store, 8, "n"), None);
+    assert_eq!(value_of(&store, 49, "n"), Some(Value::from(49)));
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().expect("verify"));
+    assert_eq!(store.log_head(), head);
+    assert_eq!(store.log_after(0, 100).expect("log").len(), 52);
+
+    // Put back once: more writes, another cut, and nothing is applied twice.
+    store
+        .write(|tx| tx.set("T", 9, "n", "nine"))
+        .expect("update");
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.count("T").expect("count"), 49);
+    assert_eq!(value_of(&store, 9, "n"), Some(Value::from("nine")));
+    assert_eq!(store.log_after(0, 100).expect("log").len(), 53);
+    assert!(store.verify_digest().expect("verify"));
+    // New writes continue the log and the clock.
+    let (_, c) = store
+        .write(|tx| tx.set("T", 10, "n", "ten"))
+        .expect("update");
+    assert_eq!(c.seq, Some(54));
+}
+
+#[test]
+fn commits_survive_many_checkpoints_and_a_cut_between_them() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    // A tiny file: a checkpoint every few commits, the file rewritten from its start.
+    let store = open(&db, &wal, 4096);
+    for i in 0..300i64 {
+        store
+            .write(|tx| {
+                if i < 20 {
+                    tx.insert("T", i, [("n", Value::from(i)), ("s", Value::from("x"))])
+                } else {
+                    tx.set("T", i % 20, "n", i)
+                }
+            })
+            .expect("write");
+    }
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 4096);
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().expect("verify"));
+    for k in 0..20i64 {
+        assert_eq!(value_of(&store, k, "n"), Some(Value::from(280 + k)));
+    }
+    assert_eq!(store.log_after(0, 1000).expect("log").len(), 300);
+}
+
+#[test]
+fn a_deferred_commit_is_durable_with_the_next_immediate_one_and_lost_alone_otherwise() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    let deferred = |store: &Store, pk: i64| {
+        let mut tx = store.begin().expect("begin");
+        tx.set_durability(Durability::Deferred);
+        tx.insert("T", pk, [("n", Value::from(pk))])
+            .expect("insert");
+        tx.commit().expect("commit");
+    };
+    deferred(&store, 1);
+    store
+        .write(|tx| tx.insert("T", 2, [("n", Value::from(2))]))
+        .expect("immediate");
+    deferred(&store, 3);
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(value_of(&store, 1, "n"), Some(Value::from(1)));
+    assert_eq!(value_of(&store, 2, "n"), Some(Value::from(2)));
+    assert_eq!(value_of(&store, 3, "n"), None, "never synced");
+    assert!(store.verify_digest().expect("verify"));
+    // Its log position is reused by the next commit: the log stays contiguous.
+    let (_, c) = store
+        .write(|tx| tx.insert("T", 4, [("n", Value::from(4))]))
+        .expect("insert");
+    assert_eq!(c.seq, Some(3));
+}
+
+#[test]
+fn a_large_transaction_commits_to_the_database_and_keeps_order_with_the_file() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 64 << 10);
+    store
+        .write(|tx| tx.insert("T", 1, [("n", Value::from(1))]))
+        .expect("small");
+    // 40 KiB: over a quarter of the file, so a durable redb commit.
+    store
+        .write(|tx| {
+            for i in 100..140i64 {
+                tx.insert("T", i, [("b", Value::Bytes(vec![i as u8; 1000]))])?;
+            }
+            Ok(())
+        })
+        .expect("large");
+    store
+        .write(|tx| tx.set("T", 1, "n", 2))
+        .expect("small again");
+    store
+        .write(|tx| tx.set("T", 100, "b", "replaced"))
+        .expect("small after large");
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 64 << 10);
+    assert_eq!(store.digest(), digest);
+    assert_eq!(value_of(&store, 1, "n"), Some(Value::from(2)));
+    assert_eq!(value_of(&store, 100, "b"), Some(Value::from("replaced")));
+    assert_eq!(store.count("T").expect("count"), 41);
+    assert_eq!(store.log_after(0, 10).expect("log").len(), 4);
+}
+
+#[test]
+fn a_torn_record_is_an_unacknowledged_tail() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    store
+        .write(|tx| tx.insert("T", 1, [("n", Value::from(1))]))
+        .expect("insert");
+    let durable = wal.durable_image();
+    store.write(|tx| tx.set("T", 1, "n", 2)).expect("update");
+    let live = wal.live_image();
+    crash(store, &db, &wal);
+    // The second record cut 30 bytes in: the database opens with the first only.
+    let second = (0..live.len())
+        .find(|&i| durable.get(i) != Some(&live[i]))
+        .expect("a second record");
+    let mut torn = live.clone();
+    for b in &mut torn[second + 30..] {
+        *b = 0;
+    }
+    let store = open(&db, &SimDisk::from_image(torn), 16 << 20);
+    assert_eq!(value_of(&store, 1, "n"), Some(Value::from(1)));
+    assert!(store.verify_digest().expect("verify"));
+    assert_eq!(store.log_head(), 1);
+}
+
+#[test]
+fn a_write_ahead_file_from_another_store_is_not_replayed() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    store
+        .write(|tx| tx.insert("T", 1, [("n", Value::from(1))]))
+        .expect("insert");
+    crash(store, &db, &wal);
+    // The file stays; the database is replaced by a new one.
+    let fresh = SimDisk::new();
+    let store = open(&fresh, &wal, 16 << 20);
+    assert_eq!(store.count("T").expect("count"), 0);
+    assert_eq!(store.log_head(), 0);
+    store
+        .write(|tx| tx.insert("T", 5, [("n", Value::from(5))]))
+        .expect("insert");
+    crash(store, &fresh, &wal);
+    let store = open(&fresh, &wal, 16 << 20);
+    assert_eq!(store.count("T").expect("count"), 1);
+    assert_eq!(value_of(&store, 5, "n"), Some(Value::from(5)));
+}
+
+#[test]
+fn files_on_disk_reopen_with_their_write_ahead_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("s.redb");
+    {
+        let store = Store::open(&path).expect("open");
+        for i in 0..10i64 {
+            store
+                .write(|tx| tx.insert("T", i, [("n", Value::from(i))]))
+                .expect("insert");
+        }
+        // Dropped without close: the commits may be only in the write-ahead file.
+    }
+    assert!(dir.path().join("s.redb-wal").exists());
+    let store = Store::open(&path).expect("reopen");
+    assert_eq!(store.count("T").expect("count"), 10);
+    assert!(store.verify_digest().expect("verify"));
+    store.close().expect("close");
+    let store = Store::open(&path).expect("reopen after close");
+    assert_eq!(store.count("T").expect("count"), 10);
+}
