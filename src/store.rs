@@ -654,14 +654,33 @@ impl Store {
     }
 
     /// A durable redb commit: every commit so far is in the database file, and the
-    /// write-ahead file starts again from its beginning. The caller holds the writer.
-    fn checkpoint(&self, writer: &mut Writer) -> Result<()> {
+    /// write-ahead file starts again from its beginning (emptied if `truncate`, else
+    /// overwritten in place). The caller holds the writer.
+    fn checkpoint_with(&self, writer: &mut Writer, truncate: bool) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.commit()?;
-        let mut g = lock(&self.group);
-        g.durable = g.durable.max(g.committed);
+        {
+            let mut g = lock(&self.group);
+            g.durable = g.committed;
+        }
         writer.wal_at = 0;
+        if let (Some(wal), true) = (&self.wal, truncate) {
+            wal.set_len(0).map_err(redb::Error::from)?;
+            wal.sync_data().map_err(redb::Error::from)?;
+            writer.wal_len = 0;
+        }
         Ok(())
+    }
+
+    /// Writes every commit into the database file and empties the write-ahead file (as
+    /// `close` does; the store also does it by itself when the file reaches
+    /// [`Options::checkpoint_bytes`], without emptying it).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.check_poisoned()?;
+        let mut w = lock(&self.writer);
+        let r = self.checkpoint_with(&mut w, true);
+        drop(w);
+        self.finish(r)
     }
 
     /// Closes the store, first making every commit durable (those made with
@@ -670,7 +689,7 @@ impl Store {
     pub fn close(self) -> Result<()> {
         self.check_poisoned()?;
         let mut w = lock(&self.writer);
-        let r = self.checkpoint(&mut w);
+        let r = self.checkpoint_with(&mut w, true);
         drop(w);
         self.finish(r)
     }
@@ -1735,7 +1754,7 @@ impl<'s> WriteTx<'s> {
             }
             let wait = match mode {
                 Mode::Logged(_) if writer.wal_at >= store.options.checkpoint_bytes => {
-                    store.checkpoint(&mut writer)?;
+                    store.checkpoint_with(&mut writer, false)?;
                     false
                 }
                 Mode::Logged(_) => durability == Durability::Immediate,
@@ -1770,8 +1789,13 @@ impl<'s> WriteTx<'s> {
         // a transaction that wrote them commits to redb durably instead.
         let mut redo =
             (self.store.wal.is_some() && !self.raw_used && self.log_hook.is_none()).then(Vec::new);
-        // A large transaction is cheaper as a redb commit than as a record.
-        let record_max = (self.store.options.checkpoint_bytes / 4).min(wal::RECORD_BYTES_MAX / 4);
+        // A large transaction is cheaper as a redb commit than as a record (written once,
+        // not twice, and the pages it frees are reusable at once).
+        let cb = self.store.options.checkpoint_bytes;
+        let record_max = (cb / 64)
+            .max(4096)
+            .min(cb / 4)
+            .min(wal::RECORD_BYTES_MAX / 4);
         let mut record_bytes = 0u64;
         let names = self.store.names();
         let view = NameView {
@@ -2161,7 +2185,7 @@ impl Store {
         self.check_poisoned()?;
         let mut w = lock(&self.writer);
         // Every commit (deferred ones, those in the write-ahead file) into the file.
-        let r = self.checkpoint(&mut w);
+        let r = self.checkpoint_with(&mut w, false);
         self.finish(r)?;
         let mut tmp = dest.as_os_str().to_owned();
         tmp.push(".tmp");

@@ -236,7 +236,24 @@ fn files_on_disk_reopen_with_their_write_ahead_file() {
     let store = Store::open(&path).expect("reopen");
     assert_eq!(store.count("T").expect("count"), 10);
     assert!(store.verify_digest().expect("verify"));
+    store
+        .write(|tx| tx.set("T", 3, "n", "three"))
+        .expect("update");
+    let wal = dir.path().join("s.redb-wal");
+    assert!(std::fs::metadata(&wal).expect("wal").len() > 0);
+    store.checkpoint().expect("checkpoint");
+    assert_eq!(std::fs::metadata(&wal).expect("wal").len(), 0);
+    store
+        .write(|tx| tx.set("T", 4, "n", "four"))
+        .expect("update");
     store.close().expect("close");
+    assert_eq!(
+        std::fs::metadata(&wal).expect("wal").len(),
+        0,
+        "close empties it"
+    );
     let store = Store::open(&path).expect("reopen after close");
     assert_eq!(store.count("T").expect("count"), 10);
+    assert_eq!(value_of(&store, 3, "n"), Some(Value::from("three")));
+    assert_eq!(value_of(&store, 4, "n"), Some(Value::from("four")));
 }

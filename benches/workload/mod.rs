@@ -313,7 +313,10 @@ impl Engine for Fieldlog {
         let head = self.store.log_head();
         self.store.mark_synced(head).expect("mark_synced");
         self.store.prune_log(head).expect("prune_log");
-        file_len(&self.path)
+        self.store.checkpoint().expect("checkpoint");
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        file_len(&self.path) + file_len(Path::new(&wal))
     }
 }
 
