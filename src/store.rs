@@ -32,6 +32,9 @@ use crate::wal::{self, Redo};
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 /// log position → postcard `LogEntry<u32>`.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Where `compact` rebuilds the two big tables before they take the old ones' names.
+const OBJECTS_REPACK: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects_repack");
+const LOG_REPACK: TableDefinition<u64, &[u8]> = TableDefinition::new("log_repack");
 /// name id → name (collections and fields share one id space).
 const NAMES: TableDefinition<u32, &str> = TableDefinition::new("names");
 /// Small named values; see the `meta` keys below.
@@ -255,6 +258,19 @@ fn decode_state(bytes: &[u8]) -> Result<ObjectState<u32>> {
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(v).map_err(|e| corrupt(format!("encode: {e}")))
+}
+
+/// An object row, into a buffer sized for it up front (growing it cost more than encoding).
+fn encode_state(state: &ObjectState<u32>) -> Result<Vec<u8>> {
+    let guess = 48
+        + state.fields.len() * 32
+        + state
+            .fields
+            .iter()
+            .map(|(_, _, v)| v.size_bytes())
+            .sum::<usize>();
+    postcard::to_extend(state, Vec::with_capacity(guess))
+        .map_err(|e| corrupt(format!("encode: {e}")))
 }
 
 /// Resolves ids to names: committed ones, then those a transaction is adding.
@@ -683,6 +699,55 @@ impl Store {
         self.finish(r)
     }
 
+    /// Rewrites the store file as small as it can be (SQLite's `VACUUM`): every commit
+    /// checkpointed, the objects and log tables rebuilt in key order (redb's own compaction
+    /// moves pages but does not refill half-empty ones), free space given back to the file
+    /// system. Takes time in proportion to the store; needs it to itself (no sync client
+    /// or other handle), which `&mut` makes sure of.
+    pub fn compact(&mut self) -> Result<()> {
+        self.check_poisoned()?;
+        let r = (|| {
+            let writer = self
+                .writer
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            // No transaction can be live: `&mut self`.
+            let txn = self.db.begin_write()?;
+            {
+                let old = txn.open_table(OBJECTS)?;
+                let mut new = txn.open_table(OBJECTS_REPACK)?;
+                for row in old.iter()? {
+                    let (k, v) = row?;
+                    new.insert(k.value(), v.value())?;
+                }
+            }
+            txn.delete_table(OBJECTS)?;
+            txn.rename_table(OBJECTS_REPACK, OBJECTS)?;
+            {
+                let old = txn.open_table(LOG)?;
+                let mut new = txn.open_table(LOG_REPACK)?;
+                for row in old.iter()? {
+                    let (k, v) = row?;
+                    new.insert(k.value(), v.value())?;
+                }
+            }
+            txn.delete_table(LOG)?;
+            txn.rename_table(LOG_REPACK, LOG)?;
+            txn.commit()?;
+            writer.wal_at = 0;
+            while self.db.compact().map_err(redb::Error::from)? {}
+            if let Some(wal) = &self.wal {
+                wal.set_len(0).map_err(redb::Error::from)?;
+                wal.sync_data().map_err(redb::Error::from)?;
+                writer.wal_len = 0;
+            }
+            let g = self.group.get_mut().unwrap_or_else(PoisonError::into_inner);
+            g.durable = g.committed;
+            Ok(())
+        })();
+        self.finish(r)
+    }
+
     /// Closes the store, first making every commit durable (those made with
     /// `Durability::Deferred` too) and reporting if that fails. Dropping a store closes it
     /// as well, but cannot report a failure: with deferred commits, close explicitly.
@@ -977,6 +1042,7 @@ impl Store {
             writer,
             txn,
             pending: BTreeMap::new(),
+            objects: None,
             new_names: Vec::new(),
             durability: self.options.durability,
             raw_used: false,
@@ -1201,8 +1267,12 @@ struct Pending {
 pub struct WriteTx<'s> {
     store: &'s Store,
     writer: MutexGuard<'s, Writer>,
+    /// Whatever writes through it outside `prepare` must set `raw_used`: the write-ahead
+    /// record holds only what `prepare` writes, so such a commit must be a durable redb one.
     txn: redb::WriteTransaction,
     pending: BTreeMap<Vec<u8>, Pending>,
+    /// The `objects` table as of the transaction's start, for reads.
+    objects: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
     new_names: Vec<String>,
     durability: Durability,
     /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
@@ -1270,10 +1340,18 @@ impl<'s> WriteTx<'s> {
         let cid = self.intern(NameKind::Collection, coll)?;
         let key = object_key(cid, pk);
         if !self.pending.contains_key(&key) {
-            let before = {
-                let table = self.txn.open_table(OBJECTS)?;
-                let row = table.get(key.as_slice())?;
-                row.map(|r| decode_state(r.value())).transpose()?
+            // Reads go through a read-only table opened once per transaction: opening the
+            // write table per object cost more than the lookup. It sees what `txn` sees:
+            // objects are written only at commit, and no other commit runs meanwhile.
+            if self.objects.is_none() {
+                self.objects = Some(self.store.db.begin_read()?.open_table(OBJECTS)?);
+            }
+            let before = match &self.objects {
+                Some(table) => table
+                    .get(key.as_slice())?
+                    .map(|r| decode_state(r.value()))
+                    .transpose()?,
+                None => None,
             };
             self.pending.insert(
                 key.clone(),
@@ -1873,7 +1951,7 @@ impl<'s> WriteTx<'s> {
                     objects.remove(key.as_slice())?;
                     None
                 } else {
-                    let row = encode(&state)?;
+                    let row = encode_state(&state)?;
                     objects.insert(key.as_slice(), row.as_slice())?;
                     Some(row)
                 };

@@ -23,13 +23,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Redo {
     /// `objects`: the key and the new row, or `None` for a removed row.
-    Object(Vec<u8>, Option<Vec<u8>>),
+    Object(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Option<Vec<u8>>,
+    ),
     /// `log`: an entry at a position.
-    Log(u64, Vec<u8>),
+    Log(u64, #[serde(with = "serde_bytes")] Vec<u8>),
     /// `names`: a new interned name.
     Name(u32, String),
     /// `meta`: a key and its new value.
-    Meta(String, Vec<u8>),
+    Meta(String, #[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// One transaction's rows.
@@ -58,16 +61,30 @@ fn checksum(body: &[u8]) -> [u8; 16] {
 /// The record as it goes into the file.
 pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     let corrupt = |what: String| Error::Corrupt { what };
-    let body =
-        postcard::to_allocvec(record).map_err(|e| corrupt(format!("write-ahead record: {e}")))?;
-    let len = u32::try_from(body.len())
+    let guess = 32
+        + record
+            .rows
+            .iter()
+            .map(|r| match r {
+                Redo::Object(k, v) => 16 + k.len() + v.as_ref().map_or(0, Vec::len),
+                Redo::Log(_, e) => 16 + e.len(),
+                Redo::Name(_, n) => 16 + n.len(),
+                Redo::Meta(k, v) => 16 + k.len() + v.len(),
+            })
+            .sum::<usize>();
+    // The body goes straight after room for the header, which is filled in last.
+    let mut out = Vec::with_capacity(HEADER + guess);
+    out.resize(HEADER, 0);
+    let mut out = postcard::to_extend(record, out)
+        .map_err(|e| corrupt(format!("write-ahead record: {e}")))?;
+    let body_len = out.len() - HEADER;
+    let len = u32::try_from(body_len)
         .ok()
         .filter(|&l| u64::from(l) <= RECORD_BYTES_MAX)
-        .ok_or_else(|| corrupt(format!("write-ahead record of {} bytes", body.len())))?;
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&checksum(&body));
-    out.extend_from_slice(&body);
+        .ok_or_else(|| corrupt(format!("write-ahead record of {body_len} bytes")))?;
+    let sum = checksum(&out[HEADER..]);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..HEADER].copy_from_slice(&sum);
     Ok(out)
 }
 
