@@ -49,9 +49,10 @@ impl Stamp {
         self.time >> COUNTER_BITS
     }
 
-    pub(crate) fn hash_into(&self, h: &mut blake3::Hasher) {
-        h.update(&self.time.to_le_bytes());
-        h.update(&self.replica.0.to_le_bytes());
+    /// The bytes the digest hashes for this stamp.
+    pub(crate) fn digest_bytes_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.time.to_le_bytes());
+        out.extend_from_slice(&self.replica.0.to_le_bytes());
     }
 }
 

@@ -62,26 +62,21 @@ impl Value {
     }
 
     /// Feeds the value into a hasher in a self-delimiting form.
-    pub(crate) fn hash_into(&self, h: &mut blake3::Hasher) {
-        h.update(&[self.rank()]);
+    /// The bytes the digest hashes for this value.
+    pub(crate) fn digest_bytes_into(&self, out: &mut Vec<u8>) {
+        out.push(self.rank());
         match self {
             Value::Null => {}
-            Value::Bool(b) => {
-                h.update(&[u8::from(*b)]);
-            }
-            Value::Int(i) => {
-                h.update(&i.to_le_bytes());
-            }
-            Value::Float(f) => {
-                h.update(&f.to_bits().to_le_bytes());
-            }
+            Value::Bool(b) => out.push(u8::from(*b)),
+            Value::Int(i) => out.extend_from_slice(&i.to_le_bytes()),
+            Value::Float(f) => out.extend_from_slice(&f.to_bits().to_le_bytes()),
             Value::String(s) => {
-                h.update(&(s.len() as u64).to_le_bytes());
-                h.update(s.as_bytes());
+                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
             }
             Value::Bytes(b) => {
-                h.update(&(b.len() as u64).to_le_bytes());
-                h.update(b);
+                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                out.extend_from_slice(b);
             }
         }
     }
@@ -275,11 +270,13 @@ impl Pk {
         Ok(())
     }
 
-    pub(crate) fn hash_into(&self, h: &mut blake3::Hasher) {
-        let mut buf = Vec::with_capacity(24);
-        self.encode_into(&mut buf);
-        h.update(&(buf.len() as u64).to_le_bytes());
-        h.update(&buf);
+    /// The bytes the digest hashes for this key: its length, then its encoding.
+    pub(crate) fn digest_bytes_into(&self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.extend_from_slice(&[0u8; 8]);
+        self.encode_into(out);
+        let len = (out.len() - at - 8) as u64;
+        out[at..at + 8].copy_from_slice(&len.to_le_bytes());
     }
 }
 
