@@ -37,6 +37,7 @@ mod error;
 mod log;
 mod merge;
 pub mod reset;
+mod row;
 pub mod rules;
 mod schema;
 mod serde_object;

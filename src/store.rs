@@ -253,24 +253,16 @@ fn object_key(coll: u32, pk: &Pk) -> Vec<u8> {
 }
 
 fn decode_state(bytes: &[u8]) -> Result<ObjectState<u32>> {
-    postcard::from_bytes(bytes).map_err(|e| corrupt(format!("object row: {e}")))
+    crate::row::decode(bytes)
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(v).map_err(|e| corrupt(format!("encode: {e}")))
 }
 
-/// An object row, into a buffer sized for it up front (growing it cost more than encoding).
+/// An object row (see `row.rs`).
 fn encode_state(state: &ObjectState<u32>) -> Result<Vec<u8>> {
-    let guess = 48
-        + state.fields.len() * 32
-        + state
-            .fields
-            .iter()
-            .map(|(_, _, v)| v.size_bytes())
-            .sum::<usize>();
-    postcard::to_extend(state, Vec::with_capacity(guess))
-        .map_err(|e| corrupt(format!("encode: {e}")))
+    Ok(crate::row::encode(state))
 }
 
 /// Resolves ids to names: committed ones, then those a transaction is adding.
