@@ -1719,8 +1719,29 @@ struct Prepared {
 
 // ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
 
-/// An object during replay: collection id, key, staged state, state after replay.
-type Replayed = (u32, Pk, Option<ObjectState<u32>>, ObjectState<u32>);
+/// One unsynced write waiting for replay.
+struct Unreplayed {
+    /// Its object's key in the staged table.
+    key: Vec<u8>,
+    /// Its place among all unsynced writes, in log order.
+    order: usize,
+    /// Which unsynced log entry it came from.
+    entry: usize,
+    /// That entry's stamp.
+    stamp: Stamp,
+    write: Write<u32>,
+}
+
+/// One unsynced write after replay.
+struct Replayed {
+    order: usize,
+    entry: usize,
+    stamp: Stamp,
+    /// Its recovered part, which goes back into the log (none if nothing was recovered).
+    kept: Option<Write<u32>>,
+    /// What became of each of its field writes (the existence write first), in its order.
+    outcomes: Vec<(Replay, UnsyncedWrite)>,
+}
 
 /// What the swap does with one unsynced field write.
 enum Replay {
@@ -2045,8 +2066,8 @@ impl Store {
             ..ResetReport::default()
         };
 
-        // The unsynced entries, with names.
-        let unsynced: Result<Vec<LogEntry>> = (|| {
+        // The unsynced entries.
+        let unsynced: Result<Vec<LogEntry<u32>>> = (|| {
             let log = tx.txn.open_table(LOG)?;
             let names = self.names();
             let view = NameView {
@@ -2058,7 +2079,25 @@ impl Store {
                 let (_, v) = row?;
                 let e: LogEntry<u32> = postcard::from_bytes(v.value())
                     .map_err(|e| corrupt(format!("log entry: {e}")))?;
-                out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
+                // Kept with ids (the replay and the new log entries use them), but
+                // every name must resolve, so an unreadable log is found here.
+                for w in &e.writes {
+                    view.name(w.collection)?;
+                    match &w.op {
+                        Op::Insert { fields } => {
+                            for (f, _) in fields {
+                                view.name(*f)?;
+                            }
+                        }
+                        Op::Update { fields } => {
+                            for fw in fields {
+                                view.name(fw.field)?;
+                            }
+                        }
+                        Op::Delete { .. } => {}
+                    }
+                }
+                out.push(e);
             }
             Ok(out)
         })();
@@ -2080,205 +2119,39 @@ impl Store {
             });
         }
 
-        // Replay onto the staged state.
-        let mut states: BTreeMap<Vec<u8>, Replayed> = BTreeMap::new();
-        let mut recovered_entries = Vec::new();
-        for entry in unsynced {
-            let mut writes = Vec::new();
-            for w in entry.writes {
-                let cid = tx.intern(NameKind::Collection, &w.collection)?;
-                let key = object_key(cid, &w.pk);
-                if !states.contains_key(&key) {
-                    let row = tx
-                        .txn
-                        .open_table(STAGING)?
-                        .get(key.as_slice())?
-                        .map(|r| r.value().to_vec());
-                    let before = row.map(|r| decode_state(&r)).transpose()?;
-                    let state = before.clone().unwrap_or_default();
-                    states.insert(key.clone(), (cid, w.pk.clone(), before, state));
-                }
-                let schema = new_schemas.get(w.collection.as_str()).copied();
-                let unsynced_write = |field: Option<&str>, value: &Value| UnsyncedWrite {
-                    collection: w.collection.clone(),
-                    pk: w.pk.clone(),
-                    field: field.map(str::to_owned),
-                    value: value.clone(),
-                    stamp: entry.stamp,
-                };
-                let mode_discard = match marker.mode {
-                    ResetMode::Manual => Some(
-                        "manual reset: the write is in the backup for the application to recover",
-                    ),
-                    ResetMode::DiscardUnsyncedChanges => {
-                        Some("discard mode: unsynced changes are dropped")
-                    }
-                    _ => None,
-                };
-                // Each field write is decided on its own.
-                let decide = |tx: &mut WriteTx<'_>,
-                              state: &mut ObjectState<u32>,
-                              field: Option<&str>,
-                              value: &Value|
-                 -> Result<Replay> {
-                    if let Some(why) = mode_discard {
-                        return Ok(Replay::Discarded(why.to_owned()));
-                    }
-                    let mut trial = state.clone();
-                    let outcome = match field {
-                        None => trial.apply_exists(entry.stamp, matches!(value, Value::Bool(true))),
-                        Some(f) => {
-                            if let Some(s) = schema {
-                                if let Err(e) = s.check_value(&w.pk, f, value) {
-                                    return Ok(Replay::Discarded(format!(
-                                        "the server's schema refuses it: {e}"
-                                    )));
-                                }
-                            }
-                            let fid = tx.intern(NameKind::Field, f)?;
-                            let current = state.field(fid).map(|(s, v)| (s, v.clone()));
-                            let o = trial.apply_field(fid, entry.stamp, value.clone());
-                            if o == Outcome::Stale {
-                                return Ok(match current {
-                                    Some((s, v)) => Replay::Superseded {
-                                        server_value: Some(v),
-                                        server_stamp: s,
-                                        reason: format!(
-                                            "the server's value is newer (written by {})",
-                                            s.replica
-                                        ),
-                                    },
-                                    None => Replay::Superseded {
-                                        server_value: None,
-                                        server_stamp: state.floor,
-                                        reason: format!(
-                                            "the object was deleted or re-created after it (by {})",
-                                            state.floor.replica
-                                        ),
-                                    },
-                                });
-                            }
-                            o
-                        }
-                    };
-                    if outcome == Outcome::Stale {
-                        let (s, alive) = state.exists.unwrap_or((Stamp::ZERO, false));
-                        return Ok(Replay::Superseded {
-                            server_value: Some(Value::Bool(alive)),
-                            server_stamp: s,
-                            reason: format!(
-                                "the server {} the object later (by {})",
-                                if alive { "wrote" } else { "deleted" },
-                                s.replica
-                            ),
-                        });
-                    }
-                    // An update of an object deleted on the server is kept like in normal
-                    // sync: merged (hidden while the object is deleted) and uploaded, where
-                    // the server's conflict policy for update-vs-delete decides.
-                    *state = trial;
-                    Ok(Replay::Recovered)
-                };
-                let mut state = states.get(&key).map(|s| s.3.clone()).unwrap_or_default();
-                let record = |r: Replay, write: UnsyncedWrite, report: &mut ResetReport| -> bool {
-                    match r {
-                        Replay::Recovered => {
-                            report.recovered.push(write);
-                            true
-                        }
-                        Replay::Superseded {
-                            server_value,
-                            server_stamp,
-                            reason,
-                        } => {
-                            report.superseded.push(Superseded {
-                                write,
-                                server_value,
-                                server_stamp,
-                                reason,
-                            });
-                            false
-                        }
-                        Replay::Discarded(reason) => {
-                            report.discarded.push(Discarded { write, reason });
-                            false
-                        }
-                    }
-                };
-                let kept = match &w.op {
-                    Op::Insert { fields } => {
-                        let r = decide(&mut tx, &mut state, None, &Value::Bool(true))?;
-                        let exists_ok =
-                            record(r, unsynced_write(None, &Value::Bool(true)), &mut report);
-                        let mut kept_fields = Vec::new();
-                        for (f, v) in fields {
-                            let r = decide(&mut tx, &mut state, Some(f), v)?;
-                            if record(r, unsynced_write(Some(f), v), &mut report) {
-                                kept_fields.push((f.clone(), v.clone()));
-                            }
-                        }
-                        if exists_ok {
-                            Some(Op::Insert {
-                                fields: kept_fields,
-                            })
-                        } else if kept_fields.is_empty() {
-                            None
-                        } else {
-                            Some(Op::Update {
-                                fields: kept_fields
-                                    .into_iter()
-                                    .map(|(field, value)| FieldWrite {
-                                        field,
-                                        value,
-                                        base: None,
-                                    })
-                                    .collect(),
-                            })
-                        }
-                    }
-                    Op::Update { fields } => {
-                        let mut kept_fields = Vec::new();
-                        for fw in fields {
-                            let r = decide(&mut tx, &mut state, Some(&fw.field), &fw.value)?;
-                            if record(r, unsynced_write(Some(&fw.field), &fw.value), &mut report) {
-                                kept_fields.push(fw.clone());
-                            }
-                        }
-                        (!kept_fields.is_empty()).then_some(Op::Update {
-                            fields: kept_fields,
-                        })
-                    }
-                    Op::Delete { base } => {
-                        let r = decide(&mut tx, &mut state, None, &Value::Bool(false))?;
-                        record(r, unsynced_write(None, &Value::Bool(false)), &mut report)
-                            .then_some(Op::Delete { base: *base })
-                    }
-                };
-                if let Some(entry_state) = states.get_mut(&key) {
-                    entry_state.3 = state;
-                }
-                if let Some(op) = kept {
-                    writes.push(Write {
-                        collection: w.collection.clone(),
-                        pk: w.pk.clone(),
-                        op,
-                    });
-                }
-            }
-            if !writes.is_empty() {
-                recovered_entries.push((entry.stamp, writes));
+        // Replay object by object: each staged object is read, decoded, hashed and written
+        // once, in key order, however many unsynced writes touch it. A stable sort by key
+        // keeps one object's writes in log order, and objects are independent of each
+        // other, so every write is decided exactly as replaying the log in order would.
+        let mut pending = Vec::new();
+        for (entry, e) in unsynced.into_iter().enumerate() {
+            for write in e.writes {
+                pending.push(Unreplayed {
+                    key: object_key(write.collection, &write.pk),
+                    order: pending.len(),
+                    entry,
+                    stamp: e.stamp,
+                    write,
+                });
             }
         }
-
-        // Write the replayed states into staging, then swap staging in.
-        let names = self.names();
-        let view = NameView {
-            base: &names,
-            new: &tx.new_names,
+        pending.sort_by(|a, b| a.key.cmp(&b.key));
+        let discard = match marker.mode {
+            ResetMode::Manual => {
+                Some("manual reset: the write is in the backup for the application to recover")
+            }
+            ResetMode::DiscardUnsyncedChanges => Some("discard mode: unsynced changes are dropped"),
+            _ => None,
         };
+        let mut replayed = Vec::with_capacity(pending.len());
         let mut counts: HashMap<u32, u64> = HashMap::new();
         let mut sum;
         {
+            let names = self.names();
+            let view = NameView {
+                base: &names,
+                new: &tx.new_names,
+            };
             let mut staging = tx.txn.open_table(STAGING)?;
             let smeta = tx.txn.open_table(STAGING_META)?;
             sum = staged_digest(&smeta)?;
@@ -2289,18 +2162,51 @@ impl Store {
                     counts.insert(id, u64_of(v.value(), "staged count")?);
                 }
             }
-            for (key, (cid, pk, before, after)) in &states {
-                if before.as_ref() == Some(after) {
+            let mut pending = pending.into_iter().peekable();
+            while let Some(mut first) = pending.next() {
+                let key = std::mem::take(&mut first.key);
+                let (cid, pk) = (first.write.collection, first.write.pk.clone());
+                let coll = view.name(cid)?;
+                let schema = new_schemas.get(coll).copied();
+                let before = staging
+                    .get(key.as_slice())?
+                    .map(|r| decode_state(r.value()))
+                    .transpose()?;
+                let mut state = before.clone().unwrap_or_default();
+                let mut next = Some(first);
+                while let Some(u) = next {
+                    replayed.push(replay_write(&view, &mut state, u, schema, discard)?);
+                    next = pending.next_if(|u| u.key == key);
+                }
+                if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let coll = view.name(*cid)?;
-                let delta = view.digest_delta(coll, pk, before.as_ref(), after, &mut sum)?;
-                let c = counts.entry(*cid).or_default();
+                let delta = view.digest_delta(coll, &pk, before.as_ref(), &state, &mut sum)?;
+                let c = counts.entry(cid).or_default();
                 *c = c.saturating_add_signed(delta);
-                staging.insert(key.as_slice(), encode(after)?.as_slice())?;
+                staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
             }
         }
-        drop(names);
+
+        // Back in log order: the report lists every write where the log has it, and the
+        // recovered part of each unsynced entry becomes one new entry with its stamp.
+        replayed.sort_unstable_by_key(|r| r.order);
+        let mut recovered_entries: Vec<(Stamp, Vec<Write<u32>>)> = Vec::new();
+        let mut last_entry = None;
+        for r in replayed {
+            for (outcome, write) in r.outcomes {
+                record(&mut report, outcome, write);
+            }
+            let Some(w) = r.kept else { continue };
+            match recovered_entries.last_mut() {
+                Some((_, writes)) if last_entry == Some(r.entry) => writes.push(w),
+                _ => {
+                    recovered_entries.push((r.stamp, vec![w]));
+                    last_entry = Some(r.entry);
+                }
+            }
+        }
+
         tx.txn.delete_table(OBJECTS)?;
         tx.txn.rename_table(STAGING, OBJECTS)?;
         tx.txn.delete_table(STAGING_META)?;
@@ -2315,8 +2221,6 @@ impl Store {
                 stamp,
                 writes,
             };
-            let mut ids = |n: String| tx.intern(NameKind::Field, &n);
-            let entry = entry.map_names(&mut ids)?;
             encoded.push((next, encode(&entry)?));
             next += 1;
         }
@@ -2405,4 +2309,187 @@ fn bump_count(
     };
     meta.insert(key.as_str(), (n + by).to_le_bytes().as_slice())?;
     Ok(())
+}
+
+/// Replays one unsynced write onto its object's state, deciding each field write on its own.
+fn replay_write(
+    view: &NameView<'_>,
+    state: &mut ObjectState<u32>,
+    u: Unreplayed,
+    schema: Option<&Schema>,
+    discard: Option<&str>,
+) -> Result<Replayed> {
+    let Unreplayed {
+        order,
+        entry,
+        stamp,
+        write: Write { collection, pk, op },
+        ..
+    } = u;
+    let coll = view.name(collection)?;
+    let unsynced = |field: Option<&str>, value: &Value| UnsyncedWrite {
+        collection: coll.to_owned(),
+        pk: pk.clone(),
+        field: field.map(str::to_owned),
+        value: value.clone(),
+        stamp,
+    };
+    let mut outcomes = Vec::with_capacity(op.write_count());
+    let kept = match op {
+        Op::Insert { fields } => {
+            let r = replay_exists(state, stamp, true, discard);
+            let exists_ok = matches!(r, Replay::Recovered);
+            outcomes.push((r, unsynced(None, &Value::Bool(true))));
+            let mut kept_fields = Vec::new();
+            for (f, v) in fields {
+                let name = view.name(f)?;
+                let r = replay_field(state, stamp, &pk, (f, name), &v, schema, discard);
+                let ok = matches!(r, Replay::Recovered);
+                outcomes.push((r, unsynced(Some(name), &v)));
+                if ok {
+                    kept_fields.push((f, v));
+                }
+            }
+            if exists_ok {
+                Some(Op::Insert {
+                    fields: kept_fields,
+                })
+            } else if kept_fields.is_empty() {
+                None
+            } else {
+                Some(Op::Update {
+                    fields: kept_fields
+                        .into_iter()
+                        .map(|(field, value)| FieldWrite {
+                            field,
+                            value,
+                            base: None,
+                        })
+                        .collect(),
+                })
+            }
+        }
+        Op::Update { fields } => {
+            let mut kept_fields = Vec::new();
+            for fw in fields {
+                let name = view.name(fw.field)?;
+                let r = replay_field(
+                    state,
+                    stamp,
+                    &pk,
+                    (fw.field, name),
+                    &fw.value,
+                    schema,
+                    discard,
+                );
+                let ok = matches!(r, Replay::Recovered);
+                outcomes.push((r, unsynced(Some(name), &fw.value)));
+                if ok {
+                    kept_fields.push(fw);
+                }
+            }
+            (!kept_fields.is_empty()).then_some(Op::Update {
+                fields: kept_fields,
+            })
+        }
+        Op::Delete { base } => {
+            let r = replay_exists(state, stamp, false, discard);
+            let ok = matches!(r, Replay::Recovered);
+            outcomes.push((r, unsynced(None, &Value::Bool(false))));
+            ok.then_some(Op::Delete { base })
+        }
+    };
+    Ok(Replayed {
+        order,
+        entry,
+        stamp,
+        kept: kept.map(|op| Write { collection, pk, op }),
+        outcomes,
+    })
+}
+
+/// Replays an insert (`alive`) or a delete onto the state.
+fn replay_exists(
+    state: &mut ObjectState<u32>,
+    stamp: Stamp,
+    alive: bool,
+    discard: Option<&str>,
+) -> Replay {
+    if let Some(why) = discard {
+        return Replay::Discarded(why.to_owned());
+    }
+    match state.exists {
+        // Checked before applying: a stale existence write may still raise the floor.
+        Some((s, server_alive)) if s >= stamp => Replay::Superseded {
+            server_value: Some(Value::Bool(server_alive)),
+            server_stamp: s,
+            reason: format!(
+                "the server {} the object later (by {})",
+                if server_alive { "wrote" } else { "deleted" },
+                s.replica
+            ),
+        },
+        _ => {
+            state.apply_exists(stamp, alive);
+            Replay::Recovered
+        }
+    }
+}
+
+/// Replays one field write onto the state.
+fn replay_field(
+    state: &mut ObjectState<u32>,
+    stamp: Stamp,
+    pk: &Pk,
+    (field, name): (u32, &str),
+    value: &Value,
+    schema: Option<&Schema>,
+    discard: Option<&str>,
+) -> Replay {
+    if let Some(why) = discard {
+        return Replay::Discarded(why.to_owned());
+    }
+    if let Some(Err(e)) = schema.map(|s| s.check_value(pk, name, value)) {
+        return Replay::Discarded(format!("the server's schema refuses it: {e}"));
+    }
+    // An update of an object deleted on the server is kept like in normal sync: merged
+    // (hidden while the object is deleted) and uploaded, where the server's conflict policy
+    // for update-vs-delete decides.
+    if state.apply_field(field, stamp, value.clone()) == Outcome::Applied {
+        return Replay::Recovered;
+    }
+    // A stale write left the state as it was.
+    match state.field(field) {
+        Some((s, v)) => Replay::Superseded {
+            server_value: Some(v.clone()),
+            server_stamp: s,
+            reason: format!("the server's value is newer (written by {})", s.replica),
+        },
+        None => Replay::Superseded {
+            server_value: None,
+            server_stamp: state.floor,
+            reason: format!(
+                "the object was deleted or re-created after it (by {})",
+                state.floor.replica
+            ),
+        },
+    }
+}
+
+/// Files one decided field write in the report.
+fn record(report: &mut ResetReport, outcome: Replay, write: UnsyncedWrite) {
+    match outcome {
+        Replay::Recovered => report.recovered.push(write),
+        Replay::Superseded {
+            server_value,
+            server_stamp,
+            reason,
+        } => report.superseded.push(Superseded {
+            write,
+            server_value,
+            server_stamp,
+            reason,
+        }),
+        Replay::Discarded(reason) => report.discarded.push(Discarded { write, reason }),
+    }
 }
