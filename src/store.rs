@@ -1723,24 +1723,11 @@ struct Prepared {
 struct Unreplayed {
     /// Its object's key in the staged table.
     key: Vec<u8>,
-    /// Its place among all unsynced writes, in log order.
-    order: usize,
-    /// Which unsynced log entry it came from.
+    /// Its log entry (index among the unsynced entries) and its place in that entry.
     entry: usize,
-    /// That entry's stamp.
-    stamp: Stamp,
-    write: Write<u32>,
-}
-
-/// One unsynced write after replay.
-struct Replayed {
-    order: usize,
-    entry: usize,
-    stamp: Stamp,
-    /// Its recovered part, which goes back into the log (none if nothing was recovered).
-    kept: Option<Write<u32>>,
-    /// What became of each of its field writes (the existence write first), in its order.
-    outcomes: Vec<(Replay, UnsyncedWrite)>,
+    write: usize,
+    /// Where its decisions go in the flat list of every field write's decision.
+    slot: usize,
 }
 
 /// What the swap does with one unsynced field write.
@@ -2120,22 +2107,25 @@ impl Store {
         }
 
         // Replay object by object: each staged object is read, decoded, hashed and written
-        // once, in key order, however many unsynced writes touch it. A stable sort by key
-        // keeps one object's writes in log order, and objects are independent of each
-        // other, so every write is decided exactly as replaying the log in order would.
-        let mut pending = Vec::new();
-        for (entry, e) in unsynced.into_iter().enumerate() {
-            for write in e.writes {
+        // once, in key order, however many unsynced writes touch it. Sorting by key, then by
+        // place in the log, keeps one object's writes in log order, and objects are
+        // independent of each other, so every write is decided exactly as replaying the log
+        // in order would.
+        let mut pending = Vec::with_capacity(unsynced.iter().map(|e| e.writes.len()).sum());
+        let mut slots = 0;
+        for (entry, e) in unsynced.iter().enumerate() {
+            for (write, w) in e.writes.iter().enumerate() {
                 pending.push(Unreplayed {
-                    key: object_key(write.collection, &write.pk),
-                    order: pending.len(),
+                    key: object_key(w.collection, &w.pk),
                     entry,
-                    stamp: e.stamp,
                     write,
+                    slot: slots,
                 });
+                slots += w.op.write_count();
             }
         }
-        pending.sort_by(|a, b| a.key.cmp(&b.key));
+        pending
+            .sort_unstable_by(|a, b| (&a.key, a.entry, a.write).cmp(&(&b.key, b.entry, b.write)));
         let discard = match marker.mode {
             ResetMode::Manual => {
                 Some("manual reset: the write is in the backup for the application to recover")
@@ -2143,7 +2133,9 @@ impl Store {
             ResetMode::DiscardUnsyncedChanges => Some("discard mode: unsynced changes are dropped"),
             _ => None,
         };
-        let mut replayed = Vec::with_capacity(pending.len());
+        // Decisions are made in key order and read back in log order.
+        let mut decisions: Vec<Option<Replay>> = Vec::new();
+        decisions.resize_with(slots, || None);
         let mut counts: HashMap<u32, u64> = HashMap::new();
         let mut sum;
         {
@@ -2163,9 +2155,12 @@ impl Store {
                 }
             }
             let mut pending = pending.into_iter().peekable();
-            while let Some(mut first) = pending.next() {
-                let key = std::mem::take(&mut first.key);
-                let (cid, pk) = (first.write.collection, first.write.pk.clone());
+            while let Some(first) = pending.next() {
+                let key = first.key;
+                let (cid, pk) = {
+                    let w = &unsynced[first.entry].writes[first.write];
+                    (w.collection, &w.pk)
+                };
                 let coll = view.name(cid)?;
                 let schema = new_schemas.get(coll).copied();
                 let before = staging
@@ -2173,15 +2168,20 @@ impl Store {
                     .map(|r| decode_state(r.value()))
                     .transpose()?;
                 let mut state = before.clone().unwrap_or_default();
-                let mut next = Some(first);
-                while let Some(u) = next {
-                    replayed.push(replay_write(&view, &mut state, u, schema, discard)?);
-                    next = pending.next_if(|u| u.key == key);
+                let mut next = Some((first.entry, first.write, first.slot));
+                while let Some((entry, write, slot)) = next {
+                    let e = &unsynced[entry];
+                    let w = &e.writes[write];
+                    let out = &mut decisions[slot..slot + w.op.write_count()];
+                    replay_write(&view, &mut state, e.stamp, w, schema, discard, out)?;
+                    next = pending
+                        .next_if(|u| u.key == key)
+                        .map(|u| (u.entry, u.write, u.slot));
                 }
                 if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let delta = view.digest_delta(coll, &pk, before.as_ref(), &state, &mut sum)?;
+                let delta = view.digest_delta(coll, pk, before.as_ref(), &state, &mut sum)?;
                 let c = counts.entry(cid).or_default();
                 *c = c.saturating_add_signed(delta);
                 staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
@@ -2190,19 +2190,27 @@ impl Store {
 
         // Back in log order: the report lists every write where the log has it, and the
         // recovered part of each unsynced entry becomes one new entry with its stamp.
-        replayed.sort_unstable_by_key(|r| r.order);
         let mut recovered_entries: Vec<(Stamp, Vec<Write<u32>>)> = Vec::new();
-        let mut last_entry = None;
-        for r in replayed {
-            for (outcome, write) in r.outcomes {
-                record(&mut report, outcome, write);
+        {
+            let names = self.names();
+            let view = NameView {
+                base: &names,
+                new: &tx.new_names,
+            };
+            // When recovering, most unsynced writes usually are: one allocation for them.
+            if discard.is_none() {
+                report.recovered.reserve(slots);
             }
-            let Some(w) = r.kept else { continue };
-            match recovered_entries.last_mut() {
-                Some((_, writes)) if last_entry == Some(r.entry) => writes.push(w),
-                _ => {
-                    recovered_entries.push((r.stamp, vec![w]));
-                    last_entry = Some(r.entry);
+            let mut decisions = decisions.into_iter();
+            for e in unsynced {
+                let mut writes = Vec::new();
+                for w in e.writes {
+                    if let Some(kept) = settle(&view, &mut report, e.stamp, w, &mut decisions)? {
+                        writes.push(kept);
+                    }
+                }
+                if !writes.is_empty() {
+                    recovered_entries.push((e.stamp, writes));
                 }
             }
         }
@@ -2311,42 +2319,81 @@ fn bump_count(
     Ok(())
 }
 
-/// Replays one unsynced write onto its object's state, deciding each field write on its own.
+/// Replays one unsynced write onto its object's state, deciding each of its field writes
+/// on its own (the existence write first), into `out`.
 fn replay_write(
     view: &NameView<'_>,
     state: &mut ObjectState<u32>,
-    u: Unreplayed,
+    stamp: Stamp,
+    w: &Write<u32>,
     schema: Option<&Schema>,
     discard: Option<&str>,
-) -> Result<Replayed> {
-    let Unreplayed {
-        order,
-        entry,
-        stamp,
-        write: Write { collection, pk, op },
-        ..
-    } = u;
-    let coll = view.name(collection)?;
-    let unsynced = |field: Option<&str>, value: &Value| UnsyncedWrite {
-        collection: coll.to_owned(),
-        pk: pk.clone(),
-        field: field.map(str::to_owned),
-        value: value.clone(),
-        stamp,
+    out: &mut [Option<Replay>],
+) -> Result<()> {
+    let mut out = out.iter_mut();
+    let mut decide = |r: Replay| {
+        if let Some(slot) = out.next() {
+            *slot = Some(r);
+        }
     };
-    let mut outcomes = Vec::with_capacity(op.write_count());
+    match &w.op {
+        Op::Insert { fields } => {
+            decide(replay_exists(state, stamp, true, discard));
+            for (f, v) in fields {
+                let field = (*f, view.name(*f)?);
+                decide(replay_field(state, stamp, &w.pk, field, v, schema, discard));
+            }
+        }
+        Op::Update { fields } => {
+            for fw in fields {
+                let field = (fw.field, view.name(fw.field)?);
+                decide(replay_field(
+                    state, stamp, &w.pk, field, &fw.value, schema, discard,
+                ));
+            }
+        }
+        Op::Delete { .. } => decide(replay_exists(state, stamp, false, discard)),
+    }
+    Ok(())
+}
+
+/// Files each field write of an unsynced write in the report by its decision (taken from
+/// `decisions` in order), and returns the write's recovered part, which goes back into the
+/// log.
+fn settle(
+    view: &NameView<'_>,
+    report: &mut ResetReport,
+    stamp: Stamp,
+    w: Write<u32>,
+    decisions: &mut impl Iterator<Item = Option<Replay>>,
+) -> Result<Option<Write<u32>>> {
+    let Write { collection, pk, op } = w;
+    let coll = view.name(collection)?;
+    // Every field write was decided; a missing decision would be a bug here, not lost data.
+    let mut next = || {
+        decisions
+            .next()
+            .flatten()
+            .ok_or_else(|| corrupt("an unsynced write was not replayed"))
+    };
+    let mut file = |r: Replay, field: Option<&str>, value: &Value| -> bool {
+        let write = UnsyncedWrite {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+            field: field.map(str::to_owned),
+            value: value.clone(),
+            stamp,
+        };
+        let recovered = matches!(r, Replay::Recovered);
+        record(report, r, write);
+        recovered
+    };
     let kept = match op {
         Op::Insert { fields } => {
-            let r = replay_exists(state, stamp, true, discard);
-            let exists_ok = matches!(r, Replay::Recovered);
-            outcomes.push((r, unsynced(None, &Value::Bool(true))));
+            let exists_ok = file(next()?, None, &Value::Bool(true));
             let mut kept_fields = Vec::new();
             for (f, v) in fields {
-                let name = view.name(f)?;
-                let r = replay_field(state, stamp, &pk, (f, name), &v, schema, discard);
-                let ok = matches!(r, Replay::Recovered);
-                outcomes.push((r, unsynced(Some(name), &v)));
-                if ok {
+                if file(next()?, Some(view.name(f)?), &v) {
                     kept_fields.push((f, v));
                 }
             }
@@ -2372,19 +2419,7 @@ fn replay_write(
         Op::Update { fields } => {
             let mut kept_fields = Vec::new();
             for fw in fields {
-                let name = view.name(fw.field)?;
-                let r = replay_field(
-                    state,
-                    stamp,
-                    &pk,
-                    (fw.field, name),
-                    &fw.value,
-                    schema,
-                    discard,
-                );
-                let ok = matches!(r, Replay::Recovered);
-                outcomes.push((r, unsynced(Some(name), &fw.value)));
-                if ok {
+                if file(next()?, Some(view.name(fw.field)?), &fw.value) {
                     kept_fields.push(fw);
                 }
             }
@@ -2393,19 +2428,10 @@ fn replay_write(
             })
         }
         Op::Delete { base } => {
-            let r = replay_exists(state, stamp, false, discard);
-            let ok = matches!(r, Replay::Recovered);
-            outcomes.push((r, unsynced(None, &Value::Bool(false))));
-            ok.then_some(Op::Delete { base })
+            file(next()?, None, &Value::Bool(false)).then_some(Op::Delete { base })
         }
     };
-    Ok(Replayed {
-        order,
-        entry,
-        stamp,
-        kept: kept.map(|op| Write { collection, pk, op }),
-        outcomes,
-    })
+    Ok(kept.map(|op| Write { collection, pk, op }))
 }
 
 /// Replays an insert (`alive`) or a delete onto the state.
