@@ -2122,8 +2122,16 @@ struct Prepared {
 
 // ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
 
-/// An object during replay: collection id, key, staged state, state after replay.
-type Replayed = (u32, Pk, Option<ObjectState<u32>>, ObjectState<u32>);
+/// One unsynced write waiting for replay.
+struct Unreplayed {
+    /// Its object's key in the staged table.
+    key: Vec<u8>,
+    /// Its log entry (index among the unsynced entries) and its place in that entry.
+    entry: usize,
+    write: usize,
+    /// Where its decisions go in the flat list of every field write's decision.
+    slot: usize,
+}
 
 /// What the swap does with one unsynced field write.
 enum Replay {
@@ -2448,8 +2456,8 @@ impl Store {
             ..ResetReport::default()
         };
 
-        // The unsynced entries, with names.
-        let unsynced: Result<Vec<LogEntry>> = (|| {
+        // The unsynced entries.
+        let unsynced: Result<Vec<LogEntry<u32>>> = (|| {
             let log = tx.txn.open_table(LOG)?;
             let names = self.names();
             let view = NameView {
@@ -2461,7 +2469,25 @@ impl Store {
                 let (_, v) = row?;
                 let e: LogEntry<u32> = postcard::from_bytes(v.value())
                     .map_err(|e| corrupt(format!("log entry: {e}")))?;
-                out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
+                // Kept with ids (the replay and the new log entries use them), but
+                // every name must resolve, so an unreadable log is found here.
+                for w in &e.writes {
+                    view.name(w.collection)?;
+                    match &w.op {
+                        Op::Insert { fields } => {
+                            for (f, _) in fields {
+                                view.name(*f)?;
+                            }
+                        }
+                        Op::Update { fields } => {
+                            for fw in fields {
+                                view.name(fw.field)?;
+                            }
+                        }
+                        Op::Delete { .. } => {}
+                    }
+                }
+                out.push(e);
             }
             Ok(out)
         })();
@@ -2483,205 +2509,44 @@ impl Store {
             });
         }
 
-        // Replay onto the staged state.
-        let mut states: BTreeMap<Vec<u8>, Replayed> = BTreeMap::new();
-        let mut recovered_entries = Vec::new();
-        for entry in unsynced {
-            let mut writes = Vec::new();
-            for w in entry.writes {
-                let cid = tx.intern(NameKind::Collection, &w.collection)?;
-                let key = object_key(cid, &w.pk);
-                if !states.contains_key(&key) {
-                    let row = tx
-                        .txn
-                        .open_table(STAGING)?
-                        .get(key.as_slice())?
-                        .map(|r| r.value().to_vec());
-                    let before = row.map(|r| decode_state(&r)).transpose()?;
-                    let state = before.clone().unwrap_or_default();
-                    states.insert(key.clone(), (cid, w.pk.clone(), before, state));
-                }
-                let schema = new_schemas.get(w.collection.as_str()).copied();
-                let unsynced_write = |field: Option<&str>, value: &Value| UnsyncedWrite {
-                    collection: w.collection.clone(),
-                    pk: w.pk.clone(),
-                    field: field.map(str::to_owned),
-                    value: value.clone(),
-                    stamp: entry.stamp,
-                };
-                let mode_discard = match marker.mode {
-                    ResetMode::Manual => Some(
-                        "manual reset: the write is in the backup for the application to recover",
-                    ),
-                    ResetMode::DiscardUnsyncedChanges => {
-                        Some("discard mode: unsynced changes are dropped")
-                    }
-                    _ => None,
-                };
-                // Each field write is decided on its own.
-                let decide = |tx: &mut WriteTx<'_>,
-                              state: &mut ObjectState<u32>,
-                              field: Option<&str>,
-                              value: &Value|
-                 -> Result<Replay> {
-                    if let Some(why) = mode_discard {
-                        return Ok(Replay::Discarded(why.to_owned()));
-                    }
-                    let mut trial = state.clone();
-                    let outcome = match field {
-                        None => trial.apply_exists(entry.stamp, matches!(value, Value::Bool(true))),
-                        Some(f) => {
-                            if let Some(s) = schema {
-                                if let Err(e) = s.check_value(&w.pk, f, value) {
-                                    return Ok(Replay::Discarded(format!(
-                                        "the server's schema refuses it: {e}"
-                                    )));
-                                }
-                            }
-                            let fid = tx.intern(NameKind::Field, f)?;
-                            let current = state.field(fid).map(|(s, v)| (s, v.clone()));
-                            let o = trial.apply_field(fid, entry.stamp, value.clone());
-                            if o == Outcome::Stale {
-                                return Ok(match current {
-                                    Some((s, v)) => Replay::Superseded {
-                                        server_value: Some(v),
-                                        server_stamp: s,
-                                        reason: format!(
-                                            "the server's value is newer (written by {})",
-                                            s.replica
-                                        ),
-                                    },
-                                    None => Replay::Superseded {
-                                        server_value: None,
-                                        server_stamp: state.floor,
-                                        reason: format!(
-                                            "the object was deleted or re-created after it (by {})",
-                                            state.floor.replica
-                                        ),
-                                    },
-                                });
-                            }
-                            o
-                        }
-                    };
-                    if outcome == Outcome::Stale {
-                        let (s, alive) = state.exists.unwrap_or((Stamp::ZERO, false));
-                        return Ok(Replay::Superseded {
-                            server_value: Some(Value::Bool(alive)),
-                            server_stamp: s,
-                            reason: format!(
-                                "the server {} the object later (by {})",
-                                if alive { "wrote" } else { "deleted" },
-                                s.replica
-                            ),
-                        });
-                    }
-                    // An update of an object deleted on the server is kept like in normal
-                    // sync: merged (hidden while the object is deleted) and uploaded, where
-                    // the server's conflict policy for update-vs-delete decides.
-                    *state = trial;
-                    Ok(Replay::Recovered)
-                };
-                let mut state = states.get(&key).map(|s| s.3.clone()).unwrap_or_default();
-                let record = |r: Replay, write: UnsyncedWrite, report: &mut ResetReport| -> bool {
-                    match r {
-                        Replay::Recovered => {
-                            report.recovered.push(write);
-                            true
-                        }
-                        Replay::Superseded {
-                            server_value,
-                            server_stamp,
-                            reason,
-                        } => {
-                            report.superseded.push(Superseded {
-                                write,
-                                server_value,
-                                server_stamp,
-                                reason,
-                            });
-                            false
-                        }
-                        Replay::Discarded(reason) => {
-                            report.discarded.push(Discarded { write, reason });
-                            false
-                        }
-                    }
-                };
-                let kept = match &w.op {
-                    Op::Insert { fields } => {
-                        let r = decide(&mut tx, &mut state, None, &Value::Bool(true))?;
-                        let exists_ok =
-                            record(r, unsynced_write(None, &Value::Bool(true)), &mut report);
-                        let mut kept_fields = Vec::new();
-                        for (f, v) in fields {
-                            let r = decide(&mut tx, &mut state, Some(f), v)?;
-                            if record(r, unsynced_write(Some(f), v), &mut report) {
-                                kept_fields.push((f.clone(), v.clone()));
-                            }
-                        }
-                        if exists_ok {
-                            Some(Op::Insert {
-                                fields: kept_fields,
-                            })
-                        } else if kept_fields.is_empty() {
-                            None
-                        } else {
-                            Some(Op::Update {
-                                fields: kept_fields
-                                    .into_iter()
-                                    .map(|(field, value)| FieldWrite {
-                                        field,
-                                        value,
-                                        base: None,
-                                    })
-                                    .collect(),
-                            })
-                        }
-                    }
-                    Op::Update { fields } => {
-                        let mut kept_fields = Vec::new();
-                        for fw in fields {
-                            let r = decide(&mut tx, &mut state, Some(&fw.field), &fw.value)?;
-                            if record(r, unsynced_write(Some(&fw.field), &fw.value), &mut report) {
-                                kept_fields.push(fw.clone());
-                            }
-                        }
-                        (!kept_fields.is_empty()).then_some(Op::Update {
-                            fields: kept_fields,
-                        })
-                    }
-                    Op::Delete { base } => {
-                        let r = decide(&mut tx, &mut state, None, &Value::Bool(false))?;
-                        record(r, unsynced_write(None, &Value::Bool(false)), &mut report)
-                            .then_some(Op::Delete { base: *base })
-                    }
-                };
-                if let Some(entry_state) = states.get_mut(&key) {
-                    entry_state.3 = state;
-                }
-                if let Some(op) = kept {
-                    writes.push(Write {
-                        collection: w.collection.clone(),
-                        pk: w.pk.clone(),
-                        op,
-                    });
-                }
-            }
-            if !writes.is_empty() {
-                recovered_entries.push((entry.stamp, writes));
+        // Replay object by object: each staged object is read, decoded, hashed and written
+        // once, in key order, however many unsynced writes touch it. Sorting by key, then by
+        // place in the log, keeps one object's writes in log order, and objects are
+        // independent of each other, so every write is decided exactly as replaying the log
+        // in order would.
+        let mut pending = Vec::with_capacity(unsynced.iter().map(|e| e.writes.len()).sum());
+        let mut slots = 0;
+        for (entry, e) in unsynced.iter().enumerate() {
+            for (write, w) in e.writes.iter().enumerate() {
+                pending.push(Unreplayed {
+                    key: object_key(w.collection, &w.pk),
+                    entry,
+                    write,
+                    slot: slots,
+                });
+                slots += w.op.write_count();
             }
         }
-
-        // Write the replayed states into staging, then swap staging in.
-        let names = self.names();
-        let view = NameView {
-            base: &names,
-            new: &tx.new_names,
+        pending
+            .sort_unstable_by(|a, b| (&a.key, a.entry, a.write).cmp(&(&b.key, b.entry, b.write)));
+        let discard = match marker.mode {
+            ResetMode::Manual => {
+                Some("manual reset: the write is in the backup for the application to recover")
+            }
+            ResetMode::DiscardUnsyncedChanges => Some("discard mode: unsynced changes are dropped"),
+            _ => None,
         };
+        // Decisions are made in key order and read back in log order.
+        let mut decisions: Vec<Option<Replay>> = Vec::new();
+        decisions.resize_with(slots, || None);
         let mut counts: HashMap<u32, u64> = HashMap::new();
         let mut sum;
         {
+            let names = self.names();
+            let view = NameView {
+                base: &names,
+                new: &tx.new_names,
+            };
             let mut staging = tx.txn.open_table(STAGING)?;
             let smeta = tx.txn.open_table(STAGING_META)?;
             sum = staged_digest(&smeta)?;
@@ -2692,18 +2557,67 @@ impl Store {
                     counts.insert(id, u64_of(v.value(), "staged count")?);
                 }
             }
-            for (key, (cid, pk, before, after)) in &states {
-                if before.as_ref() == Some(after) {
+            let mut pending = pending.into_iter().peekable();
+            while let Some(first) = pending.next() {
+                let key = first.key;
+                let (cid, pk) = {
+                    let w = &unsynced[first.entry].writes[first.write];
+                    (w.collection, &w.pk)
+                };
+                let coll = view.name(cid)?;
+                let schema = new_schemas.get(coll).copied();
+                let before = staging
+                    .get(key.as_slice())?
+                    .map(|r| decode_state(r.value()))
+                    .transpose()?;
+                let mut state = before.clone().unwrap_or_default();
+                let mut next = Some((first.entry, first.write, first.slot));
+                while let Some((entry, write, slot)) = next {
+                    let e = &unsynced[entry];
+                    let w = &e.writes[write];
+                    let out = &mut decisions[slot..slot + w.op.write_count()];
+                    replay_write(&view, &mut state, e.stamp, w, schema, discard, out)?;
+                    next = pending
+                        .next_if(|u| u.key == key)
+                        .map(|u| (u.entry, u.write, u.slot));
+                }
+                if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let coll = view.name(*cid)?;
-                let delta = view.digest_delta(coll, pk, before.as_ref(), after, &mut sum)?;
-                let c = counts.entry(*cid).or_default();
+                let delta = view.digest_delta(coll, pk, before.as_ref(), &state, &mut sum)?;
+                let c = counts.entry(cid).or_default();
                 *c = c.saturating_add_signed(delta);
-                staging.insert(key.as_slice(), encode(after)?.as_slice())?;
+                staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
             }
         }
-        drop(names);
+
+        // Back in log order: the report lists every write where the log has it, and the
+        // recovered part of each unsynced entry becomes one new entry with its stamp.
+        let mut recovered_entries: Vec<(Stamp, Vec<Write<u32>>)> = Vec::new();
+        {
+            let names = self.names();
+            let view = NameView {
+                base: &names,
+                new: &tx.new_names,
+            };
+            // When recovering, most unsynced writes usually are: one allocation for them.
+            if discard.is_none() {
+                report.recovered.reserve(slots);
+            }
+            let mut decisions = decisions.into_iter();
+            for e in unsynced {
+                let mut writes = Vec::new();
+                for w in e.writes {
+                    if let Some(kept) = settle(&view, &mut report, e.stamp, w, &mut decisions)? {
+                        writes.push(kept);
+                    }
+                }
+                if !writes.is_empty() {
+                    recovered_entries.push((e.stamp, writes));
+                }
+            }
+        }
+
         tx.txn.delete_table(OBJECTS)?;
         tx.txn.rename_table(STAGING, OBJECTS)?;
         tx.txn.delete_table(STAGING_META)?;
@@ -2718,8 +2632,6 @@ impl Store {
                 stamp,
                 writes,
             };
-            let mut ids = |n: String| tx.intern(NameKind::Field, &n);
-            let entry = entry.map_names(&mut ids)?;
             encoded.push((next, encode(&entry)?));
             next += 1;
         }
@@ -2808,4 +2720,205 @@ fn bump_count(
     };
     meta.insert(key.as_str(), (n + by).to_le_bytes().as_slice())?;
     Ok(())
+}
+
+/// Replays one unsynced write onto its object's state, deciding each of its field writes
+/// on its own (the existence write first), into `out`.
+fn replay_write(
+    view: &NameView<'_>,
+    state: &mut ObjectState<u32>,
+    stamp: Stamp,
+    w: &Write<u32>,
+    schema: Option<&Schema>,
+    discard: Option<&str>,
+    out: &mut [Option<Replay>],
+) -> Result<()> {
+    let mut out = out.iter_mut();
+    let mut decide = |r: Replay| {
+        if let Some(slot) = out.next() {
+            *slot = Some(r);
+        }
+    };
+    match &w.op {
+        Op::Insert { fields } => {
+            decide(replay_exists(state, stamp, true, discard));
+            for (f, v) in fields {
+                let field = (*f, view.name(*f)?);
+                decide(replay_field(state, stamp, &w.pk, field, v, schema, discard));
+            }
+        }
+        Op::Update { fields } => {
+            for fw in fields {
+                let field = (fw.field, view.name(fw.field)?);
+                decide(replay_field(
+                    state, stamp, &w.pk, field, &fw.value, schema, discard,
+                ));
+            }
+        }
+        Op::Delete { .. } => decide(replay_exists(state, stamp, false, discard)),
+    }
+    Ok(())
+}
+
+/// Files each field write of an unsynced write in the report by its decision (taken from
+/// `decisions` in order), and returns the write's recovered part, which goes back into the
+/// log.
+fn settle(
+    view: &NameView<'_>,
+    report: &mut ResetReport,
+    stamp: Stamp,
+    w: Write<u32>,
+    decisions: &mut impl Iterator<Item = Option<Replay>>,
+) -> Result<Option<Write<u32>>> {
+    let Write { collection, pk, op } = w;
+    let coll = view.name(collection)?;
+    // Every field write was decided; a missing decision would be a bug here, not lost data.
+    let mut next = || {
+        decisions
+            .next()
+            .flatten()
+            .ok_or_else(|| corrupt("an unsynced write was not replayed"))
+    };
+    let mut file = |r: Replay, field: Option<&str>, value: &Value| -> bool {
+        let write = UnsyncedWrite {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+            field: field.map(str::to_owned),
+            value: value.clone(),
+            stamp,
+        };
+        let recovered = matches!(r, Replay::Recovered);
+        record(report, r, write);
+        recovered
+    };
+    let kept = match op {
+        Op::Insert { fields } => {
+            let exists_ok = file(next()?, None, &Value::Bool(true));
+            let mut kept_fields = Vec::new();
+            for (f, v) in fields {
+                if file(next()?, Some(view.name(f)?), &v) {
+                    kept_fields.push((f, v));
+                }
+            }
+            if exists_ok {
+                Some(Op::Insert {
+                    fields: kept_fields,
+                })
+            } else if kept_fields.is_empty() {
+                None
+            } else {
+                Some(Op::Update {
+                    fields: kept_fields
+                        .into_iter()
+                        .map(|(field, value)| FieldWrite {
+                            field,
+                            value,
+                            base: None,
+                        })
+                        .collect(),
+                })
+            }
+        }
+        Op::Update { fields } => {
+            let mut kept_fields = Vec::new();
+            for fw in fields {
+                if file(next()?, Some(view.name(fw.field)?), &fw.value) {
+                    kept_fields.push(fw);
+                }
+            }
+            (!kept_fields.is_empty()).then_some(Op::Update {
+                fields: kept_fields,
+            })
+        }
+        Op::Delete { base } => {
+            file(next()?, None, &Value::Bool(false)).then_some(Op::Delete { base })
+        }
+    };
+    Ok(kept.map(|op| Write { collection, pk, op }))
+}
+
+/// Replays an insert (`alive`) or a delete onto the state.
+fn replay_exists(
+    state: &mut ObjectState<u32>,
+    stamp: Stamp,
+    alive: bool,
+    discard: Option<&str>,
+) -> Replay {
+    if let Some(why) = discard {
+        return Replay::Discarded(why.to_owned());
+    }
+    match state.exists {
+        // Checked before applying: a stale existence write may still raise the floor.
+        Some((s, server_alive)) if s >= stamp => Replay::Superseded {
+            server_value: Some(Value::Bool(server_alive)),
+            server_stamp: s,
+            reason: format!(
+                "the server {} the object later (by {})",
+                if server_alive { "wrote" } else { "deleted" },
+                s.replica
+            ),
+        },
+        _ => {
+            state.apply_exists(stamp, alive);
+            Replay::Recovered
+        }
+    }
+}
+
+/// Replays one field write onto the state.
+fn replay_field(
+    state: &mut ObjectState<u32>,
+    stamp: Stamp,
+    pk: &Pk,
+    (field, name): (u32, &str),
+    value: &Value,
+    schema: Option<&Schema>,
+    discard: Option<&str>,
+) -> Replay {
+    if let Some(why) = discard {
+        return Replay::Discarded(why.to_owned());
+    }
+    if let Some(Err(e)) = schema.map(|s| s.check_value(pk, name, value)) {
+        return Replay::Discarded(format!("the server's schema refuses it: {e}"));
+    }
+    // An update of an object deleted on the server is kept like in normal sync: merged
+    // (hidden while the object is deleted) and uploaded, where the server's conflict policy
+    // for update-vs-delete decides.
+    if state.apply_field(field, stamp, value.clone()) == Outcome::Applied {
+        return Replay::Recovered;
+    }
+    // A stale write left the state as it was.
+    match state.field(field) {
+        Some((s, v)) => Replay::Superseded {
+            server_value: Some(v.clone()),
+            server_stamp: s,
+            reason: format!("the server's value is newer (written by {})", s.replica),
+        },
+        None => Replay::Superseded {
+            server_value: None,
+            server_stamp: state.floor,
+            reason: format!(
+                "the object was deleted or re-created after it (by {})",
+                state.floor.replica
+            ),
+        },
+    }
+}
+
+/// Files one decided field write in the report.
+fn record(report: &mut ResetReport, outcome: Replay, write: UnsyncedWrite) {
+    match outcome {
+        Replay::Recovered => report.recovered.push(write),
+        Replay::Superseded {
+            server_value,
+            server_stamp,
+            reason,
+        } => report.superseded.push(Superseded {
+            write,
+            server_value,
+            server_stamp,
+            reason,
+        }),
+        Replay::Discarded(reason) => report.discarded.push(Discarded { write, reason }),
+    }
 }

@@ -1333,6 +1333,61 @@ fn compaction_reset_in_every_mode() {
     }
 }
 
+/// Several unsynced writes to one object, interleaved with writes to others: the replay
+/// decides each against the state the object's earlier writes left (a stale write and a
+/// later one that wins; a delete, then a re-insert), and the report lists every write in
+/// log order, not key order.
+#[test]
+fn writes_to_one_object_replay_in_log_order() {
+    let mut w = World::new(&[RECOVER, RECOVER]);
+    write(w.store(B), |tx| {
+        for pk in 1..=3 {
+            tx.insert(DOG, pk, dog(pk))?;
+        }
+        Ok(())
+    });
+    w.sync_all();
+    w.disconnect(A);
+    w.time.advance(1_000);
+    let stale = write(w.store(A), |tx| tx.set(DOG, 2, "age", 20));
+    let mut recovered = write(w.store(A), |tx| tx.set(DOG, 1, "age", 10));
+    w.time.advance(10);
+    write(w.store(B), |tx| tx.set(DOG, 2, "age", 99));
+    w.run();
+    w.time.advance(10);
+    recovered.extend(write(w.store(A), |tx| tx.set(DOG, 2, "age", 21)));
+    recovered.extend(write(w.store(A), |tx| tx.delete(DOG, 3)));
+    recovered.extend(write(w.store(A), |tx| {
+        tx.insert(DOG, 3, [("name", "again")])
+    }));
+    recovered.extend(write(w.store(A), |tx| {
+        tx.set(DOG, 2, "color", "white")?;
+        tx.set(DOG, 1, "name", "a")
+    }));
+    w.server().compact_history(w.server().version()).unwrap();
+    w.sync_all();
+    w.assert_no_errors();
+
+    let reports = w.clients[A].reports.clone();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(r.recovered, later_as_unsynced(&recovered), "{r:?}");
+    let superseded: Vec<_> = r.superseded.iter().map(|s| s.write.clone()).collect();
+    assert_eq!(superseded, later_as_unsynced(&stale), "{r:?}");
+    assert_eq!(r.superseded[0].server_value, Some(Value::from(99)));
+    assert!(r.discarded.is_empty(), "{r:?}");
+
+    let server = w.server().store();
+    assert_eq!(field(server, 1, "age"), Some(Value::from(10)));
+    assert_eq!(field(server, 1, "name"), Some(Value::from("a")));
+    assert_eq!(field(server, 2, "age"), Some(Value::from(21)));
+    assert_eq!(field(server, 2, "color"), Some(Value::from("white")));
+    assert_eq!(field(server, 3, "name"), Some(Value::from("again")));
+    assert_eq!(field(server, 3, "age"), None, "the re-insert starts afresh");
+    assert_converged(&w);
+    assert_settled(&mut w, A);
+}
+
 /// (5b) Trigger (b), a breaking schema change (a field removed), in every mode: a write to the
 /// removed field is discarded even when recovering.
 #[test]
