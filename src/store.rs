@@ -376,6 +376,15 @@ impl NameView<'_> {
             .map(|(f, _, v)| Ok((self.name(*f)?.to_owned(), v.clone())))
             .collect()
     }
+
+    /// [`NameView::live_fields`] of a state read only to be returned: values move out.
+    fn owned_live_fields(&self, state: ObjectState<u32>) -> Result<BTreeMap<String, Value>> {
+        state
+            .fields
+            .into_iter()
+            .map(|(f, _, v)| Ok((self.name(f)?.to_owned(), v)))
+            .collect()
+    }
 }
 
 impl Store {
@@ -910,7 +919,7 @@ impl Store {
             new: &[],
         };
         Ok(Some(Object {
-            fields: crdt::fold(view.live_fields(&state)?)?,
+            fields: crdt::fold(view.owned_live_fields(state)?)?,
             pk,
         }))
     }
@@ -987,7 +996,7 @@ impl Store {
             let pk = Pk::decode(&k.value()[4..]).ok_or_else(|| corrupt("object key"))?;
             out.push(Object {
                 pk,
-                fields: crdt::fold(view.live_fields(&state)?)?,
+                fields: crdt::fold(view.owned_live_fields(state)?)?,
             });
         }
         Ok(out)
