@@ -491,7 +491,15 @@ impl Store {
         let wal_len = match &wal {
             Some(wal) => {
                 Store::replay_wal(&db, wal.as_ref())?;
-                wal.len()?
+                // Empty the file: what lies past the replayed records (a record torn by a
+                // crash, then any written after it whose bytes reached the disk) carries
+                // numbers the next records take again, and such a record that the next
+                // records happen to end just before would be replayed after them.
+                if wal.len()? > 0 {
+                    wal.set_len(0)?;
+                    wal.sync_data()?;
+                }
+                0
             }
             None => 0,
         };
