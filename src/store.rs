@@ -1704,17 +1704,32 @@ impl<'s> WriteTx<'s> {
             if !matches!(mode, Mode::Direct) {
                 txn.set_durability(redb::Durability::None)?;
             }
-            txn.commit()?;
-            if let (Mode::Logged(record), Some(wal)) = (&mode, &store.wal) {
-                let end = writer.wal_at + record.len() as u64;
-                if end > writer.wal_len {
-                    // Backends may refuse writes past the end; grow in steps, not per record.
-                    let len = end.next_multiple_of(WAL_GROWTH);
-                    wal.set_len(len).map_err(redb::Error::from)?;
-                    writer.wal_len = len;
+            // The record is appended before redb commits: if the append fails, the
+            // transaction is dropped uncommitted and the failed commit leaves no trace.
+            let appended = match (&mode, &store.wal) {
+                (Mode::Logged(record), Some(wal)) => {
+                    let end = writer.wal_at + record.len() as u64;
+                    if end > writer.wal_len {
+                        // Backends may refuse writes past the end; grow in steps, not per record.
+                        let len = end.next_multiple_of(WAL_GROWTH);
+                        wal.set_len(len).map_err(redb::Error::from)?;
+                        writer.wal_len = len;
+                    }
+                    wal.write(writer.wal_at, record)
+                        .map_err(redb::Error::from)?;
+                    Some((wal, end))
                 }
-                wal.write(writer.wal_at, record)
-                    .map_err(redb::Error::from)?;
+                _ => None,
+            };
+            if let Err(e) = txn.commit() {
+                if let Some((wal, _)) = appended {
+                    // Not committed: the record must not be replayed. Zero its length (the
+                    // store is poisoned: no later commit syncs the file).
+                    let _ = wal.write(writer.wal_at, &[0u8; 4]);
+                }
+                return Err(e.into());
+            }
+            if let Some((_, end)) = appended {
                 writer.wal_at = end;
             }
             let number = {

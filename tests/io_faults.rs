@@ -685,19 +685,19 @@ fn a_failing_close_reports_that_deferred_commits_may_be_lost() {
     assert!(closed.is_err(), "the failing close is reported");
 }
 
-/// A known bug, kept failing until it is fixed (invariant 3: "a write that returned an error
-/// left no trace"; found by `io_faults_at_every_wal_operation`, `errored_but_durable`): a
-/// local commit goes to redb first (without fsync, visible at once) and then appends its
-/// record to the write-ahead file. When that append fails (a write or set_len error, before
-/// anything was synced), the commit returns `Err(Storage)` and poisons the store — but the
-/// transaction is already committed in redb: reads in the same process see it, and when the
-/// store is dropped redb's close makes its pending non-durable commit durable. So the
-/// "failed" write is on disk with no power cut at all; an application that retries it (an
-/// increment, say) applies it twice. A fix: append the record before the redb commit, and
-/// drop the transaction if the append fails (a redb commit that fails after the append must
-/// then erase the record's header).
+/// Regression test (invariant 3: "a write that returned an error left no trace"; found by
+/// `io_faults_at_every_wal_operation`, `errored_but_durable` 34 of 42 fault points): a local
+/// commit went to redb first (without fsync, visible at once) and then appended its record
+/// to the write-ahead file. When that append failed (a write or set_len error, before
+/// anything was synced), the commit returned `Err(Storage)` and poisoned the store — but the
+/// transaction was already committed in redb: reads in the same process saw it, and when
+/// the store was dropped redb's close made its pending non-durable commit durable, with no
+/// power cut at all; an application retrying it (an increment, say) applied it twice.
+/// Fixed: the record is appended before the redb commit, and a failed append drops the
+/// transaction uncommitted (a redb commit that fails after the append zeroes the record's
+/// length). What is left in `errored_but_durable` is a failed fsync of the file, after
+/// which the commit is in doubt (as the module header says).
 #[test]
-#[ignore = "BUG: a commit whose write-ahead append failed returns an error but is committed (visible, and durable once the store is dropped)"]
 fn a_commit_whose_wal_append_failed_leaves_no_trace() {
     let time = ManualTimeSource::new(T0_MS);
     let disks = Disks::new(Files::DbWal);
