@@ -508,7 +508,15 @@ impl Store {
         let wal_len = match &wal {
             Some(wal) => {
                 Store::replay_wal(&db, wal.as_ref())?;
-                wal.len()?
+                // Empty the file: what lies past the replayed records (a record torn by a
+                // crash, then any written after it whose bytes reached the disk) carries
+                // numbers the next records take again, and such a record that the next
+                // records happen to end just before would be replayed after them.
+                if wal.len()? > 0 {
+                    wal.set_len(0)?;
+                    wal.sync_data()?;
+                }
+                0
             }
             None => 0,
         };
@@ -1794,17 +1802,32 @@ impl<'s> WriteTx<'s> {
             if !matches!(mode, Mode::Direct) {
                 txn.set_durability(redb::Durability::None)?;
             }
-            txn.commit()?;
-            if let (Mode::Logged(record), Some(wal)) = (&mode, &store.wal) {
-                let end = writer.wal_at + record.len() as u64;
-                if end > writer.wal_len {
-                    // Backends may refuse writes past the end; grow in steps, not per record.
-                    let len = end.next_multiple_of(WAL_GROWTH);
-                    wal.set_len(len).map_err(redb::Error::from)?;
-                    writer.wal_len = len;
+            // The record is appended before redb commits: if the append fails, the
+            // transaction is dropped uncommitted and the failed commit leaves no trace.
+            let appended = match (&mode, &store.wal) {
+                (Mode::Logged(record), Some(wal)) => {
+                    let end = writer.wal_at + record.len() as u64;
+                    if end > writer.wal_len {
+                        // Backends may refuse writes past the end; grow in steps, not per record.
+                        let len = end.next_multiple_of(WAL_GROWTH);
+                        wal.set_len(len).map_err(redb::Error::from)?;
+                        writer.wal_len = len;
+                    }
+                    wal.write(writer.wal_at, record)
+                        .map_err(redb::Error::from)?;
+                    Some((wal, end))
                 }
-                wal.write(writer.wal_at, record)
-                    .map_err(redb::Error::from)?;
+                _ => None,
+            };
+            if let Err(e) = txn.commit() {
+                if let Some((wal, _)) = appended {
+                    // Not committed: the record must not be replayed. Zero its length (the
+                    // store is poisoned: no later commit syncs the file).
+                    let _ = wal.write(writer.wal_at, &[0u8; 4]);
+                }
+                return Err(e.into());
+            }
+            if let Some((_, end)) = appended {
                 writer.wal_at = end;
             }
             let number = {

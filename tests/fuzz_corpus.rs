@@ -98,6 +98,11 @@ fn store_model() {
     replay("store_model");
 }
 
+#[test]
+fn wal_replay() {
+    replay("wal_replay");
+}
+
 /// Writes the seeds as files into `tests/corpus/<target>/seed-*`, for the fuzzers.
 #[test]
 #[ignore = "regenerates tests/corpus/*/seed-*; run by hand after changing the seeds"]
@@ -303,6 +308,18 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
                 let mut b = vec![1];
                 b.extend(noise(200 + i, 128));
                 add(&format!("built-{i}"), b);
+            }
+        }
+        "wal_replay" => {
+            // A real write-ahead file (whole, cut, damaged, rearranged, with a forged
+            // record: see `fuzz/src/wal_replay.rs`), and noise in each mode.
+            for (name, bytes) in fuzz_checks::wal_replay::seeds() {
+                add(&name, bytes);
+            }
+            for mode in 0..3u8 {
+                let mut b = vec![mode];
+                b.extend(noise(400 + u64::from(mode), 96));
+                add(&format!("noise-{mode}"), b);
             }
         }
         _ => {

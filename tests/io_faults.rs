@@ -1,9 +1,13 @@
-//! Invariants 3 and 6 under I/O errors: the store runs on a simulated disk
-//! (`fuzz/src/disk.rs`) that fails the k-th backend operation (read, write, set_len or
-//! sync_data) — once, or from then on — for k = 1, 2, … until a run completes with no fault
-//! injected. The workload opens the store and runs transactions (immediate and deferred, one
-//! with a 64 KiB value), `mark_synced`, `prune_log`, an import, reads, a reopen
-//! (`Store::close`, then open) and a final `Store::close`.
+//! Invariants 3 and 6 under I/O errors: the store runs on simulated disks
+//! (`fuzz/src/disk.rs`), one of which fails the k-th backend operation (read, write, set_len
+//! or sync_data) — once, or from then on — for k = 1, 2, … until a run completes with no
+//! fault injected. Three tests, one per faulty disk: a store without a write-ahead file
+//! (its database disk), and a store with one (`Store::open_backend_with_wal`, 24 KiB
+//! `checkpoint_bytes`) with faults on its database disk, then on its write-ahead disk (the
+//! replay's reads on open, the appends, the file's growth, the syncs). The workload opens the
+//! store and runs transactions (immediate and deferred, one with a 64 KiB value), `mark_synced`,
+//! `prune_log`, an import, reads, a reopen (`Store::close`, then open) and a final
+//! `Store::close`.
 //!
 //! For every k, and both modes:
 //! 1. no panic (each run is under `catch_unwind`), and every failure is a typed error
@@ -17,13 +21,19 @@
 //!    the disk before the error, the state after it (counted as `errored_but_durable`:
 //!    invariant 3 wants a failed write to leave no trace, which an fsync error cannot
 //!    promise);
-//!    After a `Store::close` that returned `Ok`, deferred commits are durable too;
+//!    After a `Store::close` that returned `Ok`, deferred commits are durable too. The
+//!    store is dropped before that power cut (and redb's close makes its commits made
+//!    without fsync durable), so the same is checked with the power cut at the failure
+//!    itself, before the drop (or, in a run that completes, before the close): the
+//!    commits only the write-ahead file holds must be put back from it
+//!    (`errored_but_durable (at_failure=N)`);
 //! 4. reopened from the live bytes (the process restarted, the OS kept its cache), the
 //!    state is one of the reference states between those two;
 //! 5. the reopened store takes writes again.
 //!
-//! The reference run is the same workload without faults. Prints
-//! `io-faults: points=N panics=0` with the details.
+//! The reference run is the same workload without faults. Each test prints
+//! `io-faults: points=N panics=0` with the details (`files=db` or `files=db+wal`, and
+//! `faulty=` the disk that fails).
 
 #[path = "../fuzz/src/disk.rs"]
 #[allow(dead_code)]
@@ -113,6 +123,89 @@ fn options(time: &ManualTimeSource) -> Options {
     }
 }
 
+/// The write-ahead file's size before a checkpoint: small enough that the workload
+/// checkpoints (and writes the file again from its start) before `Reopen` does, large
+/// enough that its transactions (about 4 KiB each) are records; `Big` is over a quarter of
+/// it, so it is a durable redb commit.
+const CHECKPOINT_BYTES: u64 = 24 << 10;
+
+/// Which files the store has, on one simulated disk each.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Files {
+    /// The database only (`Store::open_backend`).
+    Db,
+    /// The database and its write-ahead file (`Store::open_backend_with_wal`).
+    DbWal,
+}
+
+#[derive(Clone, Debug)]
+struct Disks {
+    db: SimDisk,
+    wal: Option<SimDisk>,
+}
+
+impl Disks {
+    fn new(files: Files) -> Self {
+        Disks {
+            db: SimDisk::new(),
+            wal: (files == Files::DbWal).then(SimDisk::new),
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &SimDisk> {
+        std::iter::once(&self.db).chain(&self.wal)
+    }
+
+    fn open(&self, time: &ManualTimeSource) -> Result<Store, Error> {
+        match &self.wal {
+            Some(wal) => Store::open_backend_with_wal(
+                self.db.backend(),
+                wal.backend(),
+                Options {
+                    checkpoint_bytes: CHECKPOINT_BYTES,
+                    ..options(time)
+                },
+            ),
+            None => Store::open_backend(self.db.backend(), options(time)),
+        }
+    }
+
+    /// The faults injected so far, on every disk.
+    fn injected(&self) -> Vec<OpKind> {
+        self.all().flat_map(SimDisk::injected).collect()
+    }
+
+    /// Disks holding the durable bytes now (what a power cut now leaves).
+    fn durable(&self) -> Disks {
+        Disks {
+            db: SimDisk::from_image(self.db.durable_image()),
+            wal: self
+                .wal
+                .as_ref()
+                .map(|w| SimDisk::from_image(w.durable_image())),
+        }
+    }
+
+    /// Disks holding the live bytes now (what a restarted process reads back).
+    fn live(&self) -> Disks {
+        Disks {
+            db: SimDisk::from_image(self.db.live_image()),
+            wal: self
+                .wal
+                .as_ref()
+                .map(|w| SimDisk::from_image(w.live_image())),
+        }
+    }
+
+    /// Power cut on every disk, and no faults from now on.
+    fn crash(&self) {
+        for d in self.all() {
+            d.crash();
+            d.set_fault(None);
+        }
+    }
+}
+
 /// A changeset of another replica to import.
 fn remote_changeset() -> Changeset {
     let peer = Store::open_backend(
@@ -130,7 +223,7 @@ fn remote_changeset() -> Changeset {
 fn run_step(
     store: &mut Option<Store>,
     step: Step,
-    disk: &SimDisk,
+    disks: &Disks,
     time: &ManualTimeSource,
     remote: &Changeset,
 ) -> Result<(), Error> {
@@ -179,7 +272,7 @@ fn run_step(
             if let Some(s) = store.take() {
                 s.close()?;
             }
-            *store = Some(Store::open_backend(disk.backend(), options(time))?);
+            *store = Some(disks.open(time)?);
         }
     }
     Ok(())
@@ -187,12 +280,12 @@ fn run_step(
 
 /// The reference states: after opening (index 0) and after each step.
 fn reference(remote: &Changeset, steps: &[Step]) -> Vec<State> {
-    let disk = SimDisk::new();
+    let disks = Disks::new(Files::Db);
     let time = ManualTimeSource::new(T0_MS);
-    let mut store = Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
+    let mut store = Some(disks.open(&time).expect("open"));
     let mut out = vec![state(store.as_ref().expect("open")).expect("state")];
     for &step in steps {
-        run_step(&mut store, step, &disk, &time, remote).expect("a run without faults");
+        run_step(&mut store, step, &disks, &time, remote).expect("a run without faults");
         out.push(state(store.as_ref().expect("open")).expect("state"));
     }
     out
@@ -206,6 +299,8 @@ struct Tally {
     not_poisoned: u64,
     wrong_state: u64,
     errored_but_durable: u64,
+    /// The same, with the power cut at the failure (before the store was dropped).
+    errored_but_durable_at_failure: u64,
     unopenable_new_file: u64,
     open_failures: u64,
     by_kind: [u64; 4],
@@ -224,19 +319,47 @@ fn typed(e: &Error) -> bool {
     matches!(e, Error::Storage(_) | Error::Poisoned | Error::Io(_))
 }
 
+/// Where the faults go: the store's files, and which of them fails.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    files: Files,
+    /// The write-ahead file's disk (else the database's).
+    wal: bool,
+}
+
 /// One run with the fault plan; returns true when the workload completed with no fault.
-fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tally) -> bool {
-    let label = format!("k={} forever={}", plan.at, plan.forever);
-    let disk = SimDisk::new();
+fn run_one(
+    target: Target,
+    plan: FaultPlan,
+    remote: &Changeset,
+    refs: &[State],
+    tally: &mut Tally,
+) -> bool {
+    let label = format!(
+        "{:?}{} k={} forever={}",
+        target.files,
+        if target.wal { " (faults on wal)" } else { "" },
+        plan.at,
+        plan.forever
+    );
+    let disks = Disks::new(target.files);
     let time = ManualTimeSource::new(T0_MS);
-    disk.set_fault(Some(plan));
+    let faulty = if target.wal {
+        disks.wal.as_ref().expect("a write-ahead file")
+    } else {
+        &disks.db
+    };
+    faulty.set_fault(Some(plan));
     // Index into `refs` of the last state made durable by an Ok step, and of the newest Ok
     // step; the failed step, if any.
     let mut durable = 0usize;
     let mut newest = 0usize;
     let mut failed: Option<(usize, Step)> = None;
+    // A power cut at the failure (or, in a run that completes, before the close): the
+    // disks, and `durable` and `newest` then.
+    let mut cut: Option<(Disks, usize, usize)> = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let mut store = match Store::open_backend(disk.backend(), options(&time)) {
+        let mut store = match disks.open(&time) {
             Ok(s) => Some(s),
             Err(e) => {
                 if !typed(&e) {
@@ -247,7 +370,7 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
             }
         };
         for (i, step) in WORKLOAD.iter().enumerate() {
-            match run_step(&mut store, *step, &disk, &time, remote) {
+            match run_step(&mut store, *step, &disks, &time, remote) {
                 Ok(()) => {
                     newest = i + 1;
                     if step.durable() {
@@ -260,7 +383,8 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
                         tally.fail(format!("{label}: step {i} {step:?} failed untyped: {e:?}"));
                     }
                     failed = Some((i + 1, *step));
-                    let injected = disk.injected();
+                    cut = Some((disks.durable(), durable, newest));
+                    let injected = disks.injected();
                     let write_fault = injected
                         .iter()
                         .any(|k| matches!(k, OpKind::Write | OpKind::SetLen | OpKind::Sync));
@@ -281,6 +405,9 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
                 }
             }
         }
+        if failed.is_none() {
+            cut = Some((disks.durable(), durable, newest));
+        }
         match (failed, store) {
             // Completed: close, which makes the deferred commits durable or says it failed.
             (None, Some(s)) => match s.close() {
@@ -300,14 +427,13 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
         tally.panics += 1;
         tally.fail(format!("{label}: panicked"));
     }
-    let injected = disk.injected();
+    let injected = disks.injected();
     if let Some(kind) = injected.first() {
         tally.by_kind[*kind as usize] += 1;
     }
-    // The live bytes (process restart), then the durable image (power cut).
-    let live = SimDisk::from_image(disk.live_image());
-    disk.crash();
-    disk.set_fault(None);
+    // The live bytes (process restart), then the durable images (power cut).
+    let live = disks.live();
+    disks.crash();
     // The step in doubt: the one that failed, if it writes.
     let doubt = failed.filter(|(_, step)| step.writes()).map(|(j, _)| j);
     // Closing the store (the drop after the last step) may make the deferred steps since
@@ -316,12 +442,26 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
     candidates_durable.extend(doubt);
     let candidates_live: Vec<usize> = (durable..=doubt.unwrap_or(newest).max(newest)).collect();
     let created = failed.is_some() || newest > 0;
-    for (what, d, candidates) in [
-        ("durable image", &disk, &candidates_durable),
+    // At the failure, the store was not closed yet: what it had acknowledged durable, and
+    // the failed step if its commit was durable before the error.
+    let (cut_disks, candidates_cut) = match cut {
+        Some((d, durable, newest)) => {
+            let mut c: Vec<usize> = (durable..=newest).collect();
+            c.extend(doubt);
+            (Some(d), c)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut images = vec![
+        ("durable image", &disks, &candidates_durable),
         ("live image", &live, &candidates_live),
-    ] {
+    ];
+    if let Some(d) = &cut_disks {
+        images.push(("image at the failure", d, &candidates_cut));
+    }
+    for (what, d, candidates) in images {
         let reopened = catch_unwind(AssertUnwindSafe(|| {
-            Store::open_backend(d.backend(), options(&time)).and_then(|s| {
+            d.open(&time).and_then(|s| {
                 let st = state(&s)?;
                 // Reopened, the store takes writes again.
                 s.write(|tx| tx.insert("P", 1, [("x", 1)]))?;
@@ -353,6 +493,9 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
                         // The failed step's commit reached the disk before the error.
                         tally.errored_but_durable += 1;
                     }
+                    if what == "image at the failure" && is_doubt {
+                        tally.errored_but_durable_at_failure += 1;
+                    }
                 }
                 None => {
                     let which = refs.iter().position(|r| *r == st);
@@ -367,8 +510,9 @@ fn run_one(plan: FaultPlan, remote: &Changeset, refs: &[State], tally: &mut Tall
     injected.is_empty()
 }
 
-#[test]
-fn io_faults_at_every_operation() {
+/// Fails the k-th operation of the target's faulty disk for k = 1, 2, … in both modes, and
+/// prints the `io-faults:` line.
+fn io_faults(target: Target) {
     let started = Instant::now();
     let remote = remote_changeset();
     let refs = reference(&remote, &WORKLOAD);
@@ -378,16 +522,27 @@ fn io_faults_at_every_operation() {
         for k in 1.. {
             tally.points += 1;
             ks[m] = k;
-            if run_one(FaultPlan { at: k, forever }, &remote, &refs, &mut tally) {
+            if run_one(
+                target,
+                FaultPlan { at: k, forever },
+                &remote,
+                &refs,
+                &mut tally,
+            ) {
                 break;
             }
             assert!(k < 1_000_000, "the workload never completes");
         }
     }
     println!(
-        "io-faults: points={} panics={} (ops: once={} forever={}; untyped={} not_poisoned={} wrong_state={} open_failures={} errored_but_durable={} unopenable_new_file={} first_fault read/write/set_len/sync={:?}; {:.1?})",
+        "io-faults: points={} panics={} (files={} faulty={} ops: once={} forever={}; untyped={} not_poisoned={} wrong_state={} open_failures={} errored_but_durable={} (at_failure={}) unopenable_new_file={} first_fault read/write/set_len/sync={:?}; {:.1?})",
         tally.points,
         tally.panics,
+        match target.files {
+            Files::Db => "db",
+            Files::DbWal => "db+wal",
+        },
+        if target.wal { "wal" } else { "db" },
         ks[0],
         ks[1],
         tally.untyped,
@@ -395,11 +550,40 @@ fn io_faults_at_every_operation() {
         tally.wrong_state,
         tally.open_failures,
         tally.errored_but_durable,
+        tally.errored_but_durable_at_failure,
         tally.unopenable_new_file,
         tally.by_kind,
         started.elapsed()
     );
     assert!(tally.failures.is_empty(), "failures: {:#?}", tally.failures);
+}
+
+/// A store without a write-ahead file: every operation of its database file.
+#[test]
+fn io_faults_at_every_operation() {
+    io_faults(Target {
+        files: Files::Db,
+        wal: false,
+    });
+}
+
+/// A store with a write-ahead file: every operation of its database file.
+#[test]
+fn io_faults_at_every_database_operation_with_wal() {
+    io_faults(Target {
+        files: Files::DbWal,
+        wal: false,
+    });
+}
+
+/// A store with a write-ahead file: every operation of the write-ahead file (the reads of
+/// the replay on open, the appends, the growth, the syncs).
+#[test]
+fn io_faults_at_every_wal_operation() {
+    io_faults(Target {
+        files: Files::DbWal,
+        wal: true,
+    });
 }
 
 /// A known bug, kept failing until it is fixed (invariant 3: "a write that returned an
@@ -434,18 +618,18 @@ fn a_failed_commit_leaves_no_trace() {
             continue;
         }
         for k in 1..10_000 {
-            let disk = SimDisk::new();
+            let disks = Disks::new(Files::Db);
+            let disk = &disks.db;
             let time = ManualTimeSource::new(T0_MS);
-            let mut store =
-                Some(Store::open_backend(disk.backend(), options(&time)).expect("open"));
+            let mut store = Some(disks.open(&time).expect("open"));
             for s in &STEPS[..i] {
-                run_step(&mut store, *s, &disk, &time, &remote).expect("step");
+                run_step(&mut store, *s, &disks, &time, &remote).expect("step");
             }
             disk.set_fault(Some(FaultPlan {
                 at: k,
                 forever: false,
             }));
-            let r = run_step(&mut store, *step, &disk, &time, &remote);
+            let r = run_step(&mut store, *step, &disks, &time, &remote);
             let injected = disk.injected();
             // Not a clean close: the power goes.
             disk.crash();
@@ -499,4 +683,50 @@ fn a_failing_close_reports_that_deferred_commits_may_be_lost() {
         "a deferred commit that returned Ok vanished with no crash and no error"
     );
     assert!(closed.is_err(), "the failing close is reported");
+}
+
+/// Regression test (invariant 3: "a write that returned an error left no trace"; found by
+/// `io_faults_at_every_wal_operation`, `errored_but_durable` 34 of 42 fault points): a local
+/// commit went to redb first (without fsync, visible at once) and then appended its record
+/// to the write-ahead file. When that append failed (a write or set_len error, before
+/// anything was synced), the commit returned `Err(Storage)` and poisoned the store — but the
+/// transaction was already committed in redb: reads in the same process saw it, and when
+/// the store was dropped redb's close made its pending non-durable commit durable, with no
+/// power cut at all; an application retrying it (an increment, say) applied it twice.
+/// Fixed: the record is appended before the redb commit, and a failed append drops the
+/// transaction uncommitted (a redb commit that fails after the append zeroes the record's
+/// length). What is left in `errored_but_durable` is a failed fsync of the file, after
+/// which the commit is in doubt (as the module header says).
+#[test]
+fn a_commit_whose_wal_append_failed_leaves_no_trace() {
+    let time = ManualTimeSource::new(T0_MS);
+    let disks = Disks::new(Files::DbWal);
+    let wal = disks.wal.as_ref().expect("a write-ahead file");
+    let store = disks.open(&time).expect("open");
+    store
+        .write(|tx| tx.insert("A", 0, [("f", 0)]))
+        .expect("write");
+    // The next write-ahead operation (the append) fails; the disk then works again.
+    wal.set_fault(Some(FaultPlan {
+        at: 1,
+        forever: false,
+    }));
+    let r = store.write(|tx| tx.set("A", 0, "f", 1));
+    assert_eq!(wal.injected(), vec![OpKind::Write]);
+    assert!(r.is_err(), "the append failed: the commit must fail");
+    let f = |s: &Store| {
+        s.get("A", 0)
+            .expect("get")
+            .and_then(|o| o.get("f").cloned())
+    };
+    let seen = f(&store);
+    // The process ends (no crash): the store is dropped.
+    drop(store);
+    disks.crash();
+    let store = disks.open(&time).expect("reopen");
+    assert_eq!(
+        (seen, f(&store)),
+        (Some(Value::from(0)), Some(Value::from(0))),
+        "(read after the error, read after reopening): a commit that returned an error left a trace"
+    );
 }

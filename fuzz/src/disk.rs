@@ -6,10 +6,15 @@
 //!   every later operation of the old handle fails, and reopening sees the durable image.
 //! - With recording on, every mutating operation is kept in order, so a test can rebuild
 //!   the durable image as of any sync point, or a torn image (the sync's writes cut short).
+//!   Disks recording on one [`Clock`] (a database and its write-ahead file) stamp each
+//!   operation with the clock's next number, so their histories merge into one order: a
+//!   power cut at any moment leaves each file as its own last sync before that moment made
+//!   it.
 //! - A fault plan fails the k-th operation (read, write, set_len or sync_data), once or
 //!   from then on, without applying it.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::StorageBackend;
@@ -47,6 +52,27 @@ pub struct FaultPlan {
     pub forever: bool,
 }
 
+/// A sequence shared by disks that record together: every recorded operation of any of
+/// them takes the next number.
+#[derive(Clone, Debug, Default)]
+pub struct Clock(Arc<AtomicU64>);
+
+impl Clock {
+    /// A clock at 0.
+    pub fn new() -> Self {
+        Clock::default()
+    }
+
+    /// Operations stamped so far.
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn tick(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: Vec<u8>,
@@ -55,6 +81,9 @@ struct State {
     pending: Vec<DiskOp>,
     /// Every mutation and sync, when recording.
     history: Option<Vec<DiskOp>>,
+    /// The clock stamping them, if recording on one, and each one's stamp.
+    clock: Option<Clock>,
+    stamps: Vec<u64>,
     /// The handle in use was crashed; a new one must be taken.
     generation: u64,
     fault: Option<FaultPlan>,
@@ -141,12 +170,29 @@ impl SimDisk {
 
     /// Records every mutation from now on (see [`SimDisk::history`]).
     pub fn record(&self) {
-        self.lock().history = Some(Vec::new());
+        let mut s = self.lock();
+        s.history = Some(Vec::new());
+        s.stamps.clear();
+    }
+
+    /// Records every mutation from now on, each stamped by `clock` (see
+    /// [`SimDisk::stamped_history`]).
+    pub fn record_on(&self, clock: &Clock) {
+        self.record();
+        self.lock().clock = Some(clock.clone());
     }
 
     /// The recorded mutations.
     pub fn history(&self) -> Vec<DiskOp> {
         self.lock().history.clone().unwrap_or_default()
+    }
+
+    /// The recorded mutations with their clock stamps (see [`SimDisk::record_on`]).
+    pub fn stamped_history(&self) -> Vec<(u64, DiskOp)> {
+        let s = self.lock();
+        let history = s.history.clone().unwrap_or_default();
+        assert_eq!(history.len(), s.stamps.len(), "recorded without a clock");
+        s.stamps.iter().copied().zip(history).collect()
     }
 
     /// The durable image now.
@@ -211,11 +257,20 @@ impl SimDisk {
             }
         }
         apply(&mut s.live, &op);
-        if let Some(h) = &mut s.history {
-            h.push(op.clone());
-        }
+        s.push_history(&op);
         s.pending.push(op);
         Ok(())
+    }
+}
+
+impl State {
+    fn push_history(&mut self, op: &DiskOp) {
+        if let Some(h) = &mut self.history {
+            h.push(op.clone());
+            if let Some(c) = &self.clock {
+                self.stamps.push(c.tick());
+            }
+        }
     }
 }
 
@@ -259,6 +314,24 @@ impl<'h> Replayer<'h> {
         }
         img
     }
+
+    /// The image `base` with every op but the last of `ops` applied, and of the last, if
+    /// it is a write, only its first `bytes` bytes (a write torn part-way: its first
+    /// sectors reached the disk, the rest did not).
+    pub fn torn_within(base: &[u8], ops: &[DiskOp], bytes: usize) -> Vec<u8> {
+        let Some((last, before)) = ops.split_last() else {
+            return base.to_vec();
+        };
+        let mut img = Replayer::torn(base, before, before.len());
+        match last {
+            DiskOp::Write(off, data) => {
+                let cut = DiskOp::Write(*off, data[..bytes.min(data.len())].to_vec());
+                apply(&mut img, &cut);
+            }
+            op => apply(&mut img, op),
+        }
+        img
+    }
 }
 
 impl StorageBackend for SimBackend {
@@ -298,9 +371,7 @@ impl StorageBackend for SimBackend {
             apply(&mut s.durable, op);
         }
         // The durable image has the live length too (a set_len is durable once synced).
-        if let Some(h) = &mut s.history {
-            h.push(DiskOp::Sync);
-        }
+        s.push_history(&DiskOp::Sync);
         s.syncs += 1;
         Ok(())
     }

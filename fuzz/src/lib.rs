@@ -24,6 +24,8 @@ pub mod rules;
 pub mod session;
 #[path = "store_model.rs"]
 pub mod store_model;
+#[path = "wal_replay.rs"]
+pub mod wal_replay;
 
 /// Whether `FIELDLOG_FUZZ_TRACE` is set: the model targets then print each step.
 pub fn tracing() -> bool {
@@ -35,7 +37,7 @@ pub fn tracing() -> bool {
 pub type Check = fn(&[u8]);
 
 /// Every target: its name (as in `fuzz/Cargo.toml` and `tests/corpus/`) and its check.
-pub const TARGETS: [(&str, Check); 7] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("changeset_import", changeset::check),
     ("frame_decode", frame::check),
     ("merge_laws", merge_laws::check),
@@ -43,4 +45,5 @@ pub const TARGETS: [(&str, Check); 7] = [
     ("rules_load", rules::check),
     ("server_session", session::check),
     ("store_model", store_model::check),
+    ("wal_replay", wal_replay::check),
 ];
