@@ -227,6 +227,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Creates an empty redb database at `path` so that a crash never leaves a half-created
+/// file there (redb writes its magic number in a second sync; a file cut off before it is
+/// refused forever): built under a temporary name, synced, then linked into place — a link
+/// never replaces a file another process created meanwhile.
+fn create_atomically(path: &Path) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(
+        ".creating-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let tmp = std::path::PathBuf::from(tmp);
+    let r = (|| {
+        drop(Database::builder().create(&tmp)?);
+        std::fs::File::open(&tmp)?.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+            _ => {}
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
 /// The write-ahead file beside the store file at `path`.
 pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
@@ -397,6 +425,9 @@ impl Store {
     /// (unless [`Options::checkpoint_bytes`] is 0): keep it with the store file.
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Store> {
         let path = path.as_ref();
+        if !path.exists() {
+            create_atomically(path)?;
+        }
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
             .create(path)?;
