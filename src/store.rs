@@ -243,8 +243,11 @@ fn create_atomically(path: &Path) -> Result<()> {
         drop(Database::builder().create(&tmp)?);
         std::fs::File::open(&tmp)?.sync_all()?;
         match std::fs::hard_link(&tmp, path) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
-            _ => {}
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // A file system without hard links: a rename, unless the path appeared meanwhile.
+            Err(_) if !path.exists() => std::fs::rename(&tmp, path)?,
+            Err(_) => {}
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir)?.sync_all()?;
