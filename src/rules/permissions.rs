@@ -1052,9 +1052,17 @@ fn filter(v: Json, at: &At<'_>, scope: Scope, depth: usize) -> Result<Filter, Ru
                 key_tests(&key, v, &kat, depth)?
             }
         };
-        parts.push(part);
+        parts.push((k, part));
     }
-    Ok(all(parts))
+    Ok(all(in_key_order(parts)))
+}
+
+/// The conditions of one object, ordered by their keys: an object's keys are unordered, so
+/// the same object spelt in another order loads to the same rules. (Parsing goes in file
+/// order, so the first error reported is the first in the file.)
+fn in_key_order(mut parts: Vec<(String, Filter)>) -> Vec<Filter> {
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    parts.into_iter().map(|(_, f)| f).collect()
 }
 
 fn parse_key(k: &str, at: &At<'_>, scope: Scope) -> Result<Key, RulesError> {
@@ -1164,9 +1172,9 @@ fn key_tests(key: &Key, v: Json, at: &At<'_>, depth: usize) -> Result<Filter, Ru
                 )))
             }
         };
-        parts.push(part);
+        parts.push((op, part));
     }
-    Ok(all(parts))
+    Ok(all(in_key_order(parts)))
 }
 
 /// A value in an expression.
@@ -1208,6 +1216,25 @@ mod tests {
 
     fn reads(filter: &str, user: &User, fields: &[(&str, Value)]) -> bool {
         role(filter).can_read(user, &Pk::Int(7), &doc(fields))
+    }
+
+    /// Found by the `rules_load` fuzzer: an object's keys are unordered, so the same
+    /// filter spelt in another key order must load to the same rules.
+    #[test]
+    fn key_order_does_not_change_the_rules() {
+        for (a, b) in [
+            (
+                r#"{"n": {"$lte": 1, "$lt": 5}}"#,
+                r#"{"n": {"$lt": 5, "$lte": 1}}"#,
+            ),
+            (r#"{"team": "x", "n": 1}"#, r#"{"n": 1, "team": "x"}"#),
+            (
+                r#"{"$or": [{"a": 1}], "n": {"$in": [1], "$exists": true}}"#,
+                r#"{"n": {"$exists": true, "$in": [1]}, "$or": [{"a": 1}]}"#,
+            ),
+        ] {
+            assert_eq!(role(a), role(b), "{a} vs {b}");
+        }
     }
 
     #[test]
