@@ -1243,7 +1243,10 @@ impl ServerSession {
         if *in_flight >= DOWNLOAD_WINDOW {
             return Ok(None);
         }
-        if outgoing.is_empty() && *sent < self.server.version() {
+        // Read once: another session's commit may move it between the checks below, and a
+        // filtered client must never take the unfiltered path because of that.
+        let version = self.server.version();
+        if outgoing.is_empty() && *sent < version {
             let horizon = self.server.horizon()?;
             if *sent < horizon {
                 // History this client still needs was compacted while it was connected.
@@ -1256,7 +1259,7 @@ impl ServerSession {
         }
         *in_flight += 1;
         if outgoing.is_empty() {
-            if *sent >= self.server.version() {
+            if *sent >= version || view.filtered() {
                 *in_flight -= 1;
                 return Ok(None);
             }
