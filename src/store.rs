@@ -258,6 +258,26 @@ fn create_atomically(path: &Path) -> Result<()> {
     r
 }
 
+/// Rebuilds table `from` into `into` in key order (sequential inserts fill leaves) and gives
+/// it `from`'s name, in `txn`.
+fn repack<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::WriteTransaction,
+    from: TableDefinition<K, V>,
+    into: TableDefinition<K, V>,
+) -> Result<()> {
+    {
+        let old = txn.open_table(from)?;
+        let mut new = txn.open_table(into)?;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            new.insert(k.value(), v.value())?;
+        }
+    }
+    txn.delete_table(from)?;
+    txn.rename_table(into, from)?;
+    Ok(())
+}
+
 /// The write-ahead file beside the store file at `path`.
 pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
@@ -750,43 +770,14 @@ impl Store {
     pub fn compact(&mut self) -> Result<()> {
         self.check_poisoned()?;
         let r = (|| {
-            let writer = self
-                .writer
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner);
             // No transaction can be live: `&mut self`.
             let txn = self.db.begin_write()?;
-            {
-                let old = txn.open_table(OBJECTS)?;
-                let mut new = txn.open_table(OBJECTS_REPACK)?;
-                for row in old.iter()? {
-                    let (k, v) = row?;
-                    new.insert(k.value(), v.value())?;
-                }
-            }
-            txn.delete_table(OBJECTS)?;
-            txn.rename_table(OBJECTS_REPACK, OBJECTS)?;
-            {
-                let old = txn.open_table(LOG)?;
-                let mut new = txn.open_table(LOG_REPACK)?;
-                for row in old.iter()? {
-                    let (k, v) = row?;
-                    new.insert(k.value(), v.value())?;
-                }
-            }
-            txn.delete_table(LOG)?;
-            txn.rename_table(LOG_REPACK, LOG)?;
+            repack(&txn, OBJECTS, OBJECTS_REPACK)?;
+            repack(&txn, LOG, LOG_REPACK)?;
             txn.commit()?;
-            writer.wal_at = 0;
             while self.db.compact().map_err(redb::Error::from)? {}
-            if let Some(wal) = &self.wal {
-                wal.set_len(0).map_err(redb::Error::from)?;
-                wal.sync_data().map_err(redb::Error::from)?;
-                writer.wal_len = 0;
-            }
-            let g = self.group.get_mut().unwrap_or_else(PoisonError::into_inner);
-            g.durable = g.committed;
-            Ok(())
+            let mut w = lock(&self.writer);
+            self.checkpoint_with(&mut w, true)
         })();
         self.finish(r)
     }
