@@ -257,3 +257,60 @@ fn files_on_disk_reopen_with_their_write_ahead_file() {
     assert_eq!(value_of(&store, 3, "n"), Some(Value::from("three")));
     assert_eq!(value_of(&store, 4, "n"), Some(Value::from("four")));
 }
+
+/// Sets `meta/format` in the database file with redb directly, as another build would.
+fn set_format(db: &SimDisk, format: u64) {
+    let redb = redb::Database::builder()
+        .create_with_backend(db.backend())
+        .expect("redb");
+    let txn = redb.begin_write().expect("begin");
+    {
+        let mut meta = txn
+            .open_table(redb::TableDefinition::<&str, &[u8]>::new("meta"))
+            .expect("meta");
+        meta.insert("format", format.to_le_bytes().as_slice())
+            .expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
+#[test]
+fn a_newer_format_is_refused_before_its_records_are_replayed() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    for i in 0..5i64 {
+        store
+            .write(|tx| tx.insert("T", i, [("n", Value::from(i)), ("s", Value::from("x"))]))
+            .expect("insert");
+    }
+    // Local updates of live objects: recorded as patches, not rows.
+    for i in 0..5i64 {
+        store
+            .write(|tx| tx.set("T", i, "n", i * 10))
+            .expect("update");
+    }
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let wal_bytes = wal.durable_image();
+
+    set_format(&db, 99);
+    let err = Store::open_backend_with_wal(db.backend(), wal.backend(), options(16 << 20))
+        .expect_err("a newer format");
+    assert!(matches!(err, fieldlog::Error::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("format version 99"), "{err}");
+    assert_eq!(
+        wal.durable_image(),
+        wal_bytes,
+        "the records are left in place"
+    );
+
+    // The build that wrote them replays them.
+    set_format(&db, 4);
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().expect("verify"));
+    for i in 0..5i64 {
+        assert_eq!(value_of(&store, i, "n"), Some(Value::from(i * 10)));
+        assert_eq!(value_of(&store, i, "s"), Some(Value::from("x")));
+    }
+}
