@@ -157,12 +157,197 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ObjectState<u32>> {
     Ok(state)
 }
 
+/// Whether the row's object is live, reading only its head (stamp-table layout) or the
+/// whole row (older layout).
+pub(crate) fn is_live(bytes: &[u8]) -> Result<bool> {
+    if bytes.first() != Some(&ROW_V2) {
+        return Ok(decode(bytes)?.is_live());
+    }
+    let mut r = Reader { b: bytes, at: 1 };
+    let n = r.len()?;
+    if n > (bytes.len() - r.at) / 16 {
+        return Err(r.bad("stamp count"));
+    }
+    r.take(n * 16)?;
+    Ok(match r.byte()? {
+        0 | 1 => false,
+        2 => true,
+        _ => return Err(r.bad("existence tag")),
+    })
+}
+
+/// Where a field's value was: in the old row's bytes, or a new write.
+#[derive(Clone, Copy)]
+enum Source<'v> {
+    Old(usize, usize),
+    New(&'v Value),
+}
+
+/// A row in the stamp-table layout, read without decoding its values: what a local update
+/// of a live object needs (whether it is live, the written fields' old values) and the new
+/// row, spliced from the old bytes. Decoding ten values to re-encode them unchanged was a
+/// fifth of a field write.
+pub(crate) struct Parsed<'a> {
+    b: &'a [u8],
+    stamps: Vec<Stamp>,
+    exists: Option<(usize, bool)>,
+    floor: usize,
+    /// `(field id, stamp index, value bytes)` in row order.
+    fields: Vec<(u32, usize, (usize, usize))>,
+}
+
+/// Parses a row in the stamp-table layout; `None` for the older layout. Values are
+/// skipped, not checked beyond their framing (a string's UTF-8 is checked when it is read).
+pub(crate) fn parse(bytes: &[u8]) -> Result<Option<Parsed<'_>>> {
+    if bytes.first() != Some(&ROW_V2) {
+        return Ok(None);
+    }
+    let mut r = Reader { b: bytes, at: 1 };
+    let n = r.len()?;
+    if n > (bytes.len() - r.at) / 16 {
+        return Err(r.bad("stamp count"));
+    }
+    let mut stamps = Vec::with_capacity(n);
+    for _ in 0..n {
+        stamps.push(Stamp {
+            time: r.fixed_u64()?,
+            replica: ReplicaId(r.fixed_u64()?),
+        });
+    }
+    let index = |r: &mut Reader| -> Result<usize> {
+        let i = r.len()?;
+        if i < n {
+            Ok(i)
+        } else {
+            Err(r.bad("stamp index"))
+        }
+    };
+    let exists = match r.byte()? {
+        0 => None,
+        t @ (1 | 2) => Some((index(&mut r)?, t == 2)),
+        _ => return Err(r.bad("existence tag")),
+    };
+    let floor = index(&mut r)?;
+    let count = r.len()?;
+    let mut fields = Vec::with_capacity(count.min((bytes.len() - r.at) / 3));
+    for _ in 0..count {
+        let f = r.u32()?;
+        let si = index(&mut r)?;
+        let start = r.at;
+        r.skip_value()?;
+        fields.push((f, si, (start, r.at)));
+    }
+    if r.at != bytes.len() {
+        return Err(r.bad("trailing bytes"));
+    }
+    Ok(Some(Parsed {
+        b: bytes,
+        stamps,
+        exists,
+        floor,
+        fields,
+    }))
+}
+
+impl<'a> Parsed<'a> {
+    /// Whether the object is live.
+    pub(crate) fn is_live(&self) -> bool {
+        matches!(self.exists, Some((_, true)))
+    }
+
+    /// The field's stamp and value, as [`ObjectState::field`] finds it.
+    pub(crate) fn field(&self, field: u32) -> Result<Option<(Stamp, Value)>> {
+        let Ok(i) = self.fields.binary_search_by(|(f, _, _)| f.cmp(&field)) else {
+            return Ok(None);
+        };
+        let (_, si, (start, _)) = self.fields[i];
+        let mut r = Reader {
+            b: self.b,
+            at: start,
+        };
+        Ok(Some((self.stamps[si], r.value()?)))
+    }
+
+    /// The row after `writes` (distinct field ids) are merged in at `stamp`, one by one as
+    /// [`ObjectState::apply_field`] merges them: byte for byte what decoding, applying and
+    /// encoding gives. Also says, per write, whether it was applied.
+    pub(crate) fn patch(&self, stamp: Stamp, writes: &[(u32, &Value)]) -> (Vec<u8>, Vec<bool>) {
+        let floor = self.stamps[self.floor];
+        let mut fields: Vec<(u32, Stamp, Source<'_>)> = self
+            .fields
+            .iter()
+            .map(|&(f, si, (a, b))| (f, self.stamps[si], Source::Old(a, b)))
+            .collect();
+        let mut applied = Vec::with_capacity(writes.len());
+        for &(id, value) in writes {
+            if stamp < floor {
+                applied.push(false);
+                continue;
+            }
+            match fields.binary_search_by(|(f, _, _)| f.cmp(&id)) {
+                Ok(i) if fields[i].1 >= stamp => applied.push(false),
+                Ok(i) => {
+                    fields[i] = (id, stamp, Source::New(value));
+                    applied.push(true);
+                }
+                Err(i) => {
+                    fields.insert(i, (id, stamp, Source::New(value)));
+                    applied.push(true);
+                }
+            }
+        }
+        // The stamp table in first-use order, as `encode` builds it.
+        let mut stamps: Vec<Stamp> = Vec::with_capacity(self.stamps.len() + 1);
+        let mut index = |s: Stamp| -> u64 {
+            match stamps.iter().position(|x| *x == s) {
+                Some(i) => i as u64,
+                None => {
+                    stamps.push(s);
+                    (stamps.len() - 1) as u64
+                }
+            }
+        };
+        let exists = self
+            .exists
+            .map(|(si, alive)| (index(self.stamps[si]), alive));
+        let floor = index(floor);
+        let field_stamps: Vec<u64> = fields.iter().map(|(_, s, _)| index(*s)).collect();
+        let mut out = Vec::with_capacity(self.b.len() + 16 + writes.len() * 8);
+        out.push(ROW_V2);
+        put_varint(&mut out, stamps.len() as u64);
+        for s in &stamps {
+            out.extend_from_slice(&s.time.to_le_bytes());
+            out.extend_from_slice(&s.replica.0.to_le_bytes());
+        }
+        match exists {
+            None => out.push(0),
+            Some((i, alive)) => {
+                out.push(1 + u8::from(alive));
+                put_varint(&mut out, i);
+            }
+        }
+        put_varint(&mut out, floor);
+        put_varint(&mut out, fields.len() as u64);
+        for ((f, _, src), si) in fields.iter().zip(field_stamps) {
+            put_varint(&mut out, u64::from(*f));
+            put_varint(&mut out, si);
+            match src {
+                Source::Old(a, b) => out.extend_from_slice(&self.b[*a..*b]),
+                Source::New(v) => put_value(&mut out, v),
+            }
+        }
+        (out, applied)
+    }
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    #[cold]
+    #[inline(never)]
     fn bad(&self, what: &str) -> Error {
         Error::Corrupt {
             what: format!("object row: {what} at byte {}", self.at),
@@ -188,7 +373,20 @@ impl<'a> Reader<'a> {
 
     /// A varint of at most `max_bytes` bytes whose last byte fits in `last_max`
     /// (postcard's rule: 10 bytes and 0x01 for u64, 5 and 0x0f for u32).
+    #[inline]
     fn varint(&mut self, max_bytes: u32, last_max: u8) -> Result<u64> {
+        // Most varints in a row (ids, indexes, short lengths) are one byte.
+        if let Some(&b) = self.b.get(self.at) {
+            if b < 0x80 {
+                self.at += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.varint_long(max_bytes, last_max)
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self, max_bytes: u32, last_max: u8) -> Result<u64> {
         let mut out = 0u64;
         for i in 0..max_bytes {
             let b = self.byte()?;
@@ -257,6 +455,28 @@ impl<'a> Reader<'a> {
             }
             _ => return Err(self.bad("value type")),
         })
+    }
+
+    /// Moves past a value, checking what `value` checks except a string's UTF-8.
+    fn skip_value(&mut self) -> Result<()> {
+        match self.u32()? {
+            0 => {}
+            1 => {
+                self.bool()?;
+            }
+            2 => {
+                self.u64()?;
+            }
+            3 => {
+                self.take(8)?;
+            }
+            4 | 5 => {
+                let n = self.len()?;
+                self.take(n)?;
+            }
+            _ => return Err(self.bad("value type")),
+        }
+        Ok(())
     }
 
     fn fixed_u64(&mut self) -> Result<u64> {
@@ -403,6 +623,87 @@ mod tests {
             if let Ok(ours) = decode(bytes) {
                 let theirs: ObjectState<u32> = postcard::from_bytes(bytes).expect("postcard agrees");
                 prop_assert_eq!(ours, theirs);
+            }
+        }
+    }
+
+    /// What decoding, applying `writes` one by one and encoding gives.
+    fn applied(
+        mut s: ObjectState<u32>,
+        stamp: Stamp,
+        writes: &[(u32, Value)],
+    ) -> (Vec<u8>, Vec<bool>) {
+        let outcomes = writes
+            .iter()
+            .map(|(f, v)| s.apply_field(*f, stamp, v.clone()) == crate::merge::Outcome::Applied)
+            .collect();
+        (encode(&s), outcomes)
+    }
+
+    /// Writes with distinct field ids, some of them the state's own.
+    fn writes(
+        s: &ObjectState<u32>,
+        picks: Vec<(prop::sample::Index, bool, Value)>,
+    ) -> Vec<(u32, Value)> {
+        let mut out: Vec<(u32, Value)> = Vec::new();
+        for (i, existing, v) in picks {
+            let id = if existing && !s.fields.is_empty() {
+                s.fields[i.index(s.fields.len())].0
+            } else {
+                i.index(1 << 16) as u32
+            };
+            if out.iter().all(|(f, _)| *f != id) {
+                out.push((id, v));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// Patching the bytes is byte for byte decoding, applying and encoding; the parsed
+        /// row answers `is_live` and `field` as the decoded state does.
+        #[test]
+        fn a_patch_is_decode_apply_encode(
+            s in state(),
+            stamp in stamp(),
+            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), value()), 0..4),
+        ) {
+            let bytes = encode(&s);
+            let parsed = parse(&bytes).expect("parse").expect("stamp-table layout");
+            prop_assert_eq!(parsed.is_live(), s.is_live());
+            prop_assert_eq!(is_live(&bytes).expect("is_live"), s.is_live());
+            for (f, st, v) in &s.fields {
+                let found = parsed.field(*f).expect("field");
+                let want = s.field(*f).map(|(st, v)| (st, v.clone()));
+                prop_assert_eq!(found, want, "field {} ({:?} {:?})", f, st, v);
+            }
+            let w = writes(&s, picks);
+            let refs: Vec<(u32, &Value)> = w.iter().map(|(f, v)| (*f, v)).collect();
+            prop_assert_eq!(parsed.patch(stamp, &refs), applied(s, stamp, &w));
+        }
+
+        /// Damaged rows: wherever decoding succeeds, parsing agrees with it; never a panic.
+        #[test]
+        fn damaged_rows_patch_as_they_decode(
+            s in state(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            stamp in stamp(),
+            v in value(),
+        ) {
+            let mut bytes = encode(&s);
+            let i = flip.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            let bytes = &bytes[..cut.index(bytes.len() + 1)];
+            let parsed = parse(bytes);
+            let live = is_live(bytes);
+            if let Ok(decoded) = decode(bytes) {
+                prop_assert_eq!(live.expect("is_live"), decoded.is_live());
+                if let Some(p) = parsed.expect("parse") {
+                    let w = vec![(7u32, v)];
+                    prop_assert_eq!(p.patch(stamp, &[(7, &w[0].1)]), applied(decoded, stamp, &w));
+                }
             }
         }
     }

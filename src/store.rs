@@ -23,6 +23,7 @@ use crate::reset::{
     Discarded, ObjectSnapshot, ResetMarker, ResetMode, ResetPhase, ResetReport, Superseded,
     UnsyncedWrite,
 };
+use crate::row;
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
 use crate::value::{validate_name, Pk, Value};
@@ -1304,11 +1305,50 @@ enum NetOp {
     Delete,
 }
 
+/// An object's row as a transaction read it. Decoded only where a path needs the whole
+/// state: a local update of a live object patches the bytes instead (`row::Parsed`).
+#[derive(Debug)]
+struct Before {
+    row: Vec<u8>,
+    state: std::cell::OnceCell<ObjectState<u32>>,
+}
+
+impl Before {
+    fn new(row: Vec<u8>) -> Before {
+        Before {
+            row,
+            state: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn state(&self) -> Result<&ObjectState<u32>> {
+        if let Some(s) = self.state.get() {
+            return Ok(s);
+        }
+        let s = decode_state(&self.row)?;
+        Ok(self.state.get_or_init(|| s))
+    }
+
+    fn into_state(self) -> Result<ObjectState<u32>> {
+        match self.state.into_inner() {
+            Some(s) => Ok(s),
+            None => decode_state(&self.row),
+        }
+    }
+
+    fn is_live(&self) -> Result<bool> {
+        match self.state.get() {
+            Some(s) => Ok(s.is_live()),
+            None => row::is_live(&self.row),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     coll: u32,
     pk: Pk,
-    before: Option<ObjectState<u32>>,
+    before: Option<Before>,
     /// Local calls in this transaction, applied at commit with its stamp.
     op: Option<NetOp>,
     /// The state after merging remote writes in this transaction (local calls apply on top).
@@ -1404,8 +1444,7 @@ impl<'s> WriteTx<'s> {
             let before = match &self.objects {
                 Some(table) => table
                     .get(key.as_slice())?
-                    .map(|r| decode_state(r.value()))
-                    .transpose()?,
+                    .map(|r| Before::new(r.value().to_vec())),
                 None => None,
             };
             self.pending.insert(
@@ -1424,18 +1463,18 @@ impl<'s> WriteTx<'s> {
     }
 
     /// Whether the object is live as this transaction sees it (without building it).
-    fn live(&self, key: &[u8]) -> bool {
+    fn live(&self, key: &[u8]) -> Result<bool> {
         let Some(p) = self.pending.get(key) else {
-            return false;
+            return Ok(false);
         };
         match &p.op {
-            Some(NetOp::Insert(_)) => true,
-            Some(NetOp::Delete) => false,
-            None | Some(NetOp::Update(_)) => p
-                .after
-                .as_ref()
-                .or(p.before.as_ref())
-                .is_some_and(ObjectState::is_live),
+            Some(NetOp::Insert(_)) => Ok(true),
+            Some(NetOp::Delete) => Ok(false),
+            None | Some(NetOp::Update(_)) => match (&p.after, &p.before) {
+                (Some(after), _) => Ok(after.is_live()),
+                (None, Some(before)) => before.is_live(),
+                (None, None) => Ok(false),
+            },
         }
     }
 
@@ -1449,7 +1488,12 @@ impl<'s> WriteTx<'s> {
             base: &names,
             new: &self.new_names,
         };
-        let base = match p.after.as_ref().or(p.before.as_ref()) {
+        let state = match (&p.after, &p.before) {
+            (Some(after), _) => Some(after),
+            (None, Some(before)) => Some(before.state()?),
+            (None, None) => None,
+        };
+        let base = match state {
             Some(s) if s.is_live() => Some(view.live_fields(s)?),
             _ => None,
         };
@@ -1533,7 +1577,7 @@ impl<'s> WriteTx<'s> {
 
     fn insert_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let key = self.load(coll, pk)?;
-        if self.live(&key) {
+        if self.live(&key)? {
             return Err(Error::AlreadyExists {
                 collection: coll.to_owned(),
                 pk: pk.clone(),
@@ -1634,7 +1678,7 @@ impl<'s> WriteTx<'s> {
 
     fn update_inner(&mut self, coll: &str, pk: &Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let key = self.load(coll, pk)?;
-        if !self.live(&key) {
+        if !self.live(&key)? {
             return Err(Self::not_found(coll, pk));
         }
         let fields = self.check_fields(coll, pk, fields)?;
@@ -1667,7 +1711,7 @@ impl<'s> WriteTx<'s> {
         let mark = self.new_names.len();
         let r = (|| {
             let key = self.load(collection, &pk)?;
-            if !self.live(&key) {
+            if !self.live(&key)? {
                 return Err(Self::not_found(collection, &pk));
             }
             if let Some(p) = self.pending.get_mut(&key) {
@@ -1782,11 +1826,11 @@ impl<'s> WriteTx<'s> {
         let Some(p) = self.pending.get_mut(&key) else {
             return Ok(());
         };
-        let mut state = p
-            .after
-            .take()
-            .or_else(|| p.before.clone())
-            .unwrap_or_default();
+        let mut state = match (p.after.take(), &p.before) {
+            (Some(after), _) => after,
+            (None, Some(before)) => before.state()?.clone(),
+            (None, None) => ObjectState::default(),
+        };
         let mut count = |o: Outcome| match o {
             Outcome::Applied => report.applied += 1,
             Outcome::Stale => report.stale += 1,
@@ -1961,29 +2005,39 @@ impl<'s> WriteTx<'s> {
                 let before = p.before.take();
                 let coll = view.name(p.coll)?;
                 // Local field writes to a live object, nothing merged from elsewhere (the
-                // common case): change the row in place, without copying the object to
-                // compare, and move the digest by the written fields' terms alone.
-                let fast = p.after.is_none()
-                    && !p.purge
-                    && matches!(p.op, Some(NetOp::Update(_)))
-                    && before.as_ref().is_some_and(ObjectState::is_live);
+                // common case): patch the row's bytes without decoding its values, and move
+                // the digest by the written fields' terms alone.
+                let parsed = match (&before, &p.op) {
+                    (Some(b), Some(NetOp::Update(_))) if p.after.is_none() && !p.purge => {
+                        row::parse(&b.row)?.filter(row::Parsed::is_live)
+                    }
+                    _ => None,
+                };
                 // What the write-ahead record holds for the fast path: the fields, not the row.
                 let mut patch: Option<Vec<(u32, Value)>> = None;
-                let state = match (fast, before, p.op.take()) {
-                    (true, Some(mut state), Some(NetOp::Update(fields))) => {
+                let mut op = p.op.take();
+                let fast = match (&parsed, &mut op) {
+                    (Some(parsed), Some(NetOp::Update(fields))) => {
+                        let fields = std::mem::take(fields);
+                        let mut ids = Vec::with_capacity(fields.len());
+                        for name in fields.keys() {
+                            ids.push(view.id(name).ok_or_else(|| corrupt("uninterned field"))?);
+                        }
+                        let sets: Vec<(u32, &Value)> =
+                            ids.iter().copied().zip(fields.values()).collect();
+                        let (row, applied) = parsed.patch(stamp, &sets);
+                        drop(sets);
                         let mut logged = Vec::with_capacity(fields.len());
                         let mut patched = Vec::with_capacity(fields.len());
-                        for (name, value) in fields {
-                            let id = view.id(&name).ok_or_else(|| corrupt("uninterned field"))?;
-                            let old = state
-                                .field(id)
-                                .map(|(s, v)| (s, field_term(coll, &p.pk, &name, s, v)));
-                            let term = field_term(coll, &p.pk, &name, stamp, &value);
-                            if state.apply_field(id, stamp, value.clone()) == Outcome::Applied {
-                                if let Some((_, t)) = &old {
-                                    digest.sub(t);
+                        for (((name, value), id), applied) in
+                            fields.into_iter().zip(ids).zip(applied)
+                        {
+                            let old = parsed.field(id)?;
+                            if applied {
+                                if let Some((s, v)) = &old {
+                                    digest.sub(&field_term(coll, &p.pk, &name, *s, v));
                                 }
-                                digest.add(&term);
+                                digest.add(&field_term(coll, &p.pk, &name, stamp, &value));
                                 if redo.is_some() {
                                     patched.push((id, value.clone()));
                                 }
@@ -2000,9 +2054,15 @@ impl<'s> WriteTx<'s> {
                             op: Op::Update { fields: logged },
                         });
                         patch = Some(patched);
-                        state
+                        Some(row)
                     }
-                    (_, before, op) => {
+                    _ => None,
+                };
+                drop(parsed);
+                let new_row = match fast {
+                    Some(row) => row,
+                    None => {
+                        let before = before.map(Before::into_state).transpose()?;
                         let mut state = p
                             .after
                             .take()
@@ -2064,16 +2124,15 @@ impl<'s> WriteTx<'s> {
                         if delta != 0 {
                             *count_delta.entry(p.coll).or_default() += delta;
                         }
-                        state
+                        encode_state(&state)?
                     }
                 };
                 let row = if p.purge {
                     objects.remove(key.as_slice())?;
                     None
                 } else {
-                    let row = encode_state(&state)?;
-                    objects.insert(key.as_slice(), row.as_slice())?;
-                    Some(row)
+                    objects.insert(key.as_slice(), new_row.as_slice())?;
+                    Some(new_row)
                 };
                 if let Some(r) = &mut redo {
                     match patch {
@@ -2318,11 +2377,11 @@ impl Store {
                 fields,
             };
             if let Some(p) = tx.pending.get_mut(&key) {
-                let mut state = p
-                    .after
-                    .take()
-                    .or_else(|| p.before.clone())
-                    .unwrap_or_default();
+                let mut state = match (p.after.take(), &p.before) {
+                    (Some(after), _) => after,
+                    (None, Some(before)) => before.state()?.clone(),
+                    (None, None) => ObjectState::default(),
+                };
                 if state.merge_state(incoming) {
                     changed += 1;
                 }
