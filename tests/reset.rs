@@ -271,6 +271,9 @@ async fn unsynced_insert_delete_and_update_of_deleted_object() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     // B deletes 2; A, offline, inserts 3, deletes 1 and renames 2.
     sb.write(|tx| tx.delete("Dog", 2)).unwrap();
+    // A's writes are newer than B's delete (in the same millisecond the stamps would tie
+    // on time and the replica ids would decide, either way).
+    tokio::time::sleep(Duration::from_millis(5)).await;
     sa.write(|tx| {
         tx.insert("Dog", 3, [("name", Value::from("three"))])?;
         tx.delete("Dog", 1)?;
