@@ -165,7 +165,9 @@ struct Interner {
     by_id: Vec<String>,
 }
 
-/// What only the single writer touches.
+/// What only the single writer touches. The fields run ahead of the database while a
+/// batch is open (its members' transactions are in it, not yet committed); readers are
+/// shown [`Visible`], as of the last redb commit.
 #[derive(Debug)]
 struct Writer {
     hlc: Hlc,
@@ -181,6 +183,147 @@ struct Writer {
     wal_len: u64,
 }
 
+impl Writer {
+    /// Moves the writer's state past a transaction it has put into redb's transaction.
+    fn apply(
+        &mut self,
+        store: &Store,
+        digest: DigestSum,
+        counts: Vec<(u32, u64)>,
+        seq: Option<LogPos>,
+        new_names: Vec<String>,
+    ) {
+        self.digest = digest;
+        self.counts.extend(counts);
+        if let Some(seq) = seq {
+            self.log_next = seq + 1;
+        }
+        if !new_names.is_empty() {
+            // Before the batch commits: the next member must see them (a reader only
+            // finds ids it can map; a failed batch poisons the store).
+            let mut names = store.names.write().unwrap_or_else(PoisonError::into_inner);
+            for n in new_names {
+                let id = names.by_id.len() as u32;
+                names.by_name.insert(n.clone(), id);
+                names.by_id.push(n);
+            }
+        }
+    }
+
+    /// What readers will be shown once redb has committed what the writer has done.
+    fn visible(&self) -> Visible {
+        Visible {
+            digest: self.digest,
+            hlc: self.hlc.high_water(),
+            log_next: self.log_next,
+            counts: self.counts.clone(),
+        }
+    }
+}
+
+/// The writer's state as of the last redb commit.
+#[derive(Clone, Debug, Default)]
+struct Visible {
+    digest: DigestSum,
+    hlc: u64,
+    log_next: LogPos,
+    counts: HashMap<u32, u64>,
+}
+
+/// Group commit on a store with a write-ahead file: while other writers wait for the
+/// writer lock, a committing transaction leaves its redb transaction open for them (its
+/// record is already appended) instead of committing it, so concurrent small transactions
+/// share one redb commit as well as one fsync. The batch is committed when the writer lock
+/// is released with nobody waiting, when it is full, before any other use of redb's write
+/// transaction, or by a member that has waited [`BATCH_WAIT`] (the next writer may be slow,
+/// or waiting for that member); every member learns the outcome.
+struct Batch {
+    txn: redb::WriteTransaction,
+    /// Where the first member's record starts in the write-ahead file: zeroed if the
+    /// batch fails, so no member is replayed.
+    first_record_at: u64,
+    members: usize,
+    outcome: Arc<BatchOutcome>,
+    /// What readers are shown once it commits.
+    visible: Visible,
+}
+
+/// Members parked in a batch never wait for more than this many others.
+const BATCH_MEMBERS_MAX: usize = 64;
+/// Nor longer than this for the next writer to join.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
+/// Only transactions with records up to this size join or leave a batch open: batching
+/// pays for small commits, and a large one would hold the others back.
+const BATCH_RECORD_MAX: usize = 64 << 10;
+
+/// A batch's redb commit: its number, or why it failed.
+#[derive(Default)]
+struct BatchOutcome {
+    result: Mutex<Option<std::result::Result<u64, String>>>,
+    done: Condvar,
+}
+
+impl BatchOutcome {
+    fn set(&self, r: std::result::Result<u64, String>) {
+        *lock(&self.result) = Some(r);
+        self.done.notify_all();
+    }
+
+    /// Waits for the batch's commit; after [`BATCH_WAIT`], commits it itself.
+    fn wait(self: &Arc<Self>, store: &Store) -> Result<u64> {
+        let mut g = lock(&self.result);
+        loop {
+            match &*g {
+                Some(Ok(n)) => return Ok(*n),
+                Some(Err(_)) => return Err(Error::Poisoned),
+                None => {}
+            }
+            let (next, waited) = self
+                .done
+                .wait_timeout(g, BATCH_WAIT)
+                .unwrap_or_else(PoisonError::into_inner);
+            g = next;
+            if waited.timed_out() && g.is_none() {
+                drop(g);
+                // Only this batch, and only while no writer holds its transaction.
+                let _ = store.close_batch_if(|b| Arc::ptr_eq(&b.outcome, self));
+                g = lock(&self.result);
+            }
+        }
+    }
+}
+
+/// The writer lock. Released with a batch open and nobody waiting to join it, it commits
+/// the batch (so a member's wait always ends, also when the last transaction to join it is
+/// rolled back or its caller panics).
+struct WriterGuard<'s> {
+    guard: MutexGuard<'s, Writer>,
+    store: &'s Store,
+}
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.guard
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        let store = self.store;
+        // A failure reaches every member through the outcome, and poisons the store.
+        let _ = store.close_batch_if(|b| {
+            b.members >= BATCH_MEMBERS_MAX || store.waiting.load(Ordering::SeqCst) == 0
+        });
+    }
+}
+
 /// An embedded fieldlog store: one redb file.
 pub struct Store {
     db: Database,
@@ -193,6 +336,11 @@ pub struct Store {
     names: RwLock<Interner>,
     schemas: RwLock<HashMap<String, Arc<Schema>>>,
     writer: Mutex<Writer>,
+    /// The open batch, if any (see [`Batch`]). Taken by the writer that joins it; committed
+    /// by whoever closes it.
+    batch: Mutex<Option<Batch>>,
+    /// What readers are shown of the writer's state.
+    visible: Mutex<Visible>,
     /// Set after a storage failure in a write; writes are refused until reopened.
     poisoned: AtomicBool,
     /// Group commit: which commits are durable (see [`Store::wait_durable`]).
@@ -597,7 +745,7 @@ impl Store {
             None => 0,
         };
         let txn = db.begin_write()?;
-        let (replica, writer, interner, schemas) = {
+        let (replica, writer, visible, interner, schemas) = {
             let mut meta = txn.open_table(META)?;
             txn.open_table(OBJECTS)?;
             txn.open_table(LOG)?;
@@ -681,7 +829,8 @@ impl Store {
                 wal_at: 0,
                 wal_len,
             };
-            (replica, writer, interner, schemas)
+            let visible = writer.visible();
+            (replica, writer, visible, interner, schemas)
         };
         txn.commit()?;
         Ok(Store {
@@ -693,6 +842,8 @@ impl Store {
             names: RwLock::new(interner),
             schemas: RwLock::new(schemas),
             writer: Mutex::new(writer),
+            batch: Mutex::new(None),
+            visible: Mutex::new(visible),
             poisoned: AtomicBool::new(false),
             group: Mutex::new(GroupCommit::default()),
             group_done: Condvar::new(),
@@ -754,6 +905,59 @@ impl Store {
         out
     }
 
+    /// Commits the open batch, if any (without fsync: its members' records are in the
+    /// write-ahead file), and tells its members. A failure poisons the store and zeroes the
+    /// first member's record, so that none of them is replayed.
+    fn close_batch(&self) -> Result<()> {
+        self.close_batch_if(|_| true)
+    }
+
+    /// [`Store::close_batch`], if the open batch is one `which` picks.
+    fn close_batch_if(&self, which: impl FnOnce(&Batch) -> bool) -> Result<()> {
+        let mut slot = lock(&self.batch);
+        if !slot.as_ref().is_some_and(which) {
+            return Ok(());
+        }
+        let Some(batch) = slot.take() else {
+            return Ok(());
+        };
+        if let Err(e) = batch.txn.commit() {
+            let e = Error::from(e);
+            self.abandon_batch(batch.first_record_at, &batch.outcome, &e.to_string());
+            return Err(e);
+        }
+        let number = {
+            let mut g = lock(&self.group);
+            g.committed += 1;
+            g.committed
+        };
+        *lock(&self.visible) = batch.visible;
+        batch.outcome.set(Ok(number));
+        Ok(())
+    }
+
+    /// A batch that will not commit: its members fail, none of their records may be
+    /// replayed, and the writer's state (ahead of the database) cannot be trusted.
+    fn abandon_batch(&self, first_record_at: u64, outcome: &BatchOutcome, why: &str) {
+        self.poisoned.store(true, Ordering::SeqCst);
+        if let Some(wal) = &self.wal {
+            let _ = wal.write(first_record_at, &[0u8; 4]);
+        }
+        outcome.set(Err(why.to_owned()));
+    }
+
+    /// The writer lock for work outside a write transaction; an open batch (which holds
+    /// redb's one write transaction) is committed first.
+    fn lock_writer(&self) -> Result<WriterGuard<'_>> {
+        let w = WriterGuard {
+            guard: lock(&self.writer),
+            store: self,
+        };
+        let r = self.close_batch();
+        self.finish(r)?;
+        Ok(w)
+    }
+
     /// A durable redb commit: every commit so far is in the database file, and the
     /// write-ahead file starts again from its beginning (emptied if `truncate`, else
     /// overwritten in place). The caller holds the writer.
@@ -778,7 +982,7 @@ impl Store {
     /// [`Options::checkpoint_bytes`], without emptying it).
     pub fn checkpoint(&self) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer()?;
         let r = self.checkpoint_with(&mut w, true);
         drop(w);
         self.finish(r)
@@ -798,7 +1002,7 @@ impl Store {
             repack(&txn, LOG, LOG_REPACK)?;
             txn.commit()?;
             while self.db.compact().map_err(redb::Error::from)? {}
-            let mut w = lock(&self.writer);
+            let mut w = self.lock_writer()?;
             self.checkpoint_with(&mut w, true)
         })();
         self.finish(r)
@@ -809,7 +1013,7 @@ impl Store {
     /// as well, but cannot report a failure: with deferred commits, close explicitly.
     pub fn close(self) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer()?;
         let r = self.checkpoint_with(&mut w, true);
         drop(w);
         self.finish(r)
@@ -820,7 +1024,7 @@ impl Store {
     /// crash after they were uploaded).
     pub(crate) fn skip_log_to(&self, pos: LogPos) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer()?;
         let next = w.log_next.max(pos + 1);
         let last_sync = w.last_sync.max(pos);
         let txn = self.db.begin_write()?;
@@ -832,6 +1036,7 @@ impl Store {
         self.finish(txn.commit().map_err(Error::from))?;
         w.log_next = next;
         w.last_sync = last_sync;
+        *lock(&self.visible) = w.visible();
         Ok(())
     }
 
@@ -847,7 +1052,7 @@ impl Store {
 
     /// The digest of the visible state; equal on replicas that hold the same writes.
     pub fn digest(&self) -> Digest {
-        lock(&self.writer).digest.digest()
+        lock(&self.visible).digest.digest()
     }
 
     /// Recomputes the digest from every object (a full scan) and says whether it equals the
@@ -883,7 +1088,7 @@ impl Store {
 
     /// The highest hybrid time this store has issued or seen (persisted with every commit).
     pub fn clock_high_water(&self) -> u64 {
-        lock(&self.writer).hlc.high_water()
+        lock(&self.visible).hlc
     }
 
     fn names(&self) -> std::sync::RwLockReadGuard<'_, Interner> {
@@ -915,7 +1120,7 @@ impl Store {
     pub fn set_schema(&self, schema: Schema) -> Result<()> {
         schema.validate()?;
         self.check_poisoned()?;
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer()?;
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -1083,20 +1288,19 @@ impl Store {
         let Some(cid) = self.names().by_name.get(collection).copied() else {
             return Ok(0);
         };
-        Ok(lock(&self.writer).counts.get(&cid).copied().unwrap_or(0))
+        Ok(lock(&self.visible).counts.get(&cid).copied().unwrap_or(0))
     }
 
     /// Starts a write transaction. Only one runs at a time; others wait.
     pub fn begin(&self) -> Result<WriteTx<'_>> {
         self.check_poisoned()?;
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let writer = lock(&self.writer);
+        let guard = lock(&self.writer);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        let txn = self.db.begin_write()?;
         Ok(WriteTx {
             store: self,
-            writer,
-            txn,
+            writer: WriterGuard { guard, store: self },
+            txn: None,
             pending: BTreeMap::new(),
             objects: None,
             new_names: Vec::new(),
@@ -1138,7 +1342,7 @@ impl Store {
 
     /// The position of the newest log entry (0 if none was ever written).
     pub fn log_head(&self) -> LogPos {
-        lock(&self.writer).log_next - 1
+        lock(&self.visible).log_next - 1
     }
 
     /// The highest log position the server has acknowledged.
@@ -1154,7 +1358,7 @@ impl Store {
     /// Records that the server has acknowledged everything up to `pos` (never moves back).
     pub fn mark_synced(&self, pos: LogPos) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer()?;
         if pos <= w.last_sync {
             return Ok(());
         }
@@ -1171,7 +1375,7 @@ impl Store {
     /// Returns how many were removed.
     pub fn prune_log(&self, upto: LogPos) -> Result<u64> {
         self.check_poisoned()?;
-        let w = lock(&self.writer);
+        let w = self.lock_writer()?;
         let upto = upto.min(w.last_sync);
         let txn = self.db.begin_write()?;
         let mut removed = 0;
@@ -1361,10 +1565,11 @@ struct Pending {
 /// store until [`WriteTx::commit`]; dropping it rolls back.
 pub struct WriteTx<'s> {
     store: &'s Store,
-    writer: MutexGuard<'s, Writer>,
+    writer: WriterGuard<'s>,
+    /// Begun by [`WriteTx::raw`], or at commit (which may join an open batch's instead).
     /// Whatever writes through it outside `prepare` must set `raw_used`: the write-ahead
     /// record holds only what `prepare` writes, so such a commit must be a durable redb one.
-    txn: redb::WriteTransaction,
+    txn: Option<redb::WriteTransaction>,
     pending: BTreeMap<Vec<u8>, Pending>,
     /// The `objects` table as of the transaction's start, for reads.
     objects: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
@@ -1391,9 +1596,28 @@ impl std::fmt::Debug for WriteTx<'_> {
 
 impl<'s> WriteTx<'s> {
     /// The underlying redb transaction, for tables other modules keep in this database.
-    pub(crate) fn raw(&mut self) -> &redb::WriteTransaction {
+    pub(crate) fn raw(&mut self) -> Result<&redb::WriteTransaction> {
         self.raw_used = true;
-        &self.txn
+        if self.txn.is_none() {
+            // A transaction of its own: the batch's members must not depend on whether this
+            // one commits. Objects read from the batch are in `pending`; later reads see it
+            // committed.
+            let r = self.store.close_batch();
+            self.store.finish(r)?;
+            self.objects = None;
+            self.txn = Some(self.store.db.begin_write()?);
+        }
+        match &self.txn {
+            Some(txn) => Ok(txn),
+            None => Err(corrupt("no write transaction")),
+        }
+    }
+
+    /// The transaction [`WriteTx::raw`] began.
+    fn txn_ref(&self) -> Result<&redb::WriteTransaction> {
+        self.txn
+            .as_ref()
+            .ok_or_else(|| corrupt("no write transaction"))
     }
 
     /// Runs `hook` inside the commit with this transaction's log entry, if it makes one.
@@ -1438,14 +1662,33 @@ impl<'s> WriteTx<'s> {
             // Reads go through a read-only table opened once per transaction: opening the
             // write table per object cost more than the lookup. It sees what `txn` sees:
             // objects are written only at commit, and no other commit runs meanwhile.
-            if self.objects.is_none() {
-                self.objects = Some(self.store.db.begin_read()?.open_table(OBJECTS)?);
-            }
-            let before = match &self.objects {
-                Some(table) => table
-                    .get(key.as_slice())?
-                    .map(|r| Before::new(r.value().to_vec())),
+            let batch = lock(&self.store.batch);
+            let in_batch = match &*batch {
+                // The batch's members wrote into its transaction, not yet committed. (If a
+                // member commits it meanwhile, `objects` was never opened: the next read
+                // opens it and sees the batch committed.)
+                Some(b) => Some(
+                    b.txn
+                        .open_table(OBJECTS)?
+                        .get(key.as_slice())?
+                        .map(|r| Before::new(r.value().to_vec())),
+                ),
                 None => None,
+            };
+            drop(batch);
+            let before = match in_batch {
+                Some(before) => before,
+                None => {
+                    if self.objects.is_none() {
+                        self.objects = Some(self.store.db.begin_read()?.open_table(OBJECTS)?);
+                    }
+                    match &self.objects {
+                        Some(table) => table
+                            .get(key.as_slice())?
+                            .map(|r| Before::new(r.value().to_vec())),
+                        None => None,
+                    }
+                }
             };
             self.pending.insert(
                 key.clone(),
@@ -1858,67 +2101,133 @@ impl<'s> WriteTx<'s> {
     pub fn commit(mut self) -> Result<Committed> {
         let store = self.store;
         let r = (move || {
-            let Some(mut p) = self.prepare()? else {
-                return Ok(Committed {
-                    seq: None,
-                    stamp: None,
-                });
+            // Join the open batch (its transaction holds the members' writes), or start.
+            let mut joined = None;
+            let open = lock(&store.batch).take();
+            let mut txn = match (self.txn.take(), open) {
+                (Some(txn), None) => txn,
+                (None, Some(b)) => {
+                    joined = Some((b.first_record_at, b.members, b.outcome, b.visible));
+                    b.txn
+                }
+                (None, None) => store.db.begin_write()?,
+                (Some(txn), Some(b)) => {
+                    // `raw` commits any open batch before it begins its own transaction.
+                    store.abandon_batch(b.first_record_at, &b.outcome, "two write transactions");
+                    drop((txn, b.txn));
+                    return Err(corrupt("two write transactions"));
+                }
+            };
+            let mut p = match self.prepare(&txn) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    // Nothing written: the batch goes on as it was.
+                    if let Some((first_record_at, members, outcome, visible)) = joined {
+                        *lock(&store.batch) = Some(Batch {
+                            txn,
+                            first_record_at,
+                            members,
+                            outcome,
+                            visible,
+                        });
+                    }
+                    return Ok(Committed {
+                        seq: None,
+                        stamp: None,
+                    });
+                }
+                Err(e) => {
+                    if let Some((first, _, outcome, _)) = &joined {
+                        store.abandon_batch(*first, outcome, &e.to_string());
+                    }
+                    return Err(e);
+                }
             };
             let WriteTx {
-                mut txn,
                 mut writer,
                 new_names,
                 durability,
                 ..
             } = self;
-            if p.record.is_some() {
-                writer.wal_seq += 1;
-            }
-            let mode = match (&store.wal, p.record.take()) {
-                (Some(_), Some(record)) => Mode::Logged(record),
-                // Nothing may sit in redb unrecorded while commits go to the write-ahead
-                // file: a commit that cannot be recorded is durable by itself.
-                (Some(_), None) => Mode::Direct,
-                // With other writers waiting (or a flush under way), a durable commit joins
-                // a group: commit without fsync now, then wait for one fsync for all.
-                (None, _) if durability == Durability::Deferred => Mode::Deferred,
-                (None, _)
-                    if store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing =>
-                {
-                    Mode::Grouped
-                }
-                (None, _) => Mode::Direct,
-            };
-            if !matches!(mode, Mode::Direct) {
-                txn.set_durability(redb::Durability::None)?;
-            }
-            // The record is appended before redb commits: if the append fails, the
-            // transaction is dropped uncommitted and the failed commit leaves no trace.
-            let appended = match (&mode, &store.wal) {
-                (Mode::Logged(record), Some(wal)) => {
-                    let end = writer.wal_at + record.len() as u64;
+            if let (Some(wal), Some(record)) = (&store.wal, p.record.take()) {
+                // Recorded: appended to the write-ahead file, then committed to redb without
+                // fsync — by itself, or in one redb commit with the writers waiting behind it.
+                let at = writer.wal_at;
+                let appended = (|| {
+                    txn.set_durability(redb::Durability::None)?;
+                    let end = at + record.len() as u64;
                     if end > writer.wal_len {
                         // Backends may refuse writes past the end; grow in steps, not per record.
                         let len = end.next_multiple_of(WAL_GROWTH);
                         wal.set_len(len).map_err(redb::Error::from)?;
                         writer.wal_len = len;
                     }
-                    wal.write(writer.wal_at, record)
-                        .map_err(redb::Error::from)?;
-                    Some((wal, end))
+                    wal.write(at, &record).map_err(redb::Error::from)?;
+                    Ok::<_, Error>(end)
+                })();
+                let end = match appended {
+                    Ok(end) => end,
+                    Err(e) => {
+                        // Nothing of this transaction is in the file: only the members before
+                        // it must not be replayed.
+                        if let Some((first, _, outcome, _)) = &joined {
+                            store.abandon_batch(*first, outcome, &e.to_string());
+                        }
+                        return Err(e);
+                    }
+                };
+                writer.wal_at = end;
+                writer.wal_seq += 1;
+                writer.apply(store, p.digest, p.counts, p.committed.seq, new_names);
+                let (first_record_at, members, outcome) = match joined {
+                    Some((first, members, outcome, _)) => (first, members, outcome),
+                    None => (at, 0, Arc::default()),
+                };
+                let mine = Arc::clone(&outcome);
+                *lock(&store.batch) = Some(Batch {
+                    txn,
+                    first_record_at,
+                    members: members + 1,
+                    outcome,
+                    visible: writer.visible(),
+                });
+                if record.len() > BATCH_RECORD_MAX
+                    || writer.wal_at >= store.options.checkpoint_bytes
+                {
+                    store.close_batch()?;
+                    if writer.wal_at >= store.options.checkpoint_bytes {
+                        store.checkpoint_with(&mut writer, false)?;
+                    }
                 }
-                _ => None,
+                // Released with nobody waiting, the lock commits the batch (`WriterGuard`).
+                drop(writer);
+                let number = mine.wait(store)?;
+                if durability == Durability::Immediate {
+                    store.wait_durable(number)?;
+                }
+                return Ok(p.committed);
+            }
+            let mode = match &store.wal {
+                // Nothing may sit in redb unrecorded while commits go to the write-ahead
+                // file: a commit that cannot be recorded is durable by itself (and makes the
+                // batch it joined durable with it).
+                Some(_) => Mode::Direct,
+                // With other writers waiting (or a flush under way), a durable commit joins
+                // a group: commit without fsync now, then wait for one fsync for all.
+                None if durability == Durability::Deferred => Mode::Deferred,
+                None if store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing => {
+                    Mode::Grouped
+                }
+                None => Mode::Direct,
             };
+            if !matches!(mode, Mode::Direct) {
+                txn.set_durability(redb::Durability::None)?;
+            }
             if let Err(e) = txn.commit() {
-                if let Some((wal, _)) = appended {
-                    // Not committed: the record must not be replayed. Zero its length (the
-                    // store is poisoned: no later commit syncs the file).
-                    let _ = wal.write(writer.wal_at, &[0u8; 4]);
+                if let Some((first, _, outcome, _)) = &joined {
+                    store.abandon_batch(*first, outcome, &e.to_string());
                 }
                 return Err(e.into());
-            }
-            if let Some((_, end)) = appended {
-                writer.wal_at = end;
             }
             let number = {
                 let mut g = lock(&store.group);
@@ -1931,30 +2240,13 @@ impl<'s> WriteTx<'s> {
             if matches!(mode, Mode::Direct) {
                 writer.wal_at = 0;
             }
-            writer.digest = p.digest;
-            writer.counts.extend(p.counts);
-            if let Some(seq) = p.committed.seq {
-                writer.log_next = seq + 1;
+            writer.apply(store, p.digest, p.counts, p.committed.seq, new_names);
+            *lock(&store.visible) = writer.visible();
+            if let Some((_, _, outcome, _)) = joined {
+                outcome.set(Ok(number));
             }
-            if !new_names.is_empty() {
-                let mut names = store.names.write().unwrap_or_else(PoisonError::into_inner);
-                for n in new_names {
-                    let id = names.by_id.len() as u32;
-                    names.by_name.insert(n.clone(), id);
-                    names.by_id.push(n);
-                }
-            }
-            let wait = match mode {
-                Mode::Logged(_) if writer.wal_at >= store.options.checkpoint_bytes => {
-                    store.checkpoint_with(&mut writer, false)?;
-                    false
-                }
-                Mode::Logged(_) => durability == Durability::Immediate,
-                Mode::Grouped => true,
-                Mode::Direct | Mode::Deferred => false,
-            };
             drop(writer);
-            if wait {
+            if matches!(mode, Mode::Grouped) {
                 store.wait_durable(number)?;
             }
             Ok(p.committed)
@@ -1962,7 +2254,7 @@ impl<'s> WriteTx<'s> {
         store.finish(r)
     }
 
-    fn prepare(&mut self) -> Result<Option<Prepared>> {
+    fn prepare(&mut self, txn: &redb::WriteTransaction) -> Result<Option<Prepared>> {
         let has_local = self.pending.values().any(|p| p.op.is_some());
         let has_remote = self.pending.values().any(|p| p.after.is_some());
         if !has_local && !has_remote && !self.raw_used {
@@ -1997,7 +2289,7 @@ impl<'s> WriteTx<'s> {
         let mut digest = self.writer.digest;
         let mut count_delta: BTreeMap<u32, i64> = BTreeMap::new();
         {
-            let mut objects = self.txn.open_table(OBJECTS)?;
+            let mut objects = txn.open_table(OBJECTS)?;
             for (key, p) in &mut self.pending {
                 if p.op.is_none() && p.after.is_none() {
                     continue;
@@ -2162,11 +2454,11 @@ impl<'s> WriteTx<'s> {
         } else {
             Some(self.writer.log_next)
         };
-        let mut meta = self.txn.open_table(META)?;
+        let mut meta = txn.open_table(META)?;
         if let Some(seq) = seq {
             let entry = LogEntry { seq, stamp, writes };
             let bytes = encode(&entry)?;
-            self.txn.open_table(LOG)?.insert(seq, bytes.as_slice())?;
+            txn.open_table(LOG)?.insert(seq, bytes.as_slice())?;
             if let Some(r) = &mut redo {
                 record_bytes += bytes.len() as u64;
                 r.push(Redo::Log(seq, bytes));
@@ -2182,11 +2474,11 @@ impl<'s> WriteTx<'s> {
             )?;
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
-                hook(&named, &self.txn)?;
+                hook(&named, txn)?;
             }
         }
         if !self.new_names.is_empty() {
-            let mut table = self.txn.open_table(NAMES)?;
+            let mut table = txn.open_table(NAMES)?;
             for (i, n) in self.new_names.iter().enumerate() {
                 let id = (names.by_id.len() + i) as u32;
                 table.insert(id, n.as_str())?;
@@ -2240,11 +2532,8 @@ impl<'s> WriteTx<'s> {
     }
 }
 
-/// How a transaction reaches the disk.
+/// How a transaction that is not recorded in the write-ahead file reaches the disk.
 enum Mode {
-    /// A redb commit without fsync, and this record appended to the write-ahead file; the
-    /// next sync of that file (or a checkpoint) makes it durable.
-    Logged(Vec<u8>),
     /// A durable redb commit (making every earlier commit durable too).
     Direct,
     /// No write-ahead file: a redb commit without fsync, then one empty durable commit
@@ -2439,7 +2728,7 @@ impl Store {
     /// Writes (or, with `None`, removes) the reset marker, durably.
     pub(crate) fn set_reset_marker(&self, marker: Option<&ResetMarker>) -> Result<()> {
         self.check_poisoned()?;
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer()?;
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -2462,7 +2751,7 @@ impl Store {
             return Ok(());
         };
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer()?;
         // Every commit (deferred ones, those in the write-ahead file) into the file.
         let r = self.checkpoint_with(&mut w, false);
         self.finish(r)?;
@@ -2532,8 +2821,10 @@ impl Store {
     /// Stages a chunk of the server's state; the first chunk clears what was staged.
     pub(crate) fn stage_snapshot(&self, objects: &[ObjectSnapshot], first: bool) -> Result<()> {
         let mut tx = self.begin()?;
+        // Other tables are written: its own transaction, committed durably.
+        tx.raw()?;
         if first {
-            let txn = tx.raw();
+            let txn = tx.raw()?;
             txn.delete_table(STAGING)?;
             txn.delete_table(STAGING_META)?;
         }
@@ -2568,7 +2859,7 @@ impl Store {
             base: &names,
             new: &tx.new_names,
         };
-        let txn = &tx.txn;
+        let txn = tx.txn_ref()?;
         let mut table = txn.open_table(STAGING)?;
         let mut meta = txn.open_table(STAGING_META)?;
         let mut sum = staged_digest(&meta)?;
@@ -2604,6 +2895,8 @@ impl Store {
         let new_schemas: HashMap<&str, &Schema> =
             schemas.iter().map(|s| (s.collection.as_str(), s)).collect();
         let mut tx = self.begin()?;
+        // Other tables are written: its own transaction, committed durably.
+        tx.raw()?;
         let head = tx.writer.log_next - 1;
         let replay_after = replay_after.min(head);
         let mut report = ResetReport {
@@ -2615,7 +2908,7 @@ impl Store {
 
         // The unsynced entries.
         let unsynced: Result<Vec<LogEntry<u32>>> = (|| {
-            let log = tx.txn.open_table(LOG)?;
+            let log = tx.txn_ref()?.open_table(LOG)?;
             let names = self.names();
             let view = NameView {
                 base: &names,
@@ -2704,8 +2997,8 @@ impl Store {
                 base: &names,
                 new: &tx.new_names,
             };
-            let mut staging = tx.txn.open_table(STAGING)?;
-            let smeta = tx.txn.open_table(STAGING_META)?;
+            let mut staging = tx.txn_ref()?.open_table(STAGING)?;
+            let smeta = tx.txn_ref()?.open_table(STAGING_META)?;
             sum = staged_digest(&smeta)?;
             for row in smeta.iter()? {
                 let (k, v) = row?;
@@ -2775,9 +3068,9 @@ impl Store {
             }
         }
 
-        tx.txn.delete_table(OBJECTS)?;
-        tx.txn.rename_table(STAGING, OBJECTS)?;
-        tx.txn.delete_table(STAGING_META)?;
+        tx.txn_ref()?.delete_table(OBJECTS)?;
+        tx.txn_ref()?.rename_table(STAGING, OBJECTS)?;
+        tx.txn_ref()?.delete_table(STAGING_META)?;
 
         // The recovered writes go back into the log with their own stamps; the old unsynced
         // entries are settled.
@@ -2793,11 +3086,11 @@ impl Store {
             next += 1;
         }
         {
-            let mut log = tx.txn.open_table(LOG)?;
+            let mut log = tx.txn_ref()?.open_table(LOG)?;
             for (seq, bytes) in &encoded {
                 log.insert(*seq, bytes.as_slice())?;
             }
-            let mut meta = tx.txn.open_table(META)?;
+            let mut meta = tx.txn_ref()?.open_table(META)?;
             meta.insert(META_LOG_NEXT, next.to_le_bytes().as_slice())?;
             meta.insert(META_LAST_SYNC, head.to_le_bytes().as_slice())?;
             meta.retain_in::<&str, _>(META_COUNT_PREFIX.."count0", |_, _| false)?;
@@ -2837,6 +3130,7 @@ impl Store {
                 w.counts = std::mem::take(&mut writer_counts);
                 w.log_next = next;
                 w.last_sync = head;
+                *lock(&store.visible) = w.visible();
                 drop(w);
                 let mut map = store
                     .schemas
@@ -3077,5 +3371,115 @@ fn record(report: &mut ResetReport, outcome: Replay, write: UnsyncedWrite) {
             reason,
         }),
         Replay::Discarded(reason) => report.discarded.push(Discarded { write, reason }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(dir.path().join("s.redb")).expect("open")
+    }
+
+    /// Waits until `n` writers wait for the writer lock.
+    fn until_waiting(store: &Store, n: usize) {
+        while store.waiting.load(Ordering::SeqCst) < n {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn n(store: &Store, pk: i64) -> Option<Value> {
+        store.get_field("T", pk, "n").expect("get").map(|(v, _)| v)
+    }
+
+    #[test]
+    fn writers_waiting_behind_a_commit_share_its_redb_commit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        let before = lock(&store.group).committed;
+        std::thread::scope(|s| {
+            let mut first = store.begin().expect("begin");
+            first.insert("T", 0, [("n", 0)]).expect("insert");
+            for i in 1..8i64 {
+                let store = &store;
+                s.spawn(move || {
+                    store
+                        .write(|tx| tx.insert("T", i, [("n", i)]))
+                        .expect("commit")
+                });
+            }
+            until_waiting(&store, 7);
+            first.commit().expect("commit");
+        });
+        let commits = lock(&store.group).committed - before;
+        assert!(commits < 8, "{commits} redb commits for 8 transactions");
+        for i in 0..8i64 {
+            assert_eq!(n(&store, i), Some(Value::from(i)));
+        }
+        assert_eq!(store.log_head(), 8);
+        assert_eq!(store.count("T").expect("count"), 8);
+        assert!(store.verify_digest().expect("verify"));
+    }
+
+    #[test]
+    fn a_writer_behind_the_batch_reads_it_and_may_roll_back_alone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        store
+            .write(|tx| tx.insert("T", 1, [("n", 1)]))
+            .expect("insert");
+        std::thread::scope(|s| {
+            let mut a = store.begin().expect("begin");
+            a.set("T", 1, "n", 10).expect("set");
+            let store = &store;
+            let b = s.spawn(move || {
+                let mut b = store.begin().expect("begin");
+                // A's write, in the open batch: seen, and built on.
+                let seen = b
+                    .get("T", 1)
+                    .expect("get")
+                    .and_then(|o| o.get("n").cloned());
+                b.set("T", 1, "m", 20).expect("set");
+                drop(b);
+                seen
+            });
+            until_waiting(store, 1);
+            a.commit().expect("commit");
+            assert_eq!(b.join().expect("b"), Some(Value::from(10)));
+        });
+        assert_eq!(n(&store, 1), Some(Value::from(10)));
+        assert_eq!(store.get_field("T", 1, "m").expect("get"), None);
+        assert_eq!(store.log_head(), 2);
+        assert!(store.verify_digest().expect("verify"));
+    }
+
+    #[test]
+    fn a_commit_does_not_wait_for_the_writer_behind_it_to_finish() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        let (done, a_returned) = mpsc::channel();
+        std::thread::scope(|s| {
+            let mut a = store.begin().expect("begin");
+            a.insert("T", 1, [("n", 1)]).expect("insert");
+            let store = &store;
+            let b = s.spawn(move || {
+                let mut b = store.begin().expect("begin");
+                b.insert("T", 2, [("n", 2)]).expect("insert");
+                // B holds the writer lock until A's commit has returned.
+                let returned = a_returned.recv_timeout(Duration::from_secs(20)).is_ok();
+                b.commit().expect("commit");
+                returned
+            });
+            until_waiting(store, 1);
+            a.commit().expect("commit");
+            done.send(()).expect("send");
+            assert!(b.join().expect("b"), "A's commit waited for B");
+        });
+        assert_eq!(n(&store, 1), Some(Value::from(1)));
+        assert_eq!(n(&store, 2), Some(Value::from(2)));
+        assert!(store.verify_digest().expect("verify"));
     }
 }

@@ -314,3 +314,49 @@ fn a_newer_format_is_refused_before_its_records_are_replayed() {
         assert_eq!(value_of(&store, i, "s"), Some(Value::from("x")));
     }
 }
+
+#[test]
+fn concurrent_commits_acknowledged_in_batches_survive_a_power_cut() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 1 << 20);
+    for i in 0..8i64 {
+        store
+            .write(|tx| tx.insert("T", i, [("n", Value::from(0))]))
+            .expect("insert");
+    }
+    let acked = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for t in 0..8i64 {
+            let (store, acked) = (&store, &acked);
+            s.spawn(move || {
+                for i in 1..=40i64 {
+                    // Updates of a live object (patches) and inserts (rows), interleaved.
+                    store
+                        .write(|tx| {
+                            tx.set("T", t, "n", i)?;
+                            tx.insert("T", 1000 * (t + 1) + i, [("n", Value::from(i))])
+                        })
+                        .expect("commit");
+                    acked.lock().expect("acked").push((t, i));
+                }
+            });
+        }
+    });
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 1 << 20);
+    for (t, i) in acked.lock().expect("acked").iter() {
+        assert_eq!(
+            value_of(&store, 1000 * (t + 1) + i, "n"),
+            Some(Value::from(*i)),
+            "acknowledged insert {t}/{i} lost"
+        );
+    }
+    for t in 0..8i64 {
+        assert_eq!(value_of(&store, t, "n"), Some(Value::from(40)));
+    }
+    assert_eq!(store.count("T").expect("count"), 8 + 8 * 40);
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().expect("verify"));
+    assert_eq!(store.log_after(0, 1000).expect("log").len(), 8 + 8 * 40);
+}

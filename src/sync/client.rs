@@ -110,7 +110,7 @@ fn client_value(store: &Store, key: &str) -> Result<u64> {
 
 /// Records the download cursor inside the transaction that applies what it covers.
 fn set_cursor(tx: &mut crate::store::WriteTx<'_>, cursor: ServerVersion) -> Result<()> {
-    tx.raw()
+    tx.raw()?
         .open_table(CLIENT_SYNC)?
         .insert(DOWNLOAD_CURSOR, cursor)?;
     Ok(())
@@ -154,7 +154,7 @@ pub fn update_subscriptions(
     set.version += 1;
     let bytes = postcard::to_allocvec(&set).map_err(|e| corrupt(e.to_string()))?;
     let mut tx = store.begin()?;
-    tx.raw()
+    tx.raw()?
         .open_table(SUBSCRIPTIONS)?
         .insert("set", bytes.as_slice())?;
     tx.commit()?;
@@ -190,7 +190,7 @@ fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
     let known = rejected_writes(store)?;
     let mut tx = store.begin()?;
     {
-        let mut table = tx.raw().open_table(REJECTED)?;
+        let mut table = tx.raw()?.open_table(REJECTED)?;
         let mut id = table.last()?.map_or(0, |(k, _)| k.value());
         for r in refused {
             if known.iter().any(|(_, k)| k == r) {
@@ -208,7 +208,7 @@ fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
 /// Forgets refused writes up to number `upto`.
 pub fn clear_rejected_writes(store: &Store, upto: u64) -> Result<()> {
     let mut tx = store.begin()?;
-    tx.raw()
+    tx.raw()?
         .open_table(REJECTED)?
         .retain_in(..=upto, |_, _| false)?;
     tx.commit()?;
@@ -221,7 +221,7 @@ fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()
         store.set_schema(s)?;
     }
     let mut tx = store.begin()?;
-    tx.raw()
+    tx.raw()?
         .open_table(CLIENT_SYNC)?
         .insert(SCHEMA_VERSION, version)?;
     tx.commit()?;
@@ -530,7 +530,7 @@ impl ClientSession {
         let (report, _until) = self
             .store
             .finish_reset(marker, &schemas, replay_after, |tx| {
-                let mut t = tx.raw().open_table(CLIENT_SYNC)?;
+                let mut t = tx.raw()?.open_table(CLIENT_SYNC)?;
                 t.insert(DOWNLOAD_CURSOR, cursor)?;
                 t.insert(SCHEMA_VERSION, schema_version)?;
                 if let Some(v) = subscriptions {

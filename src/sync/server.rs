@@ -138,7 +138,7 @@ impl SyncServer {
     pub fn open(store: Arc<Store>, config: ServerConfig) -> Result<SyncServer> {
         let mut tx = store.begin()?;
         let version = {
-            let txn = tx.raw();
+            let txn = tx.raw()?;
             txn.open_table(CLIENTS)?;
             txn.open_table(SERVER_META)?;
             let history = txn.open_table(HISTORY)?;
@@ -243,7 +243,7 @@ impl SyncServer {
         let server_replica = self.store.replica_id();
         self.store.import_with(&cs, |tx, _| {
             {
-                let txn = tx.raw();
+                let txn = tx.raw()?;
                 let mut history = txn.open_table(HISTORY)?;
                 for e in &cs.entries {
                     let v = next.fetch_add(1, Ordering::SeqCst) + 1;
@@ -315,7 +315,7 @@ impl SyncServer {
                 });
             }
             if !records.is_empty() {
-                let txn = tx.raw();
+                let txn = tx.raw()?;
                 let mut table = txn.open_table(CONFLICTS)?;
                 let mut id = table.last()?.map_or(0, |(k, _)| k.value());
                 for r in &mut records {
@@ -371,7 +371,7 @@ impl SyncServer {
         let mut tx = self.store.begin()?;
         let mut out = Vec::new();
         {
-            let mut table = tx.raw().open_table(REFUSALS)?;
+            let mut table = tx.raw()?.open_table(REFUSALS)?;
             table.retain_in((client.0, 0)..=(client.0, last_sync), |_, _| false)?;
             for row in
                 table.range((client.0, last_sync.saturating_add(1))..=(client.0, u64::MAX))?
@@ -577,7 +577,7 @@ impl SyncServer {
         let mut removed = 0;
         let mut tx = self.store.begin()?;
         {
-            let txn = tx.raw();
+            let txn = tx.raw()?;
             let mut meta = txn.open_table(SERVER_META)?;
             let horizon = meta.get(HORIZON)?.map_or(0, |v| v.value());
             if upto > horizon {
@@ -603,7 +603,7 @@ impl SyncServer {
     fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
         let mut tx = self.store.begin()?;
         let bytes = postcard::to_allocvec(record).map_err(|e| corrupt(e.to_string()))?;
-        tx.raw()
+        tx.raw()?
             .open_table(CLIENTS)?
             .insert(client.0, bytes.as_slice())?;
         tx.commit()?;
@@ -623,7 +623,7 @@ impl SyncServer {
         self.store.set_schema(schema)?;
         let mut tx = self.store.begin()?;
         {
-            let txn = tx.raw();
+            let txn = tx.raw()?;
             let mut meta = txn.open_table(SERVER_META)?;
             let v = meta.get(SCHEMA_VERSION)?.map_or(0, |v| v.value()) + 1;
             meta.insert(SCHEMA_VERSION, v)?;
