@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use redb::{
+    AccessGuard, Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -25,6 +27,7 @@ use crate::reset::{
 };
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
+use crate::snapshot::{Snapshot, Snapshots};
 use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
@@ -182,6 +185,9 @@ struct Writer {
 
 /// An embedded fieldlog store: one redb file.
 pub struct Store {
+    /// The read snapshot `get` keeps between commits (see `snapshot.rs`). Declared before
+    /// `db`, so its read transaction ends before the database closes.
+    snapshots: Snapshots,
     db: Database,
     /// The write-ahead file, if the store has one (see `wal.rs`).
     wal: Option<Box<dyn StorageBackend>>,
@@ -191,6 +197,8 @@ pub struct Store {
     options: Options,
     names: RwLock<Interner>,
     schemas: RwLock<HashMap<String, Arc<Schema>>>,
+    /// Held by whatever commits: taken with [`Store::lock_writer`], whose release tells the
+    /// kept read snapshot that it may be stale (plain `lock` only to read the fields).
     writer: Mutex<Writer>,
     /// Set after a storage failure in a write; writes are refused until reopened.
     poisoned: AtomicBool,
@@ -226,6 +234,34 @@ impl std::fmt::Debug for Store {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The writer lock, taken to commit: releasing it moves the read epoch, so that `get`
+/// never serves a snapshot from before a commit that has returned.
+struct WriterGuard<'a> {
+    guard: MutexGuard<'a, Writer>,
+    snapshots: &'a Snapshots,
+}
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.guard
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        // Before the mutex itself is released (the field drops after this): the next
+        // writer cannot commit before the epoch has moved past this one's commit.
+        self.snapshots.writer_released();
+    }
 }
 
 /// Creates an empty redb database at `path` so that a crash never leaves a half-created
@@ -285,6 +321,9 @@ pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     p.push("-wal");
     p.into()
 }
+
+/// An `objects` row as redb hands it out (it keeps its page alive).
+type RowGuard = AccessGuard<'static, &'static [u8]>;
 
 fn corrupt(what: impl Into<String>) -> Error {
     Error::Corrupt { what: what.into() }
@@ -684,6 +723,7 @@ impl Store {
         };
         txn.commit()?;
         Ok(Store {
+            snapshots: Snapshots::default(),
             db,
             wal,
             path: None,
@@ -730,7 +770,7 @@ impl Store {
                 wal.sync_data().map_err(redb::Error::from)?;
                 return Ok(target);
             }
-            let _w = lock(&self.writer);
+            let _w = self.lock_writer();
             let target = lock(&self.group).committed;
             let txn = self.db.begin_write()?;
             txn.commit()?;
@@ -777,7 +817,7 @@ impl Store {
     /// [`Options::checkpoint_bytes`], without emptying it).
     pub fn checkpoint(&self) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer();
         let r = self.checkpoint_with(&mut w, true);
         drop(w);
         self.finish(r)
@@ -790,6 +830,8 @@ impl Store {
     /// or other handle), which `&mut` makes sure of.
     pub fn compact(&mut self) -> Result<()> {
         self.check_poisoned()?;
+        // redb compacts only with no read transaction live: not even the kept snapshot.
+        self.snapshots.writer_locked();
         let r = (|| {
             // No transaction can be live: `&mut self`.
             let txn = self.db.begin_write()?;
@@ -797,7 +839,7 @@ impl Store {
             repack(&txn, LOG, LOG_REPACK)?;
             txn.commit()?;
             while self.db.compact().map_err(redb::Error::from)? {}
-            let mut w = lock(&self.writer);
+            let mut w = self.lock_writer();
             self.checkpoint_with(&mut w, true)
         })();
         self.finish(r)
@@ -808,7 +850,7 @@ impl Store {
     /// as well, but cannot report a failure: with deferred commits, close explicitly.
     pub fn close(self) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer();
         let r = self.checkpoint_with(&mut w, true);
         drop(w);
         self.finish(r)
@@ -819,7 +861,7 @@ impl Store {
     /// crash after they were uploaded).
     pub(crate) fn skip_log_to(&self, pos: LogPos) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer();
         let next = w.log_next.max(pos + 1);
         let last_sync = w.last_sync.max(pos);
         let txn = self.db.begin_write()?;
@@ -885,6 +927,17 @@ impl Store {
         lock(&self.writer).hlc.high_water()
     }
 
+    /// Takes the writer lock to commit (see [`WriterGuard`]), first letting go of the kept
+    /// read snapshot so that it does not hold back the pages the commit frees.
+    fn lock_writer(&self) -> WriterGuard<'_> {
+        let guard = lock(&self.writer);
+        self.snapshots.writer_locked();
+        WriterGuard {
+            guard,
+            snapshots: &self.snapshots,
+        }
+    }
+
     fn names(&self) -> std::sync::RwLockReadGuard<'_, Interner> {
         self.names.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -914,7 +967,7 @@ impl Store {
     pub fn set_schema(&self, schema: Schema) -> Result<()> {
         schema.validate()?;
         self.check_poisoned()?;
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer();
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -946,13 +999,26 @@ impl Store {
         r
     }
 
-    fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
+    /// The `objects` table as of now: the kept snapshot, or a new one (see `snapshot.rs`).
+    fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        self.snapshots
+            .current(|| Ok(self.db.begin_read()?.open_table(OBJECTS)?))
+    }
+
+    /// An object's row as of now, with its collection's id.
+    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(RowGuard, u32)>> {
         let Some(cid) = self.names().by_name.get(coll).copied() else {
             return Ok(None);
         };
-        let rtx = self.db.begin_read()?;
-        let table = rtx.open_table(OBJECTS)?;
-        let Some(row) = table.get(object_key(cid, pk).as_slice())? else {
+        let row = self
+            .snapshot()?
+            .objects
+            .get(object_key(cid, pk).as_slice())?;
+        Ok(row.map(|r| (r, cid)))
+    }
+
+    fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
+        let Some((row, cid)) = self.read_row(coll, pk)? else {
             return Ok(None);
         };
         Ok(Some((decode_state(row.value())?, cid)))
@@ -961,19 +1027,26 @@ impl Store {
     /// Reads a live object.
     pub fn get(&self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
         let pk = pk.into();
-        let Some((state, _)) = self.read_state(collection, &pk)? else {
+        let Some((row, _)) = self.read_row(collection, &pk)? else {
             return Ok(None);
         };
-        if !state.is_live() {
-            return Ok(None);
-        }
+        // Straight from the row into the object: values move, stamps are not kept.
         let names = self.names();
         let view = NameView {
             base: &names,
             new: &[],
         };
+        let fields = crate::row::decode_live(row.value(), |id, value| {
+            Ok((view.name(id)?.to_owned(), value))
+        })?;
+        drop(names);
+        let Some(fields) = fields else {
+            return Ok(None);
+        };
+        // From a Vec, the map is built in bulk (the Vec is sorted in place, and fields
+        // interned in name order are sorted already), not by one search per field.
         Ok(Some(Object {
-            fields: crdt::fold(view.owned_live_fields(state)?)?,
+            fields: crdt::fold(BTreeMap::from_iter(fields))?,
             pk,
         }))
     }
@@ -1089,7 +1162,7 @@ impl Store {
     pub fn begin(&self) -> Result<WriteTx<'_>> {
         self.check_poisoned()?;
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let writer = lock(&self.writer);
+        let writer = self.lock_writer();
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         let txn = self.db.begin_write()?;
         Ok(WriteTx {
@@ -1153,7 +1226,7 @@ impl Store {
     /// Records that the server has acknowledged everything up to `pos` (never moves back).
     pub fn mark_synced(&self, pos: LogPos) -> Result<()> {
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer();
         if pos <= w.last_sync {
             return Ok(());
         }
@@ -1170,7 +1243,7 @@ impl Store {
     /// Returns how many were removed.
     pub fn prune_log(&self, upto: LogPos) -> Result<u64> {
         self.check_poisoned()?;
-        let w = lock(&self.writer);
+        let w = self.lock_writer();
         let upto = upto.min(w.last_sync);
         let txn = self.db.begin_write()?;
         let mut removed = 0;
@@ -1321,7 +1394,7 @@ struct Pending {
 /// store until [`WriteTx::commit`]; dropping it rolls back.
 pub struct WriteTx<'s> {
     store: &'s Store,
-    writer: MutexGuard<'s, Writer>,
+    writer: WriterGuard<'s>,
     /// Whatever writes through it outside `prepare` must set `raw_used`: the write-ahead
     /// record holds only what `prepare` writes, so such a commit must be a durable redb one.
     txn: redb::WriteTransaction,
@@ -2380,7 +2453,7 @@ impl Store {
     /// Writes (or, with `None`, removes) the reset marker, durably.
     pub(crate) fn set_reset_marker(&self, marker: Option<&ResetMarker>) -> Result<()> {
         self.check_poisoned()?;
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer();
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -2403,7 +2476,7 @@ impl Store {
             return Ok(());
         };
         self.check_poisoned()?;
-        let mut w = lock(&self.writer);
+        let mut w = self.lock_writer();
         // Every commit (deferred ones, those in the write-ahead file) into the file.
         let r = self.checkpoint_with(&mut w, false);
         self.finish(r)?;
