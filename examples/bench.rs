@@ -119,7 +119,10 @@ fn sizes() -> Sizes {
 /// part, with the measured work inside `profiled` (e.g. valgrind's
 /// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
 /// the number of writes (default 20,000; durable: 300), `FIELDLOG_BENCH_PROFILE_OBJECTS` the
-/// number of objects loaded first (default 10,000).
+/// number of objects loaded first (default 10,000). `read` first runs what the full bench
+/// runs before its reads (as many uniform, then zipfian, batched updates as
+/// `FIELDLOG_BENCH_PROFILE_UPDATES`, default twice the objects each, then the log pruned and
+/// checkpointed), since random updates leave the objects table fragmented.
 fn profile(what: &str) {
     #[inline(never)]
     fn profiled(f: &mut dyn FnMut()) {
@@ -154,6 +157,18 @@ fn profile(what: &str) {
         _ => {
             let e = Fieldlog::open(dir.path());
             load_all(&e, objects, 1_000, &mut rng);
+            if what == "read" {
+                let n: u32 = std::env::var("FIELDLOG_BENCH_PROFILE_UPDATES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2 * objects);
+                for dist in [Dist::Uniform, Dist::Zipfian] {
+                    let ups = updates(&Keys::new(objects, dist), n, &mut rng);
+                    update_all(&e, &ups, 1_000);
+                }
+                e.disk_bytes();
+                eprintln!("read: set up in {:.2?}", t.elapsed());
+            }
             let reads: Vec<u32> = (0..count).map(|_| rng.random_range(0..objects)).collect();
             profiled(&mut || match what {
                 "batch" => {

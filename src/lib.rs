@@ -41,6 +41,7 @@ mod row;
 pub mod rules;
 mod schema;
 mod serde_object;
+mod snapshot;
 mod store;
 pub mod sync;
 mod value;

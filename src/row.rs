@@ -157,6 +157,45 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ObjectState<u32>> {
     Ok(state)
 }
 
+/// Decodes a row read only to be returned: `None` if the object is not live, else each
+/// field's id and value passed through `field`, in the row's (field id) order. Checks what
+/// [`decode`] checks, but keeps no stamps: `get` builds the object straight from the row.
+pub(crate) fn decode_live<T>(
+    bytes: &[u8],
+    mut field: impl FnMut(u32, Value) -> Result<T>,
+) -> Result<Option<Vec<T>>> {
+    if bytes.first() != Some(&ROW_V2) {
+        let state = decode(bytes)?;
+        if !state.is_live() {
+            return Ok(None);
+        }
+        let fields = state.fields.into_iter().map(|(f, _, v)| field(f, v));
+        return fields.collect::<Result<_>>().map(Some);
+    }
+    let mut r = Reader { b: bytes, at: 1 };
+    let (stamps, exists, _) = r.head_v2()?;
+    let live = matches!(exists, Some((_, true)));
+    let n = r.len()?;
+    // Each field takes at least 3 bytes: never reserve more than the row could hold.
+    let mut out = Vec::with_capacity(if live {
+        n.min((bytes.len() - r.at) / 3)
+    } else {
+        0
+    });
+    for _ in 0..n {
+        let f = r.u32()?;
+        r.stamp_at(stamps)?;
+        let v = r.value()?;
+        if live {
+            out.push(field(f, v)?);
+        }
+    }
+    if r.at != bytes.len() {
+        return Err(r.bad("trailing bytes"));
+    }
+    Ok(live.then_some(out))
+}
+
 /// Whether the row's object is live, reading only its head (stamp-table layout) or the
 /// whole row (older layout).
 pub(crate) fn is_live(bytes: &[u8]) -> Result<bool> {
@@ -485,34 +524,53 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn state_v2(&mut self) -> Result<ObjectState<u32>> {
+    /// The stamp-table layout up to its fields: the stamp table (left in place, 16 bytes
+    /// a stamp, read by [`Reader::stamp_at`]), the existence and the floor.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a private tuple, named where it is taken"
+    )]
+    fn head_v2(&mut self) -> Result<(&'a [u8], Option<(Stamp, bool)>, Stamp)> {
         let n = self.len()?;
         if n > (self.b.len() - self.at) / 16 {
             return Err(self.bad("stamp count"));
         }
-        let mut stamps = Vec::with_capacity(n);
-        for _ in 0..n {
-            stamps.push(Stamp {
-                time: self.fixed_u64()?,
-                replica: ReplicaId(self.fixed_u64()?),
-            });
-        }
-        let stamp = |r: &mut Self| -> Result<Stamp> {
-            let i = r.len()?;
-            stamps.get(i).copied().ok_or_else(|| r.bad("stamp index"))
-        };
+        let stamps = self.take(n * 16)?;
         let exists = match self.byte()? {
             0 => None,
-            t @ (1 | 2) => Some((stamp(self)?, t == 2)),
+            t @ (1 | 2) => Some((self.stamp_at(stamps)?, t == 2)),
             _ => return Err(self.bad("existence tag")),
         };
-        let floor = stamp(self)?;
+        let floor = self.stamp_at(stamps)?;
+        Ok((stamps, exists, floor))
+    }
+
+    /// A stamp index, and the stamp it names in the row's stamp table.
+    fn stamp_at(&mut self, stamps: &[u8]) -> Result<Stamp> {
+        let i = self.len()?;
+        let b = i
+            .checked_mul(16)
+            .and_then(|at| stamps.get(at..at.checked_add(16)?))
+            .ok_or_else(|| self.bad("stamp index"))?;
+        let (time, replica) = b.split_at(8);
+        let le = |b: &[u8]| b.try_into().map(u64::from_le_bytes);
+        match (le(time), le(replica)) {
+            (Ok(time), Ok(replica)) => Ok(Stamp {
+                time,
+                replica: ReplicaId(replica),
+            }),
+            _ => Err(self.bad("stamp index")),
+        }
+    }
+
+    fn state_v2(&mut self) -> Result<ObjectState<u32>> {
+        let (stamps, exists, floor) = self.head_v2()?;
         let n = self.len()?;
         // Each field takes at least 3 bytes: never reserve more than the row could hold.
         let mut fields = Vec::with_capacity(n.min((self.b.len() - self.at) / 3));
         for _ in 0..n {
             let f = self.u32()?;
-            let s = stamp(self)?;
+            let s = self.stamp_at(stamps)?;
             fields.push((f, s, self.value()?));
         }
         Ok(ObjectState {

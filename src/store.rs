@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use redb::{
+    AccessGuard, Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -26,6 +28,7 @@ use crate::reset::{
 use crate::row;
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
+use crate::snapshot::{Snapshot, Snapshots};
 use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
@@ -293,9 +296,12 @@ impl BatchOutcome {
     }
 }
 
-/// The writer lock. Released with a batch open and nobody waiting to join it, it commits
-/// the batch (so a member's wait always ends, also when the last transaction to join it is
-/// rolled back or its caller panics).
+/// The writer lock, taken to commit (through [`Store::begin`] or [`Store::lock_writer`]:
+/// taking it lets go of the kept read snapshot, so that the snapshot does not hold back the
+/// pages the commit frees). Released with a batch open and nobody waiting to join it, it
+/// commits the batch (so a member's wait always ends, also when the last transaction to
+/// join it is rolled back or its caller panics); released, it moves the read epoch, so that
+/// `get` never serves a snapshot from before a commit that has returned.
 struct WriterGuard<'s> {
     guard: MutexGuard<'s, Writer>,
     store: &'s Store,
@@ -321,11 +327,17 @@ impl Drop for WriterGuard<'_> {
         let _ = store.close_batch_if(|b| {
             b.members >= BATCH_MEMBERS_MAX || store.waiting.load(Ordering::SeqCst) == 0
         });
+        // Before the mutex itself is released (the field drops after this): the next
+        // writer cannot commit before the epoch has moved past this one's commit.
+        store.snapshots.writer_released();
     }
 }
 
 /// An embedded fieldlog store: one redb file.
 pub struct Store {
+    /// The read snapshot `get` keeps between commits (see `snapshot.rs`). Declared before
+    /// `db`, so its read transaction ends before the database closes.
+    snapshots: Snapshots,
     db: Database,
     /// The write-ahead file, if the store has one (see `wal.rs`).
     wal: Option<Box<dyn StorageBackend>>,
@@ -335,6 +347,8 @@ pub struct Store {
     options: Options,
     names: RwLock<Interner>,
     schemas: RwLock<HashMap<String, Arc<Schema>>>,
+    /// Held by whatever commits: taken with [`Store::lock_writer`], whose release tells the
+    /// kept read snapshot that it may be stale (plain `lock` only to read the fields).
     writer: Mutex<Writer>,
     /// The open batch, if any (see [`Batch`]). Taken by the writer that joins it; committed
     /// by whoever closes it.
@@ -434,6 +448,9 @@ pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     p.push("-wal");
     p.into()
 }
+
+/// An `objects` row as redb hands it out (it keeps its page alive).
+type RowGuard = AccessGuard<'static, &'static [u8]>;
 
 fn corrupt(what: impl Into<String>) -> Error {
     Error::Corrupt { what: what.into() }
@@ -834,6 +851,7 @@ impl Store {
         };
         txn.commit()?;
         Ok(Store {
+            snapshots: Snapshots::default(),
             db,
             wal,
             path: None,
@@ -882,7 +900,7 @@ impl Store {
                 wal.sync_data().map_err(redb::Error::from)?;
                 return Ok(target);
             }
-            let _w = lock(&self.writer);
+            let _w = self.lock_writer()?;
             let target = lock(&self.group).committed;
             let txn = self.db.begin_write()?;
             txn.commit()?;
@@ -932,6 +950,8 @@ impl Store {
             g.committed
         };
         *lock(&self.visible) = batch.visible;
+        // A member may close it without the writer lock: its commit must move the epoch too.
+        self.snapshots.writer_released();
         batch.outcome.set(Ok(number));
         Ok(())
     }
@@ -953,6 +973,7 @@ impl Store {
             guard: lock(&self.writer),
             store: self,
         };
+        self.snapshots.writer_locked();
         let r = self.close_batch();
         self.finish(r)?;
         Ok(w)
@@ -995,6 +1016,8 @@ impl Store {
     /// or other handle), which `&mut` makes sure of.
     pub fn compact(&mut self) -> Result<()> {
         self.check_poisoned()?;
+        // redb compacts only with no read transaction live: not even the kept snapshot.
+        self.snapshots.writer_locked();
         let r = (|| {
             // No transaction can be live: `&mut self`.
             let txn = self.db.begin_write()?;
@@ -1152,13 +1175,26 @@ impl Store {
         r
     }
 
-    fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
+    /// The `objects` table as of now: the kept snapshot, or a new one (see `snapshot.rs`).
+    fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        self.snapshots
+            .current(|| Ok(self.db.begin_read()?.open_table(OBJECTS)?))
+    }
+
+    /// An object's row as of now, with its collection's id.
+    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(RowGuard, u32)>> {
         let Some(cid) = self.names().by_name.get(coll).copied() else {
             return Ok(None);
         };
-        let rtx = self.db.begin_read()?;
-        let table = rtx.open_table(OBJECTS)?;
-        let Some(row) = table.get(object_key(cid, pk).as_slice())? else {
+        let row = self
+            .snapshot()?
+            .objects
+            .get(object_key(cid, pk).as_slice())?;
+        Ok(row.map(|r| (r, cid)))
+    }
+
+    fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
+        let Some((row, cid)) = self.read_row(coll, pk)? else {
             return Ok(None);
         };
         Ok(Some((decode_state(row.value())?, cid)))
@@ -1167,19 +1203,26 @@ impl Store {
     /// Reads a live object.
     pub fn get(&self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
         let pk = pk.into();
-        let Some((state, _)) = self.read_state(collection, &pk)? else {
+        let Some((row, _)) = self.read_row(collection, &pk)? else {
             return Ok(None);
         };
-        if !state.is_live() {
-            return Ok(None);
-        }
+        // Straight from the row into the object: values move, stamps are not kept.
         let names = self.names();
         let view = NameView {
             base: &names,
             new: &[],
         };
+        let fields = crate::row::decode_live(row.value(), |id, value| {
+            Ok((view.name(id)?.to_owned(), value))
+        })?;
+        drop(names);
+        let Some(fields) = fields else {
+            return Ok(None);
+        };
+        // From a Vec, the map is built in bulk (the Vec is sorted in place, and fields
+        // interned in name order are sorted already), not by one search per field.
         Ok(Some(Object {
-            fields: crdt::fold(view.owned_live_fields(state)?)?,
+            fields: crdt::fold(BTreeMap::from_iter(fields))?,
             pk,
         }))
     }
@@ -1297,6 +1340,7 @@ impl Store {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let guard = lock(&self.writer);
         self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.snapshots.writer_locked();
         Ok(WriteTx {
             store: self,
             writer: WriterGuard { guard, store: self },

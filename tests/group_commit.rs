@@ -79,7 +79,12 @@ fn concurrent_durable_writers_share_fsyncs_and_lose_nothing() {
                 for i in 0..each {
                     let pk = (t * 1000 + i) as i64;
                     store
-                        .write(|tx| tx.insert("W", pk, [("v", Value::from(pk))]))
+                        .write(|tx| {
+                            // Held a moment, so that the others queue behind it even on a
+                            // loaded machine: the grouping is what is tested.
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                            tx.insert("W", pk, [("v", Value::from(pk))])
+                        })
                         .unwrap();
                     acked.lock().unwrap().push(pk);
                 }
