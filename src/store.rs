@@ -188,28 +188,11 @@ struct Writer {
 
 impl Writer {
     /// Moves the writer's state past a transaction it has put into redb's transaction.
-    fn apply(
-        &mut self,
-        store: &Store,
-        digest: DigestSum,
-        counts: Vec<(u32, u64)>,
-        seq: Option<LogPos>,
-        new_names: Vec<String>,
-    ) {
+    fn apply(&mut self, digest: DigestSum, counts: Vec<(u32, u64)>, seq: Option<LogPos>) {
         self.digest = digest;
         self.counts.extend(counts);
         if let Some(seq) = seq {
             self.log_next = seq + 1;
-        }
-        if !new_names.is_empty() {
-            // Before the batch commits: the next member must see them (a reader only
-            // finds ids it can map; a failed batch poisons the store).
-            let mut names = store.names.write().unwrap_or_else(PoisonError::into_inner);
-            for n in new_names {
-                let id = names.by_id.len() as u32;
-                names.by_name.insert(n.clone(), id);
-                names.by_id.push(n);
-            }
         }
     }
 
@@ -964,6 +947,21 @@ impl Store {
             let _ = wal.write(first_record_at, &[0u8; 4]);
         }
         outcome.set(Err(why.to_owned()));
+    }
+
+    /// Names a transaction interned, before it commits: a reader must never find an id it
+    /// cannot map (a commit that then fails poisons the store), and the next member of a
+    /// batch must find them.
+    fn add_names(&self, new_names: Vec<String>) {
+        if new_names.is_empty() {
+            return;
+        }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        for n in new_names {
+            let id = names.by_id.len() as u32;
+            names.by_name.insert(n.clone(), id);
+            names.by_id.push(n);
+        }
     }
 
     /// The writer lock for work outside a write transaction; an open batch (which holds
@@ -2222,7 +2220,8 @@ impl<'s> WriteTx<'s> {
                 };
                 writer.wal_at = end;
                 writer.wal_seq += 1;
-                writer.apply(store, p.digest, p.counts, p.committed.seq, new_names);
+                store.add_names(new_names);
+                writer.apply(p.digest, p.counts, p.committed.seq);
                 let (first_record_at, members, outcome) = match joined {
                     Some((first, members, outcome, _)) => (first, members, outcome),
                     None => (at, 0, Arc::default()),
@@ -2267,7 +2266,10 @@ impl<'s> WriteTx<'s> {
             if !matches!(mode, Mode::Direct) {
                 txn.set_durability(redb::Durability::None)?;
             }
+            store.add_names(new_names);
             if let Err(e) = txn.commit() {
+                // Its names are in memory: nothing more may commit before a reopen.
+                store.poisoned.store(true, Ordering::SeqCst);
                 if let Some((first, _, outcome, _)) = &joined {
                     store.abandon_batch(*first, outcome, &e.to_string());
                 }
@@ -2284,7 +2286,7 @@ impl<'s> WriteTx<'s> {
             if matches!(mode, Mode::Direct) {
                 writer.wal_at = 0;
             }
-            writer.apply(store, p.digest, p.counts, p.committed.seq, new_names);
+            writer.apply(p.digest, p.counts, p.committed.seq);
             *lock(&store.visible) = writer.visible();
             if let Some((_, _, outcome, _)) = joined {
                 outcome.set(Ok(number));
