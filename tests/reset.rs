@@ -271,6 +271,9 @@ async fn unsynced_insert_delete_and_update_of_deleted_object() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     // B deletes 2; A, offline, inserts 3, deletes 1 and renames 2.
     sb.write(|tx| tx.delete("Dog", 2)).unwrap();
+    // The rename must be the later write: in the same millisecond, the replica ids would
+    // break the tie, and the rename would be superseded half the time.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     sa.write(|tx| {
         tx.insert("Dog", 3, [("name", Value::from("three"))])?;
         tx.delete("Dog", 1)?;
