@@ -23,19 +23,18 @@ pub enum Outcome {
     Stale,
 }
 
-/// The merged state of one object. `F` is the field key (an interned id in the store); `V`
-/// the value (a reset's replay keeps values it does not change encoded, see `row.rs`).
+/// The merged state of one object. `F` is the field key (an interned id in the store).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ObjectState<F, V = Value> {
+pub struct ObjectState<F> {
     /// The existence register: stamp and whether the object is alive.
     pub exists: Option<(Stamp, bool)>,
     /// Fields written below this stamp have been cleared by an insert or a delete.
     pub floor: Stamp,
     /// Field → (stamp, value), sorted by field key.
-    pub fields: Vec<(F, Stamp, V)>,
+    pub fields: Vec<(F, Stamp, Value)>,
 }
 
-impl<F, V> Default for ObjectState<F, V> {
+impl<F> Default for ObjectState<F> {
     fn default() -> Self {
         ObjectState {
             exists: None,
@@ -45,14 +44,14 @@ impl<F, V> Default for ObjectState<F, V> {
     }
 }
 
-impl<F: Ord + Clone, V> ObjectState<F, V> {
+impl<F: Ord + Clone> ObjectState<F> {
     /// Whether the object is visible (inserted and not deleted since).
     pub fn is_live(&self) -> bool {
         matches!(self.exists, Some((_, true)))
     }
 
     /// The field's current stamp and value, if it has one.
-    pub fn field(&self, field: F) -> Option<(Stamp, &V)> {
+    pub fn field(&self, field: F) -> Option<(Stamp, &Value)> {
         self.fields
             .binary_search_by(|(f, _, _)| f.cmp(&field))
             .ok()
@@ -67,7 +66,7 @@ impl<F: Ord + Clone, V> ObjectState<F, V> {
     }
 
     /// Merges one field write.
-    pub fn apply_field(&mut self, field: F, stamp: Stamp, value: V) -> Outcome {
+    pub fn apply_field(&mut self, field: F, stamp: Stamp, value: Value) -> Outcome {
         if stamp < self.floor {
             return Outcome::Stale;
         }
@@ -86,7 +85,7 @@ impl<F: Ord + Clone, V> ObjectState<F, V> {
 
     /// Merges another replica's whole state of the same object (the join of both write
     /// sets: the same result as merging every write behind `other` one by one).
-    pub fn merge_state(&mut self, other: ObjectState<F, V>) -> bool {
+    pub fn merge_state(&mut self, other: ObjectState<F>) -> bool {
         let before = (self.exists, self.floor, self.fields.len());
         let mut changed = false;
         if let Some((s, alive)) = other.exists {

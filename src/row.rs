@@ -15,10 +15,6 @@
 /// The first byte of a row in the stamp-table layout.
 pub(crate) const ROW_V2: u8 = 0xF1;
 
-use std::borrow::Cow;
-use std::convert::Infallible;
-use std::ops::Range;
-
 use crate::clock::{ReplicaId, Stamp};
 use crate::error::{Error, Result};
 use crate::merge::ObjectState;
@@ -26,100 +22,6 @@ use crate::value::Value;
 
 /// The row's bytes (stamp-table layout).
 pub(crate) fn encode(state: &ObjectState<u32>) -> Vec<u8> {
-    let put = |out: &mut Vec<u8>, v: &Value| -> std::result::Result<(), Infallible> {
-        put_value(out, v);
-        Ok(())
-    };
-    match encode_with(state, Value::size_bytes, put) {
-        Ok(row) => row,
-        Err(never) => match never {},
-    }
-}
-
-/// A value of a row being patched: still encoded in the row it was read from, or new.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Cell {
-    /// The value's bytes in the row.
-    Row(Range<usize>),
-    /// A value written since the row was read.
-    New(Value),
-}
-
-/// Decodes a row but for its values, which stay in `bytes` as [`Cell::Row`] ranges: a
-/// reset's replay changes one field of a ten-field object, and decoding, cloning and
-/// re-encoding the other nine was most of its cost. Accepts exactly the rows [`decode`]
-/// accepts (values are still checked, UTF-8 included); rows in the older layout come back
-/// decoded, as [`Cell::New`].
-pub(crate) fn decode_cells(bytes: &[u8]) -> Result<ObjectState<u32, Cell>> {
-    if bytes.first() != Some(&ROW_V2) {
-        let s = decode(bytes)?;
-        return Ok(ObjectState {
-            exists: s.exists,
-            floor: s.floor,
-            fields: s
-                .fields
-                .into_iter()
-                .map(|(f, st, v)| (f, st, Cell::New(v)))
-                .collect(),
-        });
-    }
-    let mut r = Reader { b: bytes, at: 1 };
-    let state = r.state_v2(|r| {
-        let start = r.at;
-        r.value_ref()?;
-        Ok(Cell::Row(start..r.at))
-    })?;
-    if r.at != bytes.len() {
-        return Err(r.bad("trailing bytes"));
-    }
-    Ok(state)
-}
-
-/// The value of a cell of a row read by [`decode_cells`] from `bytes`.
-pub(crate) fn cell_value<'c>(bytes: &[u8], cell: &'c Cell) -> Result<Cow<'c, Value>> {
-    match cell {
-        Cell::New(v) => Ok(Cow::Borrowed(v)),
-        Cell::Row(range) => {
-            let b = bytes.get(range.clone()).ok_or_else(|| Error::Corrupt {
-                what: format!("object row: value at {range:?} past the row"),
-            })?;
-            let mut r = Reader { b, at: 0 };
-            let v = r.value()?;
-            if r.at != b.len() {
-                return Err(r.bad("trailing bytes after a value"));
-            }
-            Ok(Cow::Owned(v))
-        }
-    }
-}
-
-/// The row of a state read by [`decode_cells`] from `bytes` and then changed: values still
-/// in the row are copied as they are.
-pub(crate) fn encode_cells(bytes: &[u8], state: &ObjectState<u32, Cell>) -> Result<Vec<u8>> {
-    let size = |c: &Cell| match c {
-        Cell::Row(range) => range.len(),
-        Cell::New(v) => v.size_bytes(),
-    };
-    let put = |out: &mut Vec<u8>, c: &Cell| {
-        match c {
-            Cell::Row(range) => {
-                let b = bytes.get(range.clone()).ok_or_else(|| Error::Corrupt {
-                    what: format!("object row: value at {range:?} past the row"),
-                })?;
-                out.extend_from_slice(b);
-            }
-            Cell::New(v) => put_value(out, v),
-        }
-        Ok(())
-    };
-    encode_with(state, size, put)
-}
-
-fn encode_with<V, E>(
-    state: &ObjectState<u32, V>,
-    size: impl Fn(&V) -> usize,
-    mut put: impl FnMut(&mut Vec<u8>, &V) -> std::result::Result<(), E>,
-) -> std::result::Result<Vec<u8>, E> {
     let mut stamps: Vec<Stamp> = Vec::with_capacity(4);
     let mut index = |s: Stamp| -> u64 {
         match stamps.iter().position(|x| *x == s) {
@@ -136,7 +38,11 @@ fn encode_with<V, E>(
     let guess = 32
         + stamps.len() * 16
         + state.fields.len() * 8
-        + state.fields.iter().map(|(_, _, v)| size(v)).sum::<usize>();
+        + state
+            .fields
+            .iter()
+            .map(|(_, _, v)| v.size_bytes())
+            .sum::<usize>();
     let mut out = Vec::with_capacity(guess);
     out.push(ROW_V2);
     put_varint(&mut out, stamps.len() as u64);
@@ -156,9 +62,9 @@ fn encode_with<V, E>(
     for ((f, _, v), si) in state.fields.iter().zip(field_stamps) {
         put_varint(&mut out, u64::from(*f));
         put_varint(&mut out, si);
-        put(&mut out, v)?;
+        put_value(&mut out, v);
     }
-    Ok(out)
+    out
 }
 
 /// The row in the older layout: postcard's encoding (kept to test that it is still read).
@@ -241,7 +147,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ObjectState<u32>> {
     let mut r = Reader { b: bytes, at: 0 };
     let state = if bytes.first() == Some(&ROW_V2) {
         r.at = 1;
-        r.state_v2(Reader::value)?
+        r.state_v2()?
     } else {
         r.state()?
     };
@@ -249,16 +155,6 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<ObjectState<u32>> {
         return Err(r.bad("trailing bytes"));
     }
     Ok(state)
-}
-
-/// A value as the row holds it.
-enum ValueRef<'a> {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    String(&'a str),
-    Bytes(&'a [u8]),
 }
 
 struct Reader<'a> {
@@ -337,38 +233,27 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self) -> Result<Value> {
-        Ok(match self.value_ref()? {
-            ValueRef::Null => Value::Null,
-            ValueRef::Bool(b) => Value::Bool(b),
-            ValueRef::Int(i) => Value::Int(i),
-            ValueRef::Float(f) => Value::Float(f),
-            ValueRef::String(s) => Value::String(s.to_owned()),
-            ValueRef::Bytes(b) => Value::Bytes(b.to_vec()),
-        })
-    }
-
-    /// A value, checked, borrowing its bytes from the row.
-    fn value_ref(&mut self) -> Result<ValueRef<'a>> {
         Ok(match self.u32()? {
-            0 => ValueRef::Null,
-            1 => ValueRef::Bool(self.bool()?),
+            0 => Value::Null,
+            1 => Value::Bool(self.bool()?),
             2 => {
                 let z = self.u64()?;
-                ValueRef::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
+                Value::Int(((z >> 1) as i64) ^ -((z & 1) as i64))
             }
             3 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(self.take(8)?);
-                ValueRef::Float(f64::from_bits(u64::from_le_bytes(b)))
+                Value::Float(f64::from_bits(u64::from_le_bytes(b)))
             }
             4 => {
                 let n = self.len()?;
                 let s = self.take(n)?;
-                ValueRef::String(std::str::from_utf8(s).map_err(|_| self.bad("string not UTF-8"))?)
+                let s = std::str::from_utf8(s).map_err(|_| self.bad("string not UTF-8"))?;
+                Value::String(s.to_owned())
             }
             5 => {
                 let n = self.len()?;
-                ValueRef::Bytes(self.take(n)?)
+                Value::Bytes(self.take(n)?.to_vec())
             }
             _ => return Err(self.bad("value type")),
         })
@@ -380,10 +265,7 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn state_v2<V>(
-        &mut self,
-        mut value: impl FnMut(&mut Self) -> Result<V>,
-    ) -> Result<ObjectState<u32, V>> {
+    fn state_v2(&mut self) -> Result<ObjectState<u32>> {
         let n = self.len()?;
         if n > (self.b.len() - self.at) / 16 {
             return Err(self.bad("stamp count"));
@@ -411,7 +293,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             let f = self.u32()?;
             let s = stamp(self)?;
-            fields.push((f, s, value(self)?));
+            fields.push((f, s, self.value()?));
         }
         Ok(ObjectState {
             exists,
@@ -521,66 +403,6 @@ mod tests {
             if let Ok(ours) = decode(bytes) {
                 let theirs: ObjectState<u32> = postcard::from_bytes(bytes).expect("postcard agrees");
                 prop_assert_eq!(ours, theirs);
-            }
-        }
-    }
-
-    /// A row read by `decode_cells`: every value as `decode` reads it.
-    fn resolved(bytes: &[u8], s: &ObjectState<u32, Cell>) -> ObjectState<u32> {
-        ObjectState {
-            exists: s.exists,
-            floor: s.floor,
-            fields: s
-                .fields
-                .iter()
-                .map(|(f, st, c)| (*f, *st, cell_value(bytes, c).expect("cell").into_owned()))
-                .collect(),
-        }
-    }
-
-    proptest! {
-        /// Reading a row for patching, changing some fields and writing it back gives the
-        /// row that decoding, changing and encoding gives, in either layout.
-        #[test]
-        fn patched_rows_equal_decoded_rows(
-            s in state(),
-            writes in proptest::collection::vec((0u32..16, stamp(), value()), 0..4),
-            old_layout in any::<bool>(),
-        ) {
-            let bytes = if old_layout { encode_postcard(&s) } else { encode(&s) };
-            let mut cells = decode_cells(&bytes).expect("decode_cells");
-            prop_assert_eq!(resolved(&bytes, &cells), s.clone());
-            if !old_layout {
-                prop_assert_eq!(encode_cells(&bytes, &cells).expect("encode"), bytes.clone());
-            }
-            let mut plain = s;
-            for (f, st, v) in writes {
-                let a = plain.apply_field(f, st, v.clone());
-                let b = cells.apply_field(f, st, Cell::New(v));
-                prop_assert_eq!(a, b);
-            }
-            let patched = encode_cells(&bytes, &cells).expect("encode");
-            prop_assert_eq!(decode(&patched).expect("decode"), plain.clone());
-            prop_assert_eq!(patched, encode(&plain));
-        }
-
-        /// Damaged rows: `decode_cells` accepts exactly what `decode` accepts, and reads the
-        /// same values.
-        #[test]
-        fn damaged_rows_read_the_same_for_patching(
-            s in state(),
-            cut in any::<prop::sample::Index>(),
-            flip in any::<prop::sample::Index>(),
-            bit in 0u8..8,
-        ) {
-            let mut bytes = encode(&s);
-            let i = flip.index(bytes.len());
-            bytes[i] ^= 1 << bit;
-            let bytes = &bytes[..cut.index(bytes.len() + 1)];
-            match (decode(bytes), decode_cells(bytes)) {
-                (Ok(plain), Ok(cells)) => prop_assert_eq!(resolved(bytes, &cells), plain),
-                (Err(_), Err(_)) => {}
-                (a, b) => prop_assert!(false, "decode {:?}, decode_cells {:?}", a, b),
             }
         }
     }

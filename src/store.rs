@@ -3,7 +3,6 @@
 //! A log append, its state update, the digest, and the clock high-water mark commit in one
 //! redb transaction, so a crash leaves either all of a transaction or none of it.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,7 +23,6 @@ use crate::reset::{
     Discarded, ObjectSnapshot, ResetMarker, ResetMode, ResetPhase, ResetReport, Superseded,
     UnsyncedWrite,
 };
-use crate::row::{self, Cell};
 use crate::schema::Schema;
 use crate::serde_object::{from_fields, to_fields};
 use crate::value::{validate_name, Pk, Value};
@@ -349,14 +347,13 @@ impl NameView<'_> {
     }
 
     /// Adds (`add`) or subtracts every digest term of a live object.
-    fn all_terms<V>(
+    fn all_terms(
         &self,
         coll: &str,
         pk: &Pk,
-        state: &ObjectState<u32, V>,
+        state: &ObjectState<u32>,
         sum: &mut DigestSum,
         add: bool,
-        value: &impl Fn(&V) -> Result<Cow<'_, Value>>,
     ) -> Result<()> {
         let Some((stamp, true)) = state.exists else {
             return Ok(());
@@ -364,7 +361,7 @@ impl NameView<'_> {
         let mut apply = |d: Digest| if add { sum.add(&d) } else { sum.sub(&d) };
         apply(exists_term(coll, pk, stamp));
         for (f, s, v) in &state.fields {
-            apply(field_term(coll, pk, self.name(*f)?, *s, value(v)?.as_ref()));
+            apply(field_term(coll, pk, self.name(*f)?, *s, v));
         }
         Ok(())
     }
@@ -378,20 +375,6 @@ impl NameView<'_> {
         before: Option<&ObjectState<u32>>,
         after: &ObjectState<u32>,
         sum: &mut DigestSum,
-    ) -> Result<i64> {
-        self.digest_delta_with(coll, pk, before, after, sum, &|v| Ok(Cow::Borrowed(v)))
-    }
-
-    /// [`NameView::digest_delta`] of states whose values `value` reads (only those of terms
-    /// that change are read).
-    fn digest_delta_with<V>(
-        &self,
-        coll: &str,
-        pk: &Pk,
-        before: Option<&ObjectState<u32, V>>,
-        after: &ObjectState<u32, V>,
-        sum: &mut DigestSum,
-        value: &impl Fn(&V) -> Result<Cow<'_, Value>>,
     ) -> Result<i64> {
         let was = before.is_some_and(ObjectState::is_live);
         let is = after.is_live();
@@ -410,32 +393,20 @@ impl NameView<'_> {
                     match order {
                         std::cmp::Ordering::Less => {
                             let (f, s, v) = &old[i];
-                            sum.sub(&field_term(
-                                coll,
-                                pk,
-                                self.name(*f)?,
-                                *s,
-                                value(v)?.as_ref(),
-                            ));
+                            sum.sub(&field_term(coll, pk, self.name(*f)?, *s, v));
                             i += 1;
                         }
                         std::cmp::Ordering::Greater => {
                             let (f, s, v) = &new[j];
-                            sum.add(&field_term(
-                                coll,
-                                pk,
-                                self.name(*f)?,
-                                *s,
-                                value(v)?.as_ref(),
-                            ));
+                            sum.add(&field_term(coll, pk, self.name(*f)?, *s, v));
                             j += 1;
                         }
                         std::cmp::Ordering::Equal => {
                             let ((f, os, ov), (_, ns, nv)) = (&old[i], &new[j]);
                             if os != ns {
                                 let name = self.name(*f)?;
-                                sum.sub(&field_term(coll, pk, name, *os, value(ov)?.as_ref()));
-                                sum.add(&field_term(coll, pk, name, *ns, value(nv)?.as_ref()));
+                                sum.sub(&field_term(coll, pk, name, *os, ov));
+                                sum.add(&field_term(coll, pk, name, *ns, nv));
                             }
                             i += 1;
                             j += 1;
@@ -445,9 +416,9 @@ impl NameView<'_> {
             }
             _ => {
                 if let Some(b) = before {
-                    self.all_terms(coll, pk, b, sum, false, value)?;
+                    self.all_terms(coll, pk, b, sum, false)?;
                 }
-                self.all_terms(coll, pk, after, sum, true, value)?;
+                self.all_terms(coll, pk, after, sum, true)?;
             }
         }
         Ok(i64::from(is) - i64::from(was))
@@ -889,7 +860,6 @@ impl Store {
                 &decode_state(v.value())?,
                 &mut sum,
                 true,
-                &|v| Ok(Cow::Borrowed(v)),
             )?;
         }
         Ok(sum.digest() == self.digest())
@@ -2659,20 +2629,17 @@ impl Store {
                 };
                 let coll = view.name(cid)?;
                 let schema = new_schemas.get(coll).copied();
-                // Values stay encoded in `row` unless a write needs them: most of the
-                // object is copied back as it is.
-                let row = staging.get(key.as_slice())?.map(|r| r.value().to_vec());
-                let row_bytes = row.as_deref().unwrap_or_default();
-                let before = row.as_deref().map(row::decode_cells).transpose()?;
+                let before = staging
+                    .get(key.as_slice())?
+                    .map(|r| decode_state(r.value()))
+                    .transpose()?;
                 let mut state = before.clone().unwrap_or_default();
                 let mut next = Some((first.entry, first.write, first.slot));
                 while let Some((entry, write, slot)) = next {
                     let e = &unsynced[entry];
                     let w = &e.writes[write];
                     let out = &mut decisions[slot..slot + w.op.write_count()];
-                    replay_write(
-                        &view, &mut state, row_bytes, e.stamp, w, schema, discard, out,
-                    )?;
+                    replay_write(&view, &mut state, e.stamp, w, schema, discard, out)?;
                     next = pending
                         .next_if(|u| u.key == key)
                         .map(|u| (u.entry, u.write, u.slot));
@@ -2680,16 +2647,10 @@ impl Store {
                 if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let delta =
-                    view.digest_delta_with(coll, pk, before.as_ref(), &state, &mut sum, &|c| {
-                        row::cell_value(row_bytes, c)
-                    })?;
+                let delta = view.digest_delta(coll, pk, before.as_ref(), &state, &mut sum)?;
                 let c = counts.entry(cid).or_default();
                 *c = c.saturating_add_signed(delta);
-                staging.insert(
-                    key.as_slice(),
-                    row::encode_cells(row_bytes, &state)?.as_slice(),
-                )?;
+                staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
             }
         }
 
@@ -2840,16 +2801,11 @@ fn bump_count(
     Ok(())
 }
 
-/// Replays one unsynced write onto its object's state (read from `row`), deciding each of
-/// its field writes on its own (the existence write first), into `out`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the parts of one replay step"
-)]
+/// Replays one unsynced write onto its object's state, deciding each of its field writes
+/// on its own (the existence write first), into `out`.
 fn replay_write(
     view: &NameView<'_>,
-    state: &mut ObjectState<u32, Cell>,
-    row: &[u8],
+    state: &mut ObjectState<u32>,
     stamp: Stamp,
     w: &Write<u32>,
     schema: Option<&Schema>,
@@ -2867,17 +2823,15 @@ fn replay_write(
             decide(replay_exists(state, stamp, true, discard));
             for (f, v) in fields {
                 let field = (*f, view.name(*f)?);
-                decide(replay_field(
-                    state, row, stamp, &w.pk, field, v, schema, discard,
-                )?);
+                decide(replay_field(state, stamp, &w.pk, field, v, schema, discard));
             }
         }
         Op::Update { fields } => {
             for fw in fields {
                 let field = (fw.field, view.name(fw.field)?);
                 decide(replay_field(
-                    state, row, stamp, &w.pk, field, &fw.value, schema, discard,
-                )?);
+                    state, stamp, &w.pk, field, &fw.value, schema, discard,
+                ));
             }
         }
         Op::Delete { .. } => decide(replay_exists(state, stamp, false, discard)),
@@ -2963,8 +2917,8 @@ fn settle(
 }
 
 /// Replays an insert (`alive`) or a delete onto the state.
-fn replay_exists<V>(
-    state: &mut ObjectState<u32, V>,
+fn replay_exists(
+    state: &mut ObjectState<u32>,
     stamp: Stamp,
     alive: bool,
     discard: Option<&str>,
@@ -2990,39 +2944,32 @@ fn replay_exists<V>(
     }
 }
 
-/// Replays one field write onto the state (read from `row`).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "two call sites in one function; the parts of one replay step"
-)]
+/// Replays one field write onto the state.
 fn replay_field(
-    state: &mut ObjectState<u32, Cell>,
-    row: &[u8],
+    state: &mut ObjectState<u32>,
     stamp: Stamp,
     pk: &Pk,
     (field, name): (u32, &str),
     value: &Value,
     schema: Option<&Schema>,
     discard: Option<&str>,
-) -> Result<Replay> {
+) -> Replay {
     if let Some(why) = discard {
-        return Ok(Replay::Discarded(why.to_owned()));
+        return Replay::Discarded(why.to_owned());
     }
     if let Some(Err(e)) = schema.map(|s| s.check_value(pk, name, value)) {
-        return Ok(Replay::Discarded(format!(
-            "the server's schema refuses it: {e}"
-        )));
+        return Replay::Discarded(format!("the server's schema refuses it: {e}"));
     }
     // An update of an object deleted on the server is kept like in normal sync: merged
     // (hidden while the object is deleted) and uploaded, where the server's conflict policy
     // for update-vs-delete decides.
-    if state.apply_field(field, stamp, Cell::New(value.clone())) == Outcome::Applied {
-        return Ok(Replay::Recovered);
+    if state.apply_field(field, stamp, value.clone()) == Outcome::Applied {
+        return Replay::Recovered;
     }
     // A stale write left the state as it was.
-    Ok(match state.field(field) {
+    match state.field(field) {
         Some((s, v)) => Replay::Superseded {
-            server_value: Some(row::cell_value(row, v)?.into_owned()),
+            server_value: Some(v.clone()),
             server_stamp: s,
             reason: format!("the server's value is newer (written by {})", s.replica),
         },
@@ -3034,7 +2981,7 @@ fn replay_field(
                 state.floor.replica
             ),
         },
-    })
+    }
 }
 
 /// Files one decided field write in the report.
