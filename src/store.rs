@@ -2755,7 +2755,10 @@ impl Store {
                 for s in schemas {
                     map.insert(s.collection.clone(), Arc::new(s.clone()));
                 }
+                drop(map);
                 report.replay_time = started.elapsed();
+                // The swap stands whatever happens here: a failed drop poisons the store,
+                // and the open that follows drops the table.
                 store.drop_replaced()?;
                 Ok((report, until))
             }
