@@ -115,8 +115,8 @@ fn sizes() -> Sizes {
     }
 }
 
-/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|merge|read` runs only fieldlog's
-/// part, with the measured work inside `profiled` (e.g. valgrind's
+/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|merge|read|recovery` runs only
+/// fieldlog's part, with the measured work inside `profiled` (e.g. valgrind's
 /// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
 /// the number of writes (default 20,000; durable: 300), `FIELDLOG_BENCH_PROFILE_OBJECTS` the
 /// number of objects loaded first (default 10,000). `read` first runs what the full bench
@@ -144,6 +144,19 @@ fn profile(what: &str) {
     let ups = updates(&keys, count, &mut rng);
     let t = Instant::now();
     match what {
+        "recovery" => {
+            // The whole reset is timed; the replay and swap are `Store::finish_reset`
+            // (valgrind: `--toggle-collect='*finish_reset*'`).
+            let mut out = None;
+            profiled(&mut || out = Some(recovery(dir.path(), objects, count)));
+            if let Some((report, whole)) = out {
+                eprintln!(
+                    "recovery: replay + swap {:.3?}, whole reset {whole:.2?}, {} recovered",
+                    report.replay_time,
+                    report.recovered.len()
+                );
+            }
+        }
         "merge" => {
             let pair = FieldlogPair::new(dir.path(), objects, 1_000, &mut rng);
             pair.write(&ups, 1_000);
@@ -182,7 +195,7 @@ fn profile(what: &str) {
                         std::hint::black_box(e.read(o));
                     }
                 }
-                _ => panic!("FIELDLOG_BENCH_PROFILE: batch, durable, merge or read"),
+                _ => panic!("FIELDLOG_BENCH_PROFILE: batch, durable, merge, read or recovery"),
             });
         }
     }

@@ -58,6 +58,10 @@ const META_WAL_SEQ: &str = "wal_seq";
 const STAGING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_staging");
 /// During a reset: digest and counts of the staged state.
 const STAGING_META: TableDefinition<&str, &[u8]> = TableDefinition::new("reset_staging_meta");
+/// After a reset's swap: the state it replaced, until it is dropped in a transaction of its
+/// own (or, after a crash, on open). redb reads every page of a table to free it, which
+/// would otherwise be a large part of the swap.
+const REPLACED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_replaced");
 /// The write-ahead file grows by this much at a time.
 const WAL_GROWTH: u64 = 1 << 20;
 
@@ -749,6 +753,8 @@ impl Store {
             let mut meta = txn.open_table(META)?;
             txn.open_table(OBJECTS)?;
             txn.open_table(LOG)?;
+            // A reset's replaced state left by a crash right after its swap.
+            txn.delete_table(REPLACED)?;
             let names = txn.open_table(NAMES)?;
 
             let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
@@ -3114,7 +3120,11 @@ impl Store {
             }
         }
 
-        tx.txn_ref()?.delete_table(OBJECTS)?;
+        // The old state is renamed aside, not deleted: freeing it reads every page, and it
+        // is dropped once the swap has committed (the open path drops what a crash left).
+        // One can only be here already if that drop failed.
+        tx.txn_ref()?.delete_table(REPLACED)?;
+        tx.txn_ref()?.rename_table(OBJECTS, REPLACED)?;
         tx.txn_ref()?.rename_table(STAGING, OBJECTS)?;
         tx.txn_ref()?.delete_table(STAGING_META)?;
 
@@ -3185,7 +3195,11 @@ impl Store {
                 for s in schemas {
                     map.insert(s.collection.clone(), Arc::new(s.clone()));
                 }
+                drop(map);
                 report.replay_time = started.elapsed();
+                // The swap stands whatever happens here: a failed drop poisons the store,
+                // and the open that follows drops the table.
+                store.drop_replaced()?;
                 Ok((report, until))
             }
             Err(e) => {
@@ -3193,6 +3207,17 @@ impl Store {
                 Err(e)
             }
         }
+    }
+}
+
+impl Store {
+    /// Drops the state a reset's swap replaced, in a durable transaction of its own.
+    fn drop_replaced(&self) -> Result<()> {
+        self.check_poisoned()?;
+        let _w = self.lock_writer()?;
+        let txn = self.db.begin_write()?;
+        txn.delete_table(REPLACED)?;
+        self.finish(txn.commit().map_err(Error::from))
     }
 }
 

@@ -1516,3 +1516,70 @@ fn crash_during_a_manual_reset_keeps_the_backup() {
         backup.remove().unwrap();
     }
 }
+
+/// The names of the redb tables in a closed store file.
+fn tables(path: &Path) -> Vec<String> {
+    use redb::{ReadableDatabase, TableHandle};
+    let db = redb::Database::open(path).unwrap();
+    let rtx = db.begin_read().unwrap();
+    let names = rtx.list_tables().unwrap().map(|t| t.name().to_owned());
+    names.collect()
+}
+
+/// A reset's swap renames the state it replaces aside (`reset_replaced`) and drops it in a
+/// later transaction; a crash between the two leaves it in the file, and the next open
+/// must drop it, or it would stay there for good.
+#[test]
+fn a_reset_leaves_no_replaced_state_behind() {
+    let mut w = World::new(&[RECOVER, RECOVER]);
+    write(w.store(B), |tx| {
+        for pk in 1..=20 {
+            tx.insert(DOG, pk, dog(pk))?;
+        }
+        Ok(())
+    });
+    w.sync_all();
+    w.disconnect(A);
+    w.time.advance(1_000);
+    write(w.store(A), |tx| tx.set(DOG, 2, "age", 20));
+    write(w.store(B), |tx| tx.set(DOG, 3, "age", 30));
+    w.run();
+    // A is now behind the server's history.
+    w.server().compact_history(w.server().version()).unwrap();
+    w.sync_all();
+    w.assert_no_errors();
+    assert_eq!(w.clients[A].reports.len(), 1, "a reset ran");
+    assert_converged(&w);
+    let digest = w.store(A).digest();
+
+    // Closed after the reset: only the live state is left.
+    w.disconnect(A);
+    drop(Arc::into_inner(w.clients[A].store.take().unwrap()).expect("unshared"));
+    let path = w.clients[A].path.clone();
+    let reset_tables = |path: &Path| -> Vec<String> {
+        tables(path)
+            .into_iter()
+            .filter(|t| t.starts_with("reset_"))
+            .collect()
+    };
+    assert_eq!(reset_tables(&path), Vec::<String>::new());
+
+    // What a crash right after the swap leaves: the replaced state, still in the file.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<&[u8], &[u8]> =
+                redb::TableDefinition::new("reset_replaced");
+            let mut t = txn.open_table(def).unwrap();
+            t.insert(&b"old key"[..], &b"old row"[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(reset_tables(&path), vec!["reset_replaced".to_owned()]);
+    let store = Store::open_with(&path, options(&w.time)).unwrap();
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().unwrap());
+    drop(store);
+    assert_eq!(reset_tables(&path), Vec::<String>::new(), "open drops it");
+}
