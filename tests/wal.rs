@@ -360,3 +360,45 @@ fn concurrent_commits_acknowledged_in_batches_survive_a_power_cut() {
     assert!(store.verify_digest().expect("verify"));
     assert_eq!(store.log_after(0, 1000).expect("log").len(), 8 + 8 * 40);
 }
+
+#[test]
+fn a_large_batch_of_updates_is_recorded_and_a_large_load_is_not() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    // 1,000 inserts of ~1 KB objects: ~1 MB of whole rows, over 1/64 of the file — a
+    // durable redb commit.
+    let syncs = db.syncs();
+    store
+        .write(|tx| {
+            for i in 0..1000i64 {
+                tx.insert(
+                    "T",
+                    i,
+                    [("n", Value::from(i)), ("b", Value::Bytes(vec![7; 1000]))],
+                )?;
+            }
+            Ok(())
+        })
+        .expect("load");
+    assert!(db.syncs() > syncs, "the load reached the database file");
+    // 1,000 one-field updates of those objects: patches and one log entry (~150 KB) — a
+    // record in the write-ahead file, the database file untouched.
+    let syncs = db.syncs();
+    store
+        .write(|tx| {
+            for i in 0..1000i64 {
+                tx.set("T", i, "n", i + 1)?;
+            }
+            Ok(())
+        })
+        .expect("updates");
+    assert_eq!(db.syncs(), syncs, "the batch went to the write-ahead file");
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.digest(), digest);
+    assert!(store.verify_digest().expect("verify"));
+    for i in [0i64, 499, 999] {
+        assert_eq!(value_of(&store, i, "n"), Some(Value::from(i + 1)));
+    }
+}
