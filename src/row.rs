@@ -22,6 +22,23 @@ use crate::value::Value;
 
 /// The row's bytes (stamp-table layout).
 pub(crate) fn encode(state: &ObjectState<u32>) -> Vec<u8> {
+    let values = state
+        .fields
+        .iter()
+        .map(|(_, _, v)| v.size_bytes())
+        .sum::<usize>();
+    write_v2(state.exists, state.floor, &state.fields, values, put_value)
+}
+
+/// Writes a row in the stamp-table layout: the stamps in first-use order (existence, floor,
+/// then the fields'), and each field's value through `put`.
+fn write_v2<T>(
+    exists: Option<(Stamp, bool)>,
+    floor: Stamp,
+    fields: &[(u32, Stamp, T)],
+    value_bytes: usize,
+    mut put: impl FnMut(&mut Vec<u8>, &T),
+) -> Vec<u8> {
     let mut stamps: Vec<Stamp> = Vec::with_capacity(4);
     let mut index = |s: Stamp| -> u64 {
         match stamps.iter().position(|x| *x == s) {
@@ -32,18 +49,10 @@ pub(crate) fn encode(state: &ObjectState<u32>) -> Vec<u8> {
             }
         }
     };
-    let exists = state.exists.map(|(s, alive)| (index(s), alive));
-    let floor = index(state.floor);
-    let field_stamps: Vec<u64> = state.fields.iter().map(|(_, s, _)| index(*s)).collect();
-    let guess = 32
-        + stamps.len() * 16
-        + state.fields.len() * 8
-        + state
-            .fields
-            .iter()
-            .map(|(_, _, v)| v.size_bytes())
-            .sum::<usize>();
-    let mut out = Vec::with_capacity(guess);
+    let exists = exists.map(|(s, alive)| (index(s), alive));
+    let floor = index(floor);
+    let field_stamps: Vec<u64> = fields.iter().map(|(_, s, _)| index(*s)).collect();
+    let mut out = Vec::with_capacity(32 + stamps.len() * 16 + fields.len() * 8 + value_bytes);
     out.push(ROW_V2);
     put_varint(&mut out, stamps.len() as u64);
     for s in &stamps {
@@ -58,11 +67,11 @@ pub(crate) fn encode(state: &ObjectState<u32>) -> Vec<u8> {
         }
     }
     put_varint(&mut out, floor);
-    put_varint(&mut out, state.fields.len() as u64);
-    for ((f, _, v), si) in state.fields.iter().zip(field_stamps) {
+    put_varint(&mut out, fields.len() as u64);
+    for ((f, _, v), si) in fields.iter().zip(field_stamps) {
         put_varint(&mut out, u64::from(*f));
         put_varint(&mut out, si);
-        put_value(&mut out, v);
+        put(&mut out, v);
     }
     out
 }
@@ -335,46 +344,12 @@ impl<'a> Parsed<'a> {
                 }
             }
         }
-        // The stamp table in first-use order, as `encode` builds it.
-        let mut stamps: Vec<Stamp> = Vec::with_capacity(self.stamps.len() + 1);
-        let mut index = |s: Stamp| -> u64 {
-            match stamps.iter().position(|x| *x == s) {
-                Some(i) => i as u64,
-                None => {
-                    stamps.push(s);
-                    (stamps.len() - 1) as u64
-                }
-            }
-        };
-        let exists = self
-            .exists
-            .map(|(si, alive)| (index(self.stamps[si]), alive));
-        let floor = index(floor);
-        let field_stamps: Vec<u64> = fields.iter().map(|(_, s, _)| index(*s)).collect();
-        let mut out = Vec::with_capacity(self.b.len() + 16 + writes.len() * 8);
-        out.push(ROW_V2);
-        put_varint(&mut out, stamps.len() as u64);
-        for s in &stamps {
-            out.extend_from_slice(&s.time.to_le_bytes());
-            out.extend_from_slice(&s.replica.0.to_le_bytes());
-        }
-        match exists {
-            None => out.push(0),
-            Some((i, alive)) => {
-                out.push(1 + u8::from(alive));
-                put_varint(&mut out, i);
-            }
-        }
-        put_varint(&mut out, floor);
-        put_varint(&mut out, fields.len() as u64);
-        for ((f, _, src), si) in fields.iter().zip(field_stamps) {
-            put_varint(&mut out, u64::from(*f));
-            put_varint(&mut out, si);
-            match src {
-                Source::Old(a, b) => out.extend_from_slice(&self.b[*a..*b]),
-                Source::New(v) => put_value(&mut out, v),
-            }
-        }
+        let exists = self.exists.map(|(si, alive)| (self.stamps[si], alive));
+        let value_bytes = self.b.len() + writes.len() * 8;
+        let out = write_v2(exists, floor, &fields, value_bytes, |out, src| match src {
+            Source::Old(a, b) => out.extend_from_slice(&self.b[*a..*b]),
+            Source::New(v) => put_value(out, v),
+        });
         (out, applied)
     }
 }
