@@ -229,10 +229,15 @@ struct Visible {
 /// or waiting for that member); every member learns the outcome.
 struct Batch {
     txn: redb::WriteTransaction,
+    members: Members,
+}
+
+/// Who is in a batch, and what its commit will show.
+struct Members {
     /// Where the first member's record starts in the write-ahead file: zeroed if the
     /// batch fails, so no member is replayed.
     first_record_at: u64,
-    members: usize,
+    count: usize,
     outcome: Arc<BatchOutcome>,
     /// What readers are shown once it commits.
     visible: Visible,
@@ -276,7 +281,7 @@ impl BatchOutcome {
             if waited.timed_out() && g.is_none() {
                 drop(g);
                 // Only this batch, and only while no writer holds its transaction.
-                let _ = store.close_batch_if(|b| Arc::ptr_eq(&b.outcome, self));
+                let _ = store.close_batch_if(|b| Arc::ptr_eq(&b.members.outcome, self));
                 g = lock(&self.result);
             }
         }
@@ -312,7 +317,7 @@ impl Drop for WriterGuard<'_> {
         let store = self.store;
         // A failure reaches every member through the outcome, and poisons the store.
         let _ = store.close_batch_if(|b| {
-            b.members >= BATCH_MEMBERS_MAX || store.waiting.load(Ordering::SeqCst) == 0
+            b.members.count >= BATCH_MEMBERS_MAX || store.waiting.load(Ordering::SeqCst) == 0
         });
         // Before the mutex itself is released (the field drops after this): the next
         // writer cannot commit before the epoch has moved past this one's commit.
@@ -925,12 +930,12 @@ impl Store {
         if !slot.as_ref().is_some_and(which) {
             return Ok(());
         }
-        let Some(batch) = slot.take() else {
+        let Some(Batch { txn, members }) = slot.take() else {
             return Ok(());
         };
-        if let Err(e) = batch.txn.commit() {
+        if let Err(e) = txn.commit() {
             let e = Error::from(e);
-            self.abandon_batch(batch.first_record_at, &batch.outcome, &e.to_string());
+            self.abandon_batch(&members, &e.to_string());
             return Err(e);
         }
         let number = {
@@ -938,21 +943,21 @@ impl Store {
             g.committed += 1;
             g.committed
         };
-        *lock(&self.visible) = batch.visible;
+        *lock(&self.visible) = members.visible;
         // A member may close it without the writer lock: its commit must move the epoch too.
         self.snapshots.writer_released();
-        batch.outcome.set(Ok(number));
+        members.outcome.set(Ok(number));
         Ok(())
     }
 
     /// A batch that will not commit: its members fail, none of their records may be
     /// replayed, and the writer's state (ahead of the database) cannot be trusted.
-    fn abandon_batch(&self, first_record_at: u64, outcome: &BatchOutcome, why: &str) {
+    fn abandon_batch(&self, members: &Members, why: &str) {
         self.poisoned.store(true, Ordering::SeqCst);
         if let Some(wal) = &self.wal {
-            let _ = wal.write(first_record_at, &[0u8; 4]);
+            let _ = wal.write(members.first_record_at, &[0u8; 4]);
         }
-        outcome.set(Err(why.to_owned()));
+        members.outcome.set(Err(why.to_owned()));
     }
 
     /// Names a transaction interned, before it commits: a reader must never find an id it
@@ -2155,29 +2160,29 @@ impl<'s> WriteTx<'s> {
             let mut txn = match (self.txn.take(), open) {
                 (Some(txn), None) => txn,
                 (None, Some(b)) => {
-                    joined = Some((b.first_record_at, b.members, b.outcome, b.visible));
+                    joined = Some(b.members);
                     b.txn
                 }
                 (None, None) => store.db.begin_write()?,
                 (Some(txn), Some(b)) => {
                     // `raw` commits any open batch before it begins its own transaction.
-                    store.abandon_batch(b.first_record_at, &b.outcome, "two write transactions");
+                    store.abandon_batch(&b.members, "two write transactions");
                     drop((txn, b.txn));
                     return Err(corrupt("two write transactions"));
+                }
+            };
+            // What fails from here until this transaction is in the batch fails the batch.
+            let abandon = |joined: &Option<Members>, e: &Error| {
+                if let Some(members) = joined {
+                    store.abandon_batch(members, &e.to_string());
                 }
             };
             let mut p = match self.prepare(&txn) {
                 Ok(Some(p)) => p,
                 Ok(None) => {
                     // Nothing written: the batch goes on as it was.
-                    if let Some((first_record_at, members, outcome, visible)) = joined {
-                        *lock(&store.batch) = Some(Batch {
-                            txn,
-                            first_record_at,
-                            members,
-                            outcome,
-                            visible,
-                        });
+                    if let Some(members) = joined {
+                        *lock(&store.batch) = Some(Batch { txn, members });
                     }
                     return Ok(Committed {
                         seq: None,
@@ -2185,9 +2190,7 @@ impl<'s> WriteTx<'s> {
                     });
                 }
                 Err(e) => {
-                    if let Some((first, _, outcome, _)) = &joined {
-                        store.abandon_batch(*first, outcome, &e.to_string());
-                    }
+                    abandon(&joined, &e);
                     return Err(e);
                 }
             };
@@ -2218,9 +2221,7 @@ impl<'s> WriteTx<'s> {
                     Err(e) => {
                         // Nothing of this transaction is in the file: only the members before
                         // it must not be replayed.
-                        if let Some((first, _, outcome, _)) = &joined {
-                            store.abandon_batch(*first, outcome, &e.to_string());
-                        }
+                        abandon(&joined, &e);
                         return Err(e);
                     }
                 };
@@ -2228,18 +2229,16 @@ impl<'s> WriteTx<'s> {
                 writer.wal_seq += 1;
                 store.add_names(new_names);
                 writer.apply(p.digest, p.counts, p.committed.seq);
-                let (first_record_at, members, outcome) = match joined {
-                    Some((first, members, outcome, _)) => (first, members, outcome),
-                    None => (at, 0, Arc::default()),
-                };
-                let mine = Arc::clone(&outcome);
-                *lock(&store.batch) = Some(Batch {
-                    txn,
-                    first_record_at,
-                    members: members + 1,
-                    outcome,
-                    visible: writer.visible(),
+                let mut members = joined.unwrap_or_else(|| Members {
+                    first_record_at: at,
+                    count: 0,
+                    outcome: Arc::default(),
+                    visible: Visible::default(),
                 });
+                members.count += 1;
+                members.visible = writer.visible();
+                let mine = Arc::clone(&members.outcome);
+                *lock(&store.batch) = Some(Batch { txn, members });
                 if record.len() > BATCH_RECORD_MAX
                     || writer.wal_at >= store.options.checkpoint_bytes
                 {
@@ -2276,10 +2275,9 @@ impl<'s> WriteTx<'s> {
             if let Err(e) = txn.commit() {
                 // Its names are in memory: nothing more may commit before a reopen.
                 store.poisoned.store(true, Ordering::SeqCst);
-                if let Some((first, _, outcome, _)) = &joined {
-                    store.abandon_batch(*first, outcome, &e.to_string());
-                }
-                return Err(e.into());
+                let e = Error::from(e);
+                abandon(&joined, &e);
+                return Err(e);
             }
             let number = {
                 let mut g = lock(&store.group);
@@ -2294,8 +2292,8 @@ impl<'s> WriteTx<'s> {
             }
             writer.apply(p.digest, p.counts, p.committed.seq);
             *lock(&store.visible) = writer.visible();
-            if let Some((_, _, outcome, _)) = joined {
-                outcome.set(Ok(number));
+            if let Some(members) = joined {
+                members.outcome.set(Ok(number));
             }
             drop(writer);
             if matches!(mode, Mode::Grouped) {
