@@ -316,10 +316,24 @@ impl<'a> Parsed<'a> {
         Ok(Some((self.stamps[si], r.value()?)))
     }
 
-    /// The row after `writes` (distinct field ids) are merged in at `stamp`, one by one as
-    /// [`ObjectState::apply_field`] merges them: byte for byte what decoding, applying and
-    /// encoding gives. Also says, per write, whether it was applied.
-    pub(crate) fn patch(&self, stamp: Stamp, writes: &[(u32, &Value)]) -> (Vec<u8>, Vec<bool>) {
+    /// The field's stamp, without decoding its value.
+    pub(crate) fn field_stamp(&self, field: u32) -> Option<Stamp> {
+        let i = self
+            .fields
+            .binary_search_by(|(f, _, _)| f.cmp(&field))
+            .ok()?;
+        Some(self.stamps[self.fields[i].1])
+    }
+
+    /// Fields written below this stamp were cleared by an insert or a delete.
+    pub(crate) fn floor(&self) -> Stamp {
+        self.stamps[self.floor]
+    }
+
+    /// The row after `writes` (distinct field ids, each with its stamp) are merged in one by
+    /// one as [`ObjectState::apply_field`] merges them: byte for byte what decoding, applying
+    /// and encoding gives. Also says, per write, whether it was applied.
+    pub(crate) fn patch(&self, writes: &[(u32, Stamp, &Value)]) -> (Vec<u8>, Vec<bool>) {
         let floor = self.stamps[self.floor];
         let mut fields: Vec<(u32, Stamp, Source<'_>)> = self
             .fields
@@ -327,7 +341,7 @@ impl<'a> Parsed<'a> {
             .map(|&(f, si, (a, b))| (f, self.stamps[si], Source::Old(a, b)))
             .collect();
         let mut applied = Vec::with_capacity(writes.len());
-        for &(id, value) in writes {
+        for &(id, stamp, value) in writes {
             if stamp < floor {
                 applied.push(false);
                 continue;
@@ -661,32 +675,33 @@ mod tests {
     }
 
     /// What decoding, applying `writes` one by one and encoding gives.
-    fn applied(
-        mut s: ObjectState<u32>,
-        stamp: Stamp,
-        writes: &[(u32, Value)],
-    ) -> (Vec<u8>, Vec<bool>) {
+    fn applied(s: ObjectState<u32>, writes: &[(u32, Stamp, Value)]) -> (Vec<u8>, Vec<bool>) {
+        let mut s = s;
         let outcomes = writes
             .iter()
-            .map(|(f, v)| s.apply_field(*f, stamp, v.clone()) == crate::merge::Outcome::Applied)
+            .map(|(f, st, v)| s.apply_field(*f, *st, v.clone()) == crate::merge::Outcome::Applied)
             .collect();
         (encode(&s), outcomes)
     }
 
-    /// Writes with distinct field ids, some of them the state's own.
+    /// Writes with distinct field ids, some of them the state's own; each at `stamp`, or
+    /// (`own_stamp`) at a stamp of the state's, so ties and older writes are tried too.
     fn writes(
         s: &ObjectState<u32>,
-        picks: Vec<(prop::sample::Index, bool, Value)>,
-    ) -> Vec<(u32, Value)> {
-        let mut out: Vec<(u32, Value)> = Vec::new();
-        for (i, existing, v) in picks {
-            let id = if existing && !s.fields.is_empty() {
-                s.fields[i.index(s.fields.len())].0
+        stamp: Stamp,
+        picks: Vec<(prop::sample::Index, bool, bool, Value)>,
+    ) -> Vec<(u32, Stamp, Value)> {
+        let mut out: Vec<(u32, Stamp, Value)> = Vec::new();
+        for (i, existing, own_stamp, v) in picks {
+            let (id, st) = if existing && !s.fields.is_empty() {
+                let (f, st, _) = &s.fields[i.index(s.fields.len())];
+                (*f, *st)
             } else {
-                i.index(1 << 16) as u32
+                (i.index(1 << 16) as u32, s.floor)
             };
-            if out.iter().all(|(f, _)| *f != id) {
-                out.push((id, v));
+            let st = if own_stamp { st } else { stamp };
+            if out.iter().all(|(f, _, _)| *f != id) {
+                out.push((id, st, v));
             }
         }
         out
@@ -699,20 +714,25 @@ mod tests {
         fn a_patch_is_decode_apply_encode(
             s in state(),
             stamp in stamp(),
-            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), value()), 0..4),
+            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), any::<bool>(), value()), 0..4),
         ) {
             let bytes = encode(&s);
             let parsed = parse(&bytes).expect("parse").expect("stamp-table layout");
             prop_assert_eq!(parsed.is_live(), s.is_live());
             prop_assert_eq!(is_live(&bytes).expect("is_live"), s.is_live());
+            prop_assert_eq!(parsed.floor(), s.floor);
             for (f, st, v) in &s.fields {
                 let found = parsed.field(*f).expect("field");
                 let want = s.field(*f).map(|(st, v)| (st, v.clone()));
                 prop_assert_eq!(found, want, "field {} ({:?} {:?})", f, st, v);
             }
-            let w = writes(&s, picks);
-            let refs: Vec<(u32, &Value)> = w.iter().map(|(f, v)| (*f, v)).collect();
-            prop_assert_eq!(parsed.patch(stamp, &refs), applied(s, stamp, &w));
+            let w = writes(&s, stamp, picks);
+            let ids = s.fields.iter().map(|(f, _, _)| *f).chain(w.iter().map(|(f, _, _)| *f));
+            for f in ids {
+                prop_assert_eq!(parsed.field_stamp(f), s.field(f).map(|(st, _)| st));
+            }
+            let refs: Vec<(u32, Stamp, &Value)> = w.iter().map(|(f, st, v)| (*f, *st, v)).collect();
+            prop_assert_eq!(parsed.patch(&refs), applied(s, &w));
         }
 
         /// Damaged rows: wherever decoding succeeds, parsing agrees with it; never a panic.
@@ -734,8 +754,8 @@ mod tests {
             if let Ok(decoded) = decode(bytes) {
                 prop_assert_eq!(live.expect("is_live"), decoded.is_live());
                 if let Some(p) = parsed.expect("parse") {
-                    let w = vec![(7u32, v)];
-                    prop_assert_eq!(p.patch(stamp, &[(7, &w[0].1)]), applied(decoded, stamp, &w));
+                    let w = vec![(7u32, stamp, v)];
+                    prop_assert_eq!(p.patch(&[(7, stamp, &w[0].2)]), applied(decoded, &w));
                 }
             }
         }

@@ -1601,6 +1601,28 @@ impl Before {
     }
 }
 
+/// Fields (by name id) and their values, all written at one stamp: a write-ahead patch.
+type StampedFields = (Stamp, Vec<(u32, Value)>);
+
+impl Pending {
+    /// Moves the unapplied remote writes into `after`, for paths that need the whole state.
+    fn settle(&mut self) -> Result<()> {
+        if self.remote.is_empty() {
+            return Ok(());
+        }
+        let mut state = match (self.after.take(), &self.before) {
+            (Some(after), _) => after,
+            (None, Some(before)) => before.state()?.clone(),
+            (None, None) => ObjectState::default(),
+        };
+        for (f, s, v) in self.remote.drain(..) {
+            state.apply_field(f, s, v);
+        }
+        self.after = Some(state);
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     coll: u32,
@@ -1610,6 +1632,10 @@ struct Pending {
     op: Option<NetOp>,
     /// The state after merging remote writes in this transaction (local calls apply on top).
     after: Option<ObjectState<u32>>,
+    /// Remote field writes that won against a live row, not yet applied: `(field, stamp,
+    /// value)` sorted by field, one per field. Kept apart so commit can patch the row's
+    /// bytes; only while `op` and `after` are `None` ([`Pending::settle`] folds them in).
+    remote: Vec<(u32, Stamp, Value)>,
     /// Remove the row instead of writing it (the object left this client's view).
     purge: bool,
 }
@@ -1706,8 +1732,18 @@ impl<'s> WriteTx<'s> {
         Ok(id)
     }
 
-    /// Loads the object into `pending` (once) and returns its key.
+    /// Loads the object into `pending` (once), with any remote writes merged into `after`,
+    /// and returns its key.
     fn load(&mut self, coll: &str, pk: &Pk) -> Result<Vec<u8>> {
+        let key = self.load_unsettled(coll, pk)?;
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.settle()?;
+        }
+        Ok(key)
+    }
+
+    /// [`WriteTx::load`] leaving remote writes in `Pending::remote`.
+    fn load_unsettled(&mut self, coll: &str, pk: &Pk) -> Result<Vec<u8>> {
         pk.validate()?;
         let cid = self.intern(NameKind::Collection, coll)?;
         let key = object_key(cid, pk);
@@ -1751,6 +1787,7 @@ impl<'s> WriteTx<'s> {
                     before,
                     op: None,
                     after: None,
+                    remote: Vec::new(),
                     purge: false,
                 },
             );
@@ -2096,7 +2133,10 @@ impl<'s> WriteTx<'s> {
             self.new_names.truncate(mark);
             let names_len = self.store.names().by_id.len() + mark;
             self.pending.retain(|_, p| {
-                p.op.is_some() || p.after.is_some() || (p.coll as usize) < names_len
+                p.op.is_some()
+                    || p.after.is_some()
+                    || !p.remote.is_empty()
+                    || (p.coll as usize) < names_len
             });
         }
         r
@@ -2104,7 +2144,7 @@ impl<'s> WriteTx<'s> {
 
     /// Merges one remote write into the transaction.
     fn merge_remote(&mut self, w: &Write, stamp: Stamp, report: &mut ImportReport) -> Result<()> {
-        let key = self.load(&w.collection, &w.pk)?;
+        let key = self.load_unsettled(&w.collection, &w.pk)?;
         let mut field_ids = Vec::new();
         match &w.op {
             Op::Insert { fields } => {
@@ -2122,6 +2162,35 @@ impl<'s> WriteTx<'s> {
         let Some(p) = self.pending.get_mut(&key) else {
             return Ok(());
         };
+        // An update of a live row with nothing else pending (the common case): keep the
+        // winning writes apart, judged against the row's stamps without decoding it, so
+        // commit patches the row's bytes.
+        if let (Op::Update { fields }, None, None, Some(before)) =
+            (&w.op, &p.op, &p.after, &p.before)
+        {
+            if let Some(parsed) = row::parse(&before.row)?.filter(row::Parsed::is_live) {
+                let floor = parsed.floor();
+                for (fw, &id) in fields.iter().zip(&field_ids) {
+                    let at = p.remote.binary_search_by_key(&id, |(f, _, _)| *f);
+                    let current = match at {
+                        Ok(i) => Some(p.remote[i].1),
+                        Err(_) => parsed.field_stamp(id),
+                    };
+                    if stamp < floor || current.is_some_and(|c| c >= stamp) {
+                        report.stale += 1;
+                        continue;
+                    }
+                    let write = (id, stamp, fw.value.clone());
+                    match at {
+                        Ok(i) => p.remote[i] = write,
+                        Err(i) => p.remote.insert(i, write),
+                    }
+                    report.applied += 1;
+                }
+                return Ok(());
+            }
+        }
+        p.settle()?;
         let mut state = match (p.after.take(), &p.before) {
             (Some(after), _) => after,
             (None, Some(before)) => before.state()?.clone(),
@@ -2306,7 +2375,10 @@ impl<'s> WriteTx<'s> {
 
     fn prepare(&mut self, txn: &redb::WriteTransaction) -> Result<Option<Prepared>> {
         let has_local = self.pending.values().any(|p| p.op.is_some());
-        let has_remote = self.pending.values().any(|p| p.after.is_some());
+        let has_remote = self
+            .pending
+            .values()
+            .any(|p| p.after.is_some() || !p.remote.is_empty());
         if !has_local && !has_remote && !self.raw_used {
             return Ok(None);
         }
@@ -2344,33 +2416,67 @@ impl<'s> WriteTx<'s> {
         {
             let mut objects = txn.open_table(OBJECTS)?;
             for (key, p) in &mut self.pending {
-                if p.op.is_none() && p.after.is_none() {
+                if p.op.is_none() && p.after.is_none() && p.remote.is_empty() {
                     continue;
                 }
                 let before = p.before.take();
                 let coll = view.name(p.coll)?;
-                // Local field writes to a live object, nothing merged from elsewhere (the
-                // common case): patch the row's bytes without decoding its values, and move
-                // the digest by the written fields' terms alone.
+                // Field writes to a live object, either all local or all remote (the common
+                // cases): patch the row's bytes without decoding its values, and move the
+                // digest by the written fields' terms alone.
                 let parsed = match (&before, &p.op) {
                     (Some(b), Some(NetOp::Update(_))) if p.after.is_none() && !p.purge => {
                         row::parse(&b.row)?.filter(row::Parsed::is_live)
                     }
+                    (Some(b), None) if p.after.is_none() && !p.remote.is_empty() && !p.purge => {
+                        row::parse(&b.row)?.filter(row::Parsed::is_live)
+                    }
                     _ => None,
                 };
-                // What the write-ahead record holds for the fast path: the fields, not the row.
-                let mut patch: Option<Vec<(u32, Value)>> = None;
+                // What the write-ahead record holds for the fast path: the fields by stamp,
+                // not the row.
+                let mut patch: Option<Vec<StampedFields>> = None;
                 let mut op = p.op.take();
                 let fast = match (&parsed, &mut op) {
+                    (Some(parsed), None) => {
+                        let remote = std::mem::take(&mut p.remote);
+                        let sets: Vec<(u32, Stamp, &Value)> =
+                            remote.iter().map(|(f, s, v)| (*f, *s, v)).collect();
+                        let (row, applied) = parsed.patch(&sets);
+                        drop(sets);
+                        let mut by_stamp: Vec<StampedFields> = Vec::new();
+                        for ((id, s, value), applied) in remote.into_iter().zip(applied) {
+                            if !applied {
+                                continue;
+                            }
+                            let name = view.name(id)?;
+                            if let Some((os, ov)) = parsed.field(id)? {
+                                digest.sub(&field_term(coll, &p.pk, name, os, &ov));
+                            }
+                            digest.add(&field_term(coll, &p.pk, name, s, &value));
+                            if redo.is_some() {
+                                match by_stamp.iter_mut().find(|(st, _)| *st == s) {
+                                    Some((_, fields)) => fields.push((id, value)),
+                                    None => by_stamp.push((s, vec![(id, value)])),
+                                }
+                            }
+                        }
+                        patch = Some(by_stamp);
+                        Some(row)
+                    }
                     (Some(parsed), Some(NetOp::Update(fields))) => {
                         let fields = std::mem::take(fields);
                         let mut ids = Vec::with_capacity(fields.len());
                         for name in fields.keys() {
                             ids.push(view.id(name).ok_or_else(|| corrupt("uninterned field"))?);
                         }
-                        let sets: Vec<(u32, &Value)> =
-                            ids.iter().copied().zip(fields.values()).collect();
-                        let (row, applied) = parsed.patch(stamp, &sets);
+                        let sets: Vec<(u32, Stamp, &Value)> = ids
+                            .iter()
+                            .copied()
+                            .zip(fields.values())
+                            .map(|(id, v)| (id, stamp, v))
+                            .collect();
+                        let (row, applied) = parsed.patch(&sets);
                         drop(sets);
                         let mut logged = Vec::with_capacity(fields.len());
                         let mut patched = Vec::with_capacity(fields.len());
@@ -2398,7 +2504,7 @@ impl<'s> WriteTx<'s> {
                             pk: p.pk.clone(),
                             op: Op::Update { fields: logged },
                         });
-                        patch = Some(patched);
+                        patch = Some(vec![(stamp, patched)]);
                         Some(row)
                     }
                     _ => None,
@@ -2413,6 +2519,10 @@ impl<'s> WriteTx<'s> {
                             .take()
                             .or_else(|| before.clone())
                             .unwrap_or_default();
+                        // Remote writes the fast path did not take (the row did not parse).
+                        for (f, s, v) in p.remote.drain(..) {
+                            state.apply_field(f, s, v);
+                        }
                         match op {
                             None => {}
                             Some(NetOp::Insert(fields)) => {
@@ -2481,15 +2591,17 @@ impl<'s> WriteTx<'s> {
                 };
                 if let Some(r) = &mut redo {
                     match patch {
-                        Some(fields) => {
-                            record_bytes += (key.len()
-                                + 24
-                                + fields
-                                    .iter()
-                                    .map(|(_, v)| 8 + v.size_bytes())
-                                    .sum::<usize>())
-                                as u64;
-                            r.push(Redo::Patch(key.clone(), stamp, fields));
+                        Some(by_stamp) => {
+                            for (stamp, fields) in by_stamp {
+                                record_bytes += (key.len()
+                                    + 24
+                                    + fields
+                                        .iter()
+                                        .map(|(_, v)| 8 + v.size_bytes())
+                                        .sum::<usize>())
+                                    as u64;
+                                r.push(Redo::Patch(key.clone(), stamp, fields));
+                            }
                         }
                         None => {
                             let n = (key.len() + row.as_ref().map_or(0, Vec::len)) as u64;

@@ -36,9 +36,10 @@ pub(crate) enum Redo {
     Name(u32, String),
     /// `meta`: a key and its new value.
     Meta(String, #[serde(with = "serde_bytes")] Vec<u8>),
-    /// `objects`: fields (by name id) a local update set on a live object, all at one
-    /// stamp. A tenth of the row for a one-field update of a ten-field object; replay
-    /// applies them to the row as the record's predecessor left it, which gives the same row.
+    /// `objects`: fields (by name id) set on a live object at one stamp, by a local update
+    /// or merged from remote ones (one patch per stamp). A tenth of the row for a one-field
+    /// update of a ten-field object; replay applies them to the row as the record's
+    /// predecessor left it, which gives the same row (the merge is order-free).
     Patch(
         #[serde(with = "serde_bytes")] Vec<u8>,
         Stamp,
