@@ -21,6 +21,7 @@ use workload::{
 };
 
 const RSS_CHILD: &str = "FIELDLOG_BENCH_RSS_CHILD";
+const AM_CHILD: &str = "FIELDLOG_BENCH_AUTOMERGE_CHILD";
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Columns: fieldlog, raw redb 1, raw redb 2, SQLite, automerge.
@@ -82,6 +83,62 @@ fn rss_child(engine: &str) {
     let ups = updates(&Keys::new(s.objects, Dist::Uniform), s.updates, &mut rng);
     update_all(e.as_ref(), &ups, s.batch);
     println!("{} {} {}", workload::peak_rss(), load_peak, reset);
+}
+
+/// automerge's workloads (load, both batched updates, merge), run in a child process of
+/// its own: its in-memory document of 100 k objects is a heap of small allocations, and
+/// kept in the same process it slowed the other engines' reads by about 40 %. Prints the
+/// four rates.
+fn automerge_child() {
+    let s = sizes();
+    let n = s.objects;
+    let mut rng = workload::rng(7);
+    let am = Am::new();
+    let load = rate(n, load_all(&am, n, s.batch, &mut rng));
+    let mut batched = Vec::new();
+    for dist in [Dist::Uniform, Dist::Zipfian] {
+        let ups = updates(&Keys::new(n, dist), s.updates, &mut rng);
+        batched.push(rate(s.updates, update_all(&am, &ups, s.batch)));
+    }
+    // The same remote writes the main process merges into fieldlog, applied in as many parts.
+    let merge_ups = updates(
+        &Keys::new(n, Dist::Uniform),
+        s.updates,
+        &mut workload::rng(8),
+    );
+    let am_b = am.fork();
+    update_all(&am, &merge_ups, s.batch);
+    let mut changes = am.changes_for(&am_b);
+    let per_round = changes.len().div_ceil(ROUNDS as usize);
+    let mut spent = Duration::ZERO;
+    while !changes.is_empty() {
+        let mine: Vec<_> = changes.drain(..per_round.min(changes.len())).collect();
+        let t = Instant::now();
+        am_b.apply(mine);
+        spent += t.elapsed();
+    }
+    println!(
+        "{load} {} {} {}",
+        batched[0],
+        batched[1],
+        rate(s.updates, spent)
+    );
+}
+
+/// Runs [`automerge_child`]: automerge's load, uniform and zipfian update, and merge rates.
+fn automerge_rates() -> [Option<f64>; 4] {
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .env(AM_CHILD, "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("automerge child");
+    assert!(out.status.success(), "automerge child failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rates = [None; 4];
+    for (slot, v) in rates.iter_mut().zip(text.split_whitespace()) {
+        *slot = v.parse().ok();
+    }
+    rates
 }
 
 fn rss_of(engine: &str) -> Option<f64> {
@@ -210,11 +267,10 @@ fn part(total: u32, r: u32) -> std::ops::Range<u32> {
     total * r / ROUNDS..total * (r + 1) / ROUNDS
 }
 
-/// Runs `f` for every engine that takes part, `ROUNDS` times, in rotating order; returns
-/// `total / time` per engine.
+/// Runs `f` for every engine present (automerge runs in its own process), `ROUNDS` times,
+/// in rotating order; returns `total / time` per engine.
 fn rounds(
-    engines: &[&dyn Engine; COLS],
-    takes_part: [bool; COLS],
+    engines: &[Option<&dyn Engine>; COLS],
     total: u32,
     what: &str,
     mut prepare: impl FnMut(u32) -> Box<dyn std::any::Any>,
@@ -226,14 +282,14 @@ fn rounds(
         let input = prepare(r);
         for k in 0..COLS {
             let i = (k + r as usize) % COLS;
-            if takes_part[i] {
-                spent[i] += f(i, engines[i], input.as_ref());
+            if let Some(e) = engines[i] {
+                spent[i] += f(i, e, input.as_ref());
             }
         }
     }
     let mut out = [None; COLS];
     for i in 0..COLS {
-        if takes_part[i] {
+        if engines[i].is_some() {
             out[i] = Some(rate(total, spent[i]));
         }
     }
@@ -243,6 +299,10 @@ fn rounds(
 fn main() {
     if let Ok(engine) = std::env::var(RSS_CHILD) {
         rss_child(&engine);
+        return;
+    }
+    if std::env::var_os(AM_CHILD).is_some() {
+        automerge_child();
         return;
     }
     if let Ok(what) = std::env::var("FIELDLOG_BENCH_PROFILE") {
@@ -255,20 +315,24 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut lines: Vec<Line> = Vec::new();
 
+    step("automerge (a child process)");
+    let am = automerge_rates();
     let fieldlog = Fieldlog::open(dir.path());
     let raw = RawRedb::open(dir.path(), false);
     let raw_log = RawRedb::open(dir.path(), true);
     let sqlite = Sqlite::open(dir.path());
-    let am = Am::new();
-    let engines: [&dyn Engine; COLS] = [&fieldlog, &raw, &raw_log, &sqlite, &am];
-    let all = [true; COLS];
-    let durable = [true, true, true, true, false];
+    let engines: [Option<&dyn Engine>; COLS] = [
+        Some(&fieldlog),
+        Some(&raw),
+        Some(&raw_log),
+        Some(&sqlite),
+        None,
+    ];
     let mut rng = workload::rng(7);
     let batch = s.batch as usize;
 
     let load = rounds(
         &engines,
-        all,
         n,
         &format!("load {n} objects"),
         |r| Box::new(workload::rows(part(n, r), &mut rng)),
@@ -286,7 +350,6 @@ fn main() {
         let keys = Keys::new(n, dist);
         batched.push(rounds(
             &engines,
-            all,
             s.updates,
             &format!("{} batched updates, {dist:?}", s.updates),
             |r| Box::new(updates(&keys, part(s.updates, r).len() as u32, &mut rng)),
@@ -298,13 +361,12 @@ fn main() {
     }
     step("disk sizes");
     let mut disk = [None; COLS];
-    for i in 0..4 {
-        disk[i] = Some(engines[i].disk_bytes() as f64 / MIB);
+    for (d, e) in disk.iter_mut().zip(&engines) {
+        *d = e.map(|e| e.disk_bytes() as f64 / MIB);
     }
     let keys = Keys::new(n, Dist::Uniform);
     let single = rounds(
         &engines,
-        durable,
         s.durable,
         &format!("{} durable single updates", s.durable),
         |r| Box::new(updates(&keys, part(s.durable, r).len() as u32, &mut rng)),
@@ -313,7 +375,6 @@ fn main() {
     let mut one_at_a_time = Duration::ZERO;
     let conc = rounds(
         &engines,
-        durable,
         s.threads * s.per_thread,
         &format!("{} threads x {} durable updates", s.threads, s.per_thread),
         |r| {
@@ -336,7 +397,6 @@ fn main() {
     let one_at_a_time = rate(s.threads * s.per_thread, one_at_a_time);
     let reads = rounds(
         &engines,
-        durable,
         s.reads,
         &format!("{} random reads", s.reads),
         |r| {
@@ -367,17 +427,10 @@ fn main() {
     let merge_ups = updates(&keys, s.updates, &mut workload::rng(8));
     pair.write(&merge_ups, s.batch);
     let mut sets = pair.produce_changesets(10);
-    let am_b = am.fork();
-    update_all(&am, &merge_ups, s.batch);
-    let mut am_changes = am.changes_for(&am_b);
-    let (sets_per_round, changes_per_round) = (
-        sets.len().div_ceil(ROUNDS as usize),
-        am_changes.len().div_ceil(ROUNDS as usize),
-    );
+    let sets_per_round = sets.len().div_ceil(ROUNDS as usize);
     let mut applied = 0;
     let merge = rounds(
         &engines,
-        all,
         s.updates,
         &format!("merge {} remote field writes", s.updates),
         |r| Box::new(r),
@@ -392,14 +445,6 @@ fn main() {
                     }
                     t.elapsed()
                 }
-                4 => {
-                    let mine: Vec<_> = am_changes
-                        .drain(..changes_per_round.min(am_changes.len()))
-                        .collect();
-                    let t = Instant::now();
-                    am_b.apply(mine);
-                    t.elapsed()
-                }
                 _ => {
                     let ups = &merge_ups[part(s.updates, r as u32).start as usize
                         ..part(s.updates, r as u32).end as usize];
@@ -409,7 +454,10 @@ fn main() {
         },
     );
     eprintln!("  fieldlog: {applied} of {} remote writes won", s.updates);
-    drop((pair, am_b));
+    drop(pair);
+    // automerge's column, from its own process.
+    let (mut load, mut merge) = (load, merge);
+    [load[4], batched[0][4], batched[1][4], merge[4]] = am;
 
     let rate_line = |w: &str, unit, v, target: &str| Line {
         workload: w.into(),
@@ -543,8 +591,8 @@ fn main() {
     ];
     println!(
         "\nYCSB-shaped: {n} objects × 10 fields × 100 B, keys user0..user{}; durable commits \
-         (fsync) unless said; automerge in memory. Each workload in {ROUNDS} rounds, engines \
-         taking turns. {} cores.\n",
+         (fsync) unless said; automerge in memory, in a process of its own. Each workload in \
+         {ROUNDS} rounds, the other engines taking turns. {} cores.\n",
         n - 1,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
