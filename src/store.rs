@@ -54,6 +54,8 @@ const META_SCHEMA_PREFIX: &str = "schema/";
 const META_COUNT_PREFIX: &str = "count/";
 const META_RESET: &str = "reset";
 const META_WAL_SEQ: &str = "wal_seq";
+/// What every commit moves (see [`Head`]); before format 5, the four rows above.
+const META_HEAD: &str = "head";
 /// During a reset: the server's state being downloaded, in the `objects` format.
 const STAGING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reset_staging");
 /// During a reset: digest and counts of the staged state.
@@ -67,10 +69,77 @@ const WAL_GROWTH: u64 = 1 << 20;
 
 /// 2: the digest sums per-field terms. 3: commits may sit in the write-ahead file (a build
 /// that reads 2 would not replay them). 4: its records may hold patches (a build that reads
-/// 3 would take one for a torn record and lose it).
-const FORMAT_VERSION: u64 = 4;
+/// 3 would take one for a torn record and lose it). 5: the log position, clock, record
+/// number and digest are one `head` row (a build that reads 4 would read stale rows).
+const FORMAT_VERSION: u64 = 5;
 /// Older formats this build opens (and upgrades).
-const FORMAT_UPGRADES: [u64; 2] = [2, 3];
+const FORMAT_UPGRADES: [u64; 3] = [2, 3, 4];
+
+/// The meta row every commit writes: the next log position, the clock's high-water mark,
+/// the number of the last write-ahead record in the database, and the state digest. One
+/// row, so a one-update commit inserts one meta row, not four.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    log_next: LogPos,
+    hlc: u64,
+    wal_seq: u64,
+    digest: Digest,
+}
+
+impl Head {
+    const BYTES: usize = 24 + 32;
+
+    fn encode(&self) -> [u8; Head::BYTES] {
+        let mut out = [0u8; Head::BYTES];
+        out[..8].copy_from_slice(&self.log_next.to_le_bytes());
+        out[8..16].copy_from_slice(&self.hlc.to_le_bytes());
+        out[16..24].copy_from_slice(&self.wal_seq.to_le_bytes());
+        out[24..].copy_from_slice(&self.digest.0);
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Head> {
+        if b.len() != Head::BYTES {
+            return Err(corrupt(format!("meta head of {} bytes", b.len())));
+        }
+        Ok(Head {
+            log_next: u64_of(&b[..8], META_HEAD)?,
+            hlc: u64_of(&b[8..16], META_HEAD)?,
+            wal_seq: u64_of(&b[16..24], META_HEAD)?,
+            digest: Digest(
+                b[24..]
+                    .try_into()
+                    .map_err(|_| corrupt("meta head digest"))?,
+            ),
+        })
+    }
+
+    /// The head row, or in a store from before format 5 the four rows it replaced.
+    fn read(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Head> {
+        if let Some(v) = meta.get(META_HEAD)? {
+            return Head::decode(v.value());
+        }
+        let get_u64 = |key: &str, default: u64| -> Result<u64> {
+            match meta.get(key)? {
+                Some(v) => u64_of(v.value(), key),
+                None => Ok(default),
+            }
+        };
+        Ok(Head {
+            log_next: get_u64(META_LOG_NEXT, 1)?,
+            hlc: get_u64(META_HLC, 0)?,
+            wal_seq: get_u64(META_WAL_SEQ, 0)?,
+            digest: match meta.get(META_DIGEST)? {
+                Some(v) => Digest(
+                    v.value()
+                        .try_into()
+                        .map_err(|_| corrupt("meta digest length"))?,
+                ),
+                None => Digest::default(),
+            },
+        })
+    }
+}
 
 /// Default size of redb's page cache: enough for hot pages, small enough to keep a
 /// client's memory modest (redb's own default is 1 GiB).
@@ -683,10 +752,7 @@ impl Store {
                 }
             }
             let replica = u64_of(replica.value(), META_REPLICA)?;
-            let after = match meta.get(META_WAL_SEQ)? {
-                Some(v) => u64_of(v.value(), META_WAL_SEQ)?,
-                None => 0,
-            };
+            let after = Head::read(&meta)?.wal_seq;
             (replica, after)
         };
         let len = usize::try_from(wal.len()?).map_err(|_| corrupt("write-ahead file size"))?;
@@ -787,24 +853,22 @@ impl Store {
                     ReplicaId(id)
                 }
             };
-            let get_u64 = |key: &str, default: u64| -> Result<u64> {
-                match meta.get(key)? {
-                    Some(v) => u64_of(v.value(), key),
-                    None => Ok(default),
-                }
+            let last_sync = match meta.get(META_LAST_SYNC)? {
+                Some(v) => u64_of(v.value(), META_LAST_SYNC)?,
+                None => 0,
             };
-            let hlc = get_u64(META_HLC, 0)?;
-            let log_next = get_u64(META_LOG_NEXT, 1)?;
-            let last_sync = get_u64(META_LAST_SYNC, 0)?;
-            let wal_seq = get_u64(META_WAL_SEQ, 0)?;
-            let digest = match meta.get(META_DIGEST)? {
-                Some(v) => Digest(
-                    v.value()
-                        .try_into()
-                        .map_err(|_| corrupt("meta digest length"))?,
-                ),
-                None => Digest::default(),
-            };
+            let head = Head::read(&meta)?;
+            // From format 5 on, one row; the four it replaced go (a store upgraded here).
+            meta.insert(META_HEAD, head.encode().as_slice())?;
+            for old in [META_LOG_NEXT, META_HLC, META_WAL_SEQ, META_DIGEST] {
+                meta.remove(old)?;
+            }
+            let Head {
+                log_next,
+                hlc,
+                wal_seq,
+                digest,
+            } = head;
 
             let mut interner = Interner::default();
             for (i, row) in names.iter()?.enumerate() {
@@ -1062,7 +1126,11 @@ impl Store {
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            meta.insert(META_LOG_NEXT, next.to_le_bytes().as_slice())?;
+            let head = Head {
+                log_next: next,
+                ..Head::read(&meta)?
+            };
+            meta.insert(META_HEAD, head.encode().as_slice())?;
             meta.insert(META_LAST_SYNC, last_sync.to_le_bytes().as_slice())?;
         }
         self.finish(txn.commit().map_err(Error::from))?;
@@ -2633,12 +2701,6 @@ impl<'s> WriteTx<'s> {
                     redo = None;
                 }
             }
-            put_meta(
-                &mut meta,
-                &mut redo,
-                META_LOG_NEXT,
-                &(seq + 1).to_le_bytes(),
-            )?;
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
                 hook(&named, txn)?;
@@ -2667,17 +2729,20 @@ impl<'s> WriteTx<'s> {
             )?;
             counts.push((*cid, n));
         }
-        put_meta(
-            &mut meta,
-            &mut redo,
-            META_HLC,
-            &self.writer.hlc.high_water().to_le_bytes(),
-        )?;
-        put_meta(&mut meta, &mut redo, META_DIGEST, &digest.digest().0)?;
+        // A record's number goes into the database with its rows; a commit without one
+        // leaves the last record's.
         let wal_seq = self.writer.wal_seq + 1;
-        if redo.is_some() {
-            put_meta(&mut meta, &mut redo, META_WAL_SEQ, &wal_seq.to_le_bytes())?;
-        }
+        let head = Head {
+            log_next: seq.map_or(self.writer.log_next, |s| s + 1),
+            hlc: self.writer.hlc.high_water(),
+            wal_seq: if redo.is_some() {
+                wal_seq
+            } else {
+                self.writer.wal_seq
+            },
+            digest: digest.digest(),
+        };
+        put_meta(&mut meta, &mut redo, META_HEAD, &head.encode())?;
         drop(meta);
         let record = match redo {
             Some(rows) => Some(wal::encode(&wal::Record {
@@ -3262,7 +3327,6 @@ impl Store {
                 log.insert(*seq, bytes.as_slice())?;
             }
             let mut meta = tx.txn_ref()?.open_table(META)?;
-            meta.insert(META_LOG_NEXT, next.to_le_bytes().as_slice())?;
             meta.insert(META_LAST_SYNC, head.to_le_bytes().as_slice())?;
             meta.retain_in::<&str, _>(META_COUNT_PREFIX.."count0", |_, _| false)?;
             for (cid, n) in &counts {
@@ -3286,9 +3350,10 @@ impl Store {
             meta.insert(META_RESET, encode(&m)?.as_slice())?;
         }
         extra(&mut tx)?;
-        // `commit` writes the digest it holds; hand it the swapped-in one (and take it back
-        // if the commit fails).
+        // `commit` writes the digest and log position it holds; hand it the swapped-in ones
+        // (and take them back if the commit fails).
         let old_digest = std::mem::replace(&mut tx.writer.digest, sum);
+        let old_next = std::mem::replace(&mut tx.writer.log_next, next);
         tx.raw_used = true;
         let store = self;
         let mut writer_counts = counts;
@@ -3318,7 +3383,9 @@ impl Store {
                 Ok((report, until))
             }
             Err(e) => {
-                lock(&store.writer).digest = old_digest;
+                let mut w = lock(&store.writer);
+                w.digest = old_digest;
+                w.log_next = old_next;
                 Err(e)
             }
         }

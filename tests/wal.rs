@@ -12,6 +12,7 @@ use disk::SimDisk;
 use std::collections::BTreeMap;
 
 use fieldlog::{Durability, Options, Store, Value};
+use redb::ReadableDatabase;
 
 fn options(checkpoint_bytes: u64) -> Options {
     Options {
@@ -307,7 +308,7 @@ fn a_newer_format_is_refused_before_its_records_are_replayed() {
     );
 
     // The build that wrote them replays them.
-    set_format(&db, 4);
+    set_format(&db, 5);
     let store = open(&db, &wal, 16 << 20);
     assert_eq!(store.digest(), digest);
     assert!(store.verify_digest().expect("verify"));
@@ -545,4 +546,73 @@ fn merged_remote_updates_are_recorded_as_patches_and_survive_a_power_cut() {
         assert_eq!(field(t, "z"), Some(Value::from(format!("z{t}"))));
     }
     assert_eq!(field(2, "x"), Some(Value::from(0)));
+}
+
+/// Format 5 keeps the log position, clock, record number and digest in one `head` row; a
+/// format-4 store (four rows) opens with them, and is upgraded.
+#[test]
+fn a_format_4_store_opens_with_its_log_position_clock_and_digest() {
+    let (db, wal) = (SimDisk::new(), SimDisk::new());
+    let store = open(&db, &wal, 16 << 20);
+    for i in 0..3i64 {
+        store
+            .write(|tx| tx.insert("T", i, [("n", Value::from(i))]))
+            .expect("insert");
+    }
+    let (digest, head) = (store.digest(), store.log_head());
+    store.close().expect("close");
+
+    // Rewrite the meta table as format 4 left it.
+    let meta_def = redb::TableDefinition::<&str, &[u8]>::new("meta");
+    {
+        let redb = redb::Database::builder()
+            .create_with_backend(db.backend())
+            .expect("redb");
+        let txn = redb.begin_write().expect("begin");
+        {
+            let mut meta = txn.open_table(meta_def).expect("meta");
+            let row = meta
+                .remove("head")
+                .expect("remove")
+                .map(|r| r.value().to_vec())
+                .expect("a head row");
+            assert_eq!(row.len(), 56);
+            meta.insert("log_next", &row[..8]).expect("insert");
+            meta.insert("hlc", &row[8..16]).expect("insert");
+            meta.insert("wal_seq", &row[16..24]).expect("insert");
+            meta.insert("digest", &row[24..]).expect("insert");
+            meta.insert("format", 4u64.to_le_bytes().as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.digest(), digest);
+    assert_eq!(store.log_head(), head);
+    assert!(store.verify_digest().expect("verify"));
+    store
+        .write(|tx| tx.set("T", 1, "n", "one"))
+        .expect("update");
+    assert_eq!(store.log_head(), head + 1);
+    let digest = store.digest();
+    crash(store, &db, &wal);
+    let store = open(&db, &wal, 16 << 20);
+    assert_eq!(store.digest(), digest);
+    assert_eq!(store.log_head(), head + 1);
+    assert_eq!(value_of(&store, 1, "n"), Some(Value::from("one")));
+    store.close().expect("close");
+
+    // Upgraded: one row, and the four it replaced are gone.
+    let redb = redb::Database::builder()
+        .create_with_backend(db.backend())
+        .expect("redb");
+    let rtx = redb.begin_read().expect("read");
+    let meta = rtx.open_table(meta_def).expect("meta");
+    assert!(meta.get("head").expect("get").is_some());
+    for old in ["log_next", "hlc", "wal_seq", "digest"] {
+        assert!(meta.get(old).expect("get").is_none(), "{old} left behind");
+    }
+    let format = meta.get("format").expect("get").expect("format");
+    assert_eq!(format.value(), 5u64.to_le_bytes().as_slice());
 }
