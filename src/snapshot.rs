@@ -15,6 +15,9 @@
 //!   see it is alive, so a kept snapshot would make the file grow under a stream of
 //!   commits. Taking the writer lock drops the kept snapshot; at most one, begun before the
 //!   current write, can be kept meanwhile (as any reader running alongside it would).
+//!
+//! A reader holds its `Arc<Snapshot>` until it has finished with what it read: redb's row
+//! guards keep their page, not the read transaction (`Row` in `store.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};

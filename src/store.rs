@@ -510,8 +510,20 @@ pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     p.into()
 }
 
-/// An `objects` row as redb hands it out (it keeps its page alive).
-type RowGuard = AccessGuard<'static, &'static [u8]>;
+/// An `objects` row read from a snapshot, and the snapshot. redb's guard keeps the row's
+/// page but not its read transaction: were the snapshot's last handle dropped first, a
+/// commit could reclaim the page while the row is read (redb's debug builds assert on it).
+struct Row {
+    // Declared first, so dropped before the snapshot.
+    guard: AccessGuard<'static, &'static [u8]>,
+    _snapshot: Arc<Snapshot>,
+}
+
+impl Row {
+    fn value(&self) -> &[u8] {
+        self.guard.value()
+    }
+}
 
 fn corrupt(what: impl Into<String>) -> Error {
     Error::Corrupt { what: what.into() }
@@ -1259,15 +1271,21 @@ impl Store {
     }
 
     /// An object's row as of now, with its collection's id.
-    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(RowGuard, u32)>> {
+    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(Row, u32)>> {
         let Some(cid) = self.names().by_name.get(coll).copied() else {
             return Ok(None);
         };
-        let row = self
-            .snapshot()?
-            .objects
-            .get(object_key(cid, pk).as_slice())?;
-        Ok(row.map(|r| (r, cid)))
+        let snapshot = self.snapshot()?;
+        let guard = snapshot.objects.get(object_key(cid, pk).as_slice())?;
+        Ok(guard.map(|guard| {
+            (
+                Row {
+                    guard,
+                    _snapshot: snapshot,
+                },
+                cid,
+            )
+        }))
     }
 
     fn read_state(&self, coll: &str, pk: &Pk) -> Result<Option<(ObjectState<u32>, u32)>> {
@@ -3646,6 +3664,42 @@ mod tests {
 
     fn n(store: &Store, pk: i64) -> Option<Value> {
         store.get_field("T", pk, "n").expect("get").map(|(v, _)| v)
+    }
+
+    /// A row read from a snapshot keeps that snapshot's read transaction, even once the
+    /// snapshot is no longer the kept one: durable commits that rewrite the row's page
+    /// cannot reclaim it meanwhile (redb's debug builds assert if they do).
+    #[test]
+    fn a_row_being_read_keeps_its_page_from_being_reclaimed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open_with(
+            dir.path().join("s.redb"),
+            Options {
+                // Every commit a durable redb one, which reclaims freed pages after it.
+                checkpoint_bytes: 0,
+                ..Options::default()
+            },
+        )
+        .expect("open");
+        store
+            .write(|tx| tx.insert("T", 1, [("n", "old")]))
+            .expect("insert");
+        let (row, _) = store
+            .read_row("T", &Pk::Int(1))
+            .expect("read")
+            .expect("row");
+        // As when a newer snapshot replaces it and the reader holds the last handle.
+        store.snapshots.writer_locked();
+        for i in 0..4i64 {
+            store
+                .write(|tx| tx.set("T", 1, "n", i))
+                .expect("a commit that rewrites the row's page");
+        }
+        let state = decode_state(row.value()).expect("the row as it was read");
+        assert_eq!(state.fields.len(), 1);
+        assert_eq!(state.fields[0].2, Value::from("old"));
+        drop(row);
+        assert_eq!(n(&store, 1), Some(Value::from(3)));
     }
 
     #[test]
