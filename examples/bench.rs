@@ -187,14 +187,17 @@ fn profile(what: &str) {
         f();
         eprintln!("profiled part: {:.2?}", t.elapsed());
     }
-    let objects: u32 = std::env::var("FIELDLOG_BENCH_PROFILE_OBJECTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let count: u32 = std::env::var("FIELDLOG_BENCH_PROFILE_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if what == "durable" { 300 } else { 20_000 });
+    let env_u32 = |name: &str, default: u32| -> u32 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let objects = env_u32("FIELDLOG_BENCH_PROFILE_OBJECTS", 10_000);
+    let count = env_u32(
+        "FIELDLOG_BENCH_PROFILE_N",
+        if what == "durable" { 300 } else { 20_000 },
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = workload::rng(7);
     let keys = Keys::new(objects, Dist::Uniform);
@@ -228,10 +231,7 @@ fn profile(what: &str) {
             let e = Fieldlog::open(dir.path());
             load_all(&e, objects, 1_000, &mut rng);
             if what == "read" {
-                let n: u32 = std::env::var("FIELDLOG_BENCH_PROFILE_UPDATES")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2 * objects);
+                let n = env_u32("FIELDLOG_BENCH_PROFILE_UPDATES", 2 * objects);
                 for dist in [Dist::Uniform, Dist::Zipfian] {
                     let ups = updates(&Keys::new(objects, dist), n, &mut rng);
                     update_all(&e, &ups, 1_000);

@@ -212,11 +212,7 @@ pub(crate) fn is_live(bytes: &[u8]) -> Result<bool> {
         return Ok(decode(bytes)?.is_live());
     }
     let mut r = Reader { b: bytes, at: 1 };
-    let n = r.len()?;
-    if n > (bytes.len() - r.at) / 16 {
-        return Err(r.bad("stamp count"));
-    }
-    r.take(n * 16)?;
+    r.stamp_table()?;
     Ok(match r.byte()? {
         0 | 1 => false,
         2 => true,
@@ -251,15 +247,14 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Option<Parsed<'_>>> {
         return Ok(None);
     }
     let mut r = Reader { b: bytes, at: 1 };
-    let n = r.len()?;
-    if n > (bytes.len() - r.at) / 16 {
-        return Err(r.bad("stamp count"));
-    }
+    let table = r.stamp_table()?;
+    let n = table.len() / 16;
+    let mut t = Reader { b: table, at: 0 };
     let mut stamps = Vec::with_capacity(n);
     for _ in 0..n {
         stamps.push(Stamp {
-            time: r.fixed_u64()?,
-            replica: ReplicaId(r.fixed_u64()?),
+            time: t.fixed_u64()?,
+            replica: ReplicaId(t.fixed_u64()?),
         });
     }
     let index = |r: &mut Reader| -> Result<usize> {
@@ -513,6 +508,15 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// The row's stamp table: a count, then 16 bytes a stamp (left undecoded).
+    fn stamp_table(&mut self) -> Result<&'a [u8]> {
+        let n = self.len()?;
+        if n > (self.b.len() - self.at) / 16 {
+            return Err(self.bad("stamp count"));
+        }
+        self.take(n * 16)
+    }
+
     /// The stamp-table layout up to its fields: the stamp table (left in place, 16 bytes
     /// a stamp, read by [`Reader::stamp_at`]), the existence and the floor.
     #[expect(
@@ -520,11 +524,7 @@ impl<'a> Reader<'a> {
         reason = "a private tuple, named where it is taken"
     )]
     fn head_v2(&mut self) -> Result<(&'a [u8], Option<(Stamp, bool)>, Stamp)> {
-        let n = self.len()?;
-        if n > (self.b.len() - self.at) / 16 {
-            return Err(self.bad("stamp count"));
-        }
-        let stamps = self.take(n * 16)?;
+        let stamps = self.stamp_table()?;
         let exists = match self.byte()? {
             0 => None,
             t @ (1 | 2) => Some((self.stamp_at(stamps)?, t == 2)),

@@ -106,11 +106,7 @@ impl Head {
             log_next: u64_of(&b[..8], META_HEAD)?,
             hlc: u64_of(&b[8..16], META_HEAD)?,
             wal_seq: u64_of(&b[16..24], META_HEAD)?,
-            digest: Digest(
-                b[24..]
-                    .try_into()
-                    .map_err(|_| corrupt("meta head digest"))?,
-            ),
+            digest: digest_of(&b[24..], META_HEAD)?,
         })
     }
 
@@ -119,24 +115,11 @@ impl Head {
         if let Some(v) = meta.get(META_HEAD)? {
             return Head::decode(v.value());
         }
-        let get_u64 = |key: &str, default: u64| -> Result<u64> {
-            match meta.get(key)? {
-                Some(v) => u64_of(v.value(), key),
-                None => Ok(default),
-            }
-        };
         Ok(Head {
-            log_next: get_u64(META_LOG_NEXT, 1)?,
-            hlc: get_u64(META_HLC, 0)?,
-            wal_seq: get_u64(META_WAL_SEQ, 0)?,
-            digest: match meta.get(META_DIGEST)? {
-                Some(v) => Digest(
-                    v.value()
-                        .try_into()
-                        .map_err(|_| corrupt("meta digest length"))?,
-                ),
-                None => Digest::default(),
-            },
+            log_next: meta_u64(meta, META_LOG_NEXT, 1)?,
+            hlc: meta_u64(meta, META_HLC, 0)?,
+            wal_seq: meta_u64(meta, META_WAL_SEQ, 0)?,
+            digest: meta_digest(meta, META_DIGEST)?,
         })
     }
 }
@@ -536,6 +519,50 @@ fn u64_of(bytes: &[u8], what: &str) -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// Moves `sum` from a field's old term (if it had a value) to its new one: the field `name`
+/// of object `pk` in collection `coll`.
+fn replace_term(
+    sum: &mut DigestSum,
+    (coll, pk, name): (&str, &Pk, &str),
+    old: Option<&(Stamp, Value)>,
+    (stamp, value): (Stamp, &Value),
+) {
+    if let Some((s, v)) = old {
+        sum.sub(&field_term(coll, pk, name, *s, v));
+    }
+    sum.add(&field_term(coll, pk, name, stamp, value));
+}
+
+fn digest_of(bytes: &[u8], what: &str) -> Result<Digest> {
+    bytes
+        .try_into()
+        .map(Digest)
+        .map_err(|_| corrupt(format!("meta {what}: {} bytes", bytes.len())))
+}
+
+/// A meta row's number, or `default` if the row is absent.
+fn meta_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    default: u64,
+) -> Result<u64> {
+    match meta.get(key)? {
+        Some(v) => u64_of(v.value(), key),
+        None => Ok(default),
+    }
+}
+
+/// A meta row's digest, or the empty one if the row is absent.
+fn meta_digest(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Digest> {
+    match meta.get(key)? {
+        Some(v) => digest_of(v.value(), key),
+        None => Ok(Digest::default()),
+    }
+}
+
 fn object_key(coll: u32, pk: &Pk) -> Vec<u8> {
     let mut k = Vec::with_capacity(24);
     k.extend_from_slice(&coll.to_be_bytes());
@@ -865,10 +892,7 @@ impl Store {
                     ReplicaId(id)
                 }
             };
-            let last_sync = match meta.get(META_LAST_SYNC)? {
-                Some(v) => u64_of(v.value(), META_LAST_SYNC)?,
-                None => 0,
-            };
+            let last_sync = meta_u64(&meta, META_LAST_SYNC, 0)?;
             let head = Head::read(&meta)?;
             // From format 5 on, one row; the four it replaced go (a store upgraded here).
             meta.insert(META_HEAD, head.encode().as_slice())?;
@@ -1691,16 +1715,22 @@ impl Before {
 type StampedFields = (Stamp, Vec<(u32, Value)>);
 
 impl Pending {
+    /// The state after what was merged so far (taken out of `after`, or copied from the
+    /// row as read), to merge more into.
+    fn take_state(&mut self) -> Result<ObjectState<u32>> {
+        Ok(match (self.after.take(), &self.before) {
+            (Some(after), _) => after,
+            (None, Some(before)) => before.state()?.clone(),
+            (None, None) => ObjectState::default(),
+        })
+    }
+
     /// Moves the unapplied remote writes into `after`, for paths that need the whole state.
     fn settle(&mut self) -> Result<()> {
         if self.remote.is_empty() {
             return Ok(());
         }
-        let mut state = match (self.after.take(), &self.before) {
-            (Some(after), _) => after,
-            (None, Some(before)) => before.state()?.clone(),
-            (None, None) => ObjectState::default(),
-        };
+        let mut state = self.take_state()?;
         for (f, s, v) in self.remote.drain(..) {
             state.apply_field(f, s, v);
         }
@@ -2277,11 +2307,7 @@ impl<'s> WriteTx<'s> {
             }
         }
         p.settle()?;
-        let mut state = match (p.after.take(), &p.before) {
-            (Some(after), _) => after,
-            (None, Some(before)) => before.state()?.clone(),
-            (None, None) => ObjectState::default(),
-        };
+        let mut state = p.take_state()?;
         let mut count = |o: Outcome| match o {
             Outcome::Applied => report.applied += 1,
             Outcome::Stale => report.stale += 1,
@@ -2510,13 +2536,15 @@ impl<'s> WriteTx<'s> {
                 // Field writes to a live object, either all local or all remote (the common
                 // cases): patch the row's bytes without decoding its values, and move the
                 // digest by the written fields' terms alone.
-                let parsed = match (&before, &p.op) {
-                    (Some(b), Some(NetOp::Update(_))) if p.after.is_none() && !p.purge => {
-                        row::parse(&b.row)?.filter(row::Parsed::is_live)
-                    }
-                    (Some(b), None) if p.after.is_none() && !p.remote.is_empty() && !p.purge => {
-                        row::parse(&b.row)?.filter(row::Parsed::is_live)
-                    }
+                let patchable = p.after.is_none()
+                    && !p.purge
+                    && match &p.op {
+                        Some(NetOp::Update(_)) => true,
+                        None => !p.remote.is_empty(),
+                        _ => false,
+                    };
+                let parsed = match &before {
+                    Some(b) if patchable => row::parse(&b.row)?.filter(row::Parsed::is_live),
                     _ => None,
                 };
                 // What the write-ahead record holds for the fast path: the fields by stamp,
@@ -2535,11 +2563,9 @@ impl<'s> WriteTx<'s> {
                             if !applied {
                                 continue;
                             }
-                            let name = view.name(id)?;
-                            if let Some((os, ov)) = parsed.field(id)? {
-                                digest.sub(&field_term(coll, &p.pk, name, os, &ov));
-                            }
-                            digest.add(&field_term(coll, &p.pk, name, s, &value));
+                            let old = parsed.field(id)?;
+                            let term = (coll, &p.pk, view.name(id)?);
+                            replace_term(&mut digest, term, old.as_ref(), (s, &value));
                             if redo.is_some() {
                                 match by_stamp.iter_mut().find(|(st, _)| *st == s) {
                                     Some((_, fields)) => fields.push((id, value)),
@@ -2571,10 +2597,8 @@ impl<'s> WriteTx<'s> {
                         {
                             let old = parsed.field(id)?;
                             if applied {
-                                if let Some((s, v)) = &old {
-                                    digest.sub(&field_term(coll, &p.pk, &name, *s, v));
-                                }
-                                digest.add(&field_term(coll, &p.pk, &name, stamp, &value));
+                                let term = (coll, &p.pk, name.as_str());
+                                replace_term(&mut digest, term, old.as_ref(), (stamp, &value));
                                 if redo.is_some() {
                                     patched.push((id, value.clone()));
                                 }
@@ -2916,11 +2940,7 @@ impl Store {
                 fields,
             };
             if let Some(p) = tx.pending.get_mut(&key) {
-                let mut state = match (p.after.take(), &p.before) {
-                    (Some(after), _) => after,
-                    (None, Some(before)) => before.state()?.clone(),
-                    (None, None) => ObjectState::default(),
-                };
+                let mut state = p.take_state()?;
                 if state.merge_state(incoming) {
                     changed += 1;
                 }
@@ -3422,12 +3442,7 @@ impl Store {
 }
 
 fn staged_digest(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<DigestSum> {
-    Ok(match meta.get(META_DIGEST)? {
-        Some(v) => DigestSum::from_digest(Digest(
-            v.value().try_into().map_err(|_| corrupt("staged digest"))?,
-        )),
-        None => DigestSum::default(),
-    })
+    Ok(DigestSum::from_digest(meta_digest(meta, META_DIGEST)?))
 }
 
 fn bump_count(
@@ -3436,10 +3451,7 @@ fn bump_count(
     by: u64,
 ) -> Result<()> {
     let key = format!("{META_COUNT_PREFIX}{cid}");
-    let n = match meta.get(key.as_str())? {
-        Some(v) => u64_of(v.value(), "staged count")?,
-        None => 0,
-    };
+    let n = meta_u64(&*meta, &key, 0)?;
     meta.insert(key.as_str(), (n + by).to_le_bytes().as_slice())?;
     Ok(())
 }
