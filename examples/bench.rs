@@ -172,7 +172,7 @@ fn sizes() -> Sizes {
     }
 }
 
-/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|merge|read|recovery` runs only
+/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|concurrent|merge|read|recovery` runs only
 /// fieldlog's part, with the measured work inside `profiled` (e.g. valgrind's
 /// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
 /// the number of writes (default 20,000; durable: 300), `FIELDLOG_BENCH_PROFILE_OBJECTS` the
@@ -196,7 +196,11 @@ fn profile(what: &str) {
     let objects = env_u32("FIELDLOG_BENCH_PROFILE_OBJECTS", 10_000);
     let count = env_u32(
         "FIELDLOG_BENCH_PROFILE_N",
-        if what == "durable" { 300 } else { 20_000 },
+        match what {
+            "durable" => 300,
+            "concurrent" => 4_000,
+            _ => 20_000,
+        },
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = workload::rng(7);
@@ -247,12 +251,28 @@ fn profile(what: &str) {
                 "durable" => {
                     update_all(&e, &ups, 1);
                 }
+                "concurrent" => {
+                    let work: Vec<Vec<Upd>> = ups
+                        .chunks(ups.len().div_ceil(8))
+                        .map(<[Upd]>::to_vec)
+                        .collect();
+                    let alone = concurrent_one_at_a_time(&e, &work);
+                    let together = concurrent(&e, &work);
+                    eprintln!(
+                        "concurrent: 8 writers {:.0}/s, one at a time {:.0}/s ({:.2} x)",
+                        rate(count, together),
+                        rate(count, alone),
+                        alone.as_secs_f64() / together.as_secs_f64()
+                    );
+                }
                 "read" => {
                     for &o in &reads {
                         std::hint::black_box(e.read(o));
                     }
                 }
-                _ => panic!("FIELDLOG_BENCH_PROFILE: batch, durable, merge, read or recovery"),
+                _ => panic!(
+                    "FIELDLOG_BENCH_PROFILE: batch, durable, concurrent, merge, read or recovery"
+                ),
             });
         }
     }

@@ -385,6 +385,12 @@ pub struct Store {
     db: Database,
     /// The write-ahead file, if the store has one (see `wal.rs`).
     wal: Option<Box<dyn StorageBackend>>,
+    /// Records appended but not yet written (see [`wal::Tail`]); taken by whoever writes.
+    wal_tail: Mutex<wal::Tail>,
+    /// Held while writing the tail to the file, so that nothing (a batch about to commit,
+    /// a failed batch zeroing a record, a checkpoint restarting the file) comes between
+    /// taking it and writing it; `true` once a write has failed.
+    wal_write: Mutex<bool>,
     /// The file, if the store has one (a reset backs it up).
     path: Option<std::path::PathBuf>,
     replica: ReplicaId,
@@ -409,12 +415,15 @@ pub struct Store {
     waiting: AtomicUsize,
 }
 
-/// Commits are numbered in redb order; a durable commit makes every earlier one durable.
+/// Commits are numbered in redb order, write-ahead records by their sequence number; a
+/// durable commit makes every earlier one durable, a sync of the write-ahead file every
+/// record appended before it.
 #[derive(Debug, Default)]
 struct GroupCommit {
     /// Commits made so far.
     committed: u64,
-    /// Every commit up to this one is on stable storage.
+    /// Every commit (with a write-ahead file: every record) up to this one is on stable
+    /// storage.
     durable: u64,
     /// A leader is making a durable commit.
     flushing: bool,
@@ -859,7 +868,7 @@ impl Store {
             None => 0,
         };
         let txn = db.begin_write()?;
-        let (replica, writer, visible, interner, schemas) = {
+        let (replica, writer, visible, interner, schemas, wal_seq) = {
             let mut meta = txn.open_table(META)?;
             txn.open_table(OBJECTS)?;
             txn.open_table(LOG)?;
@@ -941,13 +950,16 @@ impl Store {
                 wal_len,
             };
             let visible = writer.visible();
-            (replica, writer, visible, interner, schemas)
+            (replica, writer, visible, interner, schemas, wal_seq)
         };
         txn.commit()?;
+        let durable = if wal.is_some() { wal_seq } else { 0 };
         Ok(Store {
             snapshots: Snapshots::default(),
             db,
             wal,
+            wal_tail: Mutex::new(wal::Tail::new(wal_seq)),
+            wal_write: Mutex::new(false),
             path: None,
             replica,
             options,
@@ -957,15 +969,31 @@ impl Store {
             batch: Mutex::new(None),
             visible: Mutex::new(visible),
             poisoned: AtomicBool::new(false),
-            group: Mutex::new(GroupCommit::default()),
+            group: Mutex::new(GroupCommit {
+                // Every record so far is in the database, durably (without a write-ahead
+                // file, `durable` counts commits).
+                durable,
+                ..GroupCommit::default()
+            }),
             group_done: Condvar::new(),
             waiting: AtomicUsize::new(0),
         })
     }
 
-    /// Blocks until commit number `seq` is on stable storage. One waiter at a time leads:
-    /// it makes an empty durable commit, which makes every earlier commit durable, and
-    /// wakes everyone it covered. A failed flush fails every waiter it would have covered.
+    /// How far a flush begun now reaches: the last record appended with a write-ahead
+    /// file, else the last commit.
+    fn flush_target(&self, g: &GroupCommit) -> u64 {
+        if self.wal.is_some() {
+            lock(&self.wal_tail).seq()
+        } else {
+            g.committed
+        }
+    }
+
+    /// Blocks until commit number `seq` (with a write-ahead file: record number `seq`) is on
+    /// stable storage. One waiter at a time leads: it syncs the write-ahead file (or makes an
+    /// empty durable commit, which makes every earlier commit durable), and wakes everyone it
+    /// covered. A failed flush fails every waiter it would have covered.
     fn wait_durable(&self, seq: u64) -> Result<()> {
         let mut g = lock(&self.group);
         loop {
@@ -988,14 +1016,14 @@ impl Store {
         drop(g);
         let r = (|| {
             if let Some(wal) = &self.wal {
-                // Every commit numbered up to `target` has appended its record (or is
-                // durable by itself): one sync covers them, while others keep appending.
-                let target = lock(&self.group).committed;
+                // One write and one sync cover every record appended so far, while others
+                // keep appending.
+                let target = self.write_tail(wal.as_ref())?;
                 wal.sync_data().map_err(redb::Error::from)?;
                 return Ok(target);
             }
             let _w = self.lock_writer()?;
-            let target = lock(&self.group).committed;
+            let target = self.flush_target(&lock(&self.group));
             let txn = self.db.begin_write()?;
             txn.commit()?;
             Ok::<_, Error>(target)
@@ -1017,6 +1045,35 @@ impl Store {
         out
     }
 
+    /// Writes the records appended so far to the write-ahead file (without syncing it);
+    /// returns the last one's number. A failed write poisons the store (a record missing
+    /// from the file would end the replay there, losing every later one), and every later
+    /// call fails: the batch holding the unwritten records must never commit.
+    fn write_tail(&self, wal: &dyn StorageBackend) -> Result<u64> {
+        let mut failed = lock(&self.wal_write);
+        if *failed {
+            return Err(Error::Poisoned);
+        }
+        let (at, bytes, seq) = lock(&self.wal_tail).take();
+        if !bytes.is_empty() {
+            if let Err(e) = wal.write(at, &bytes) {
+                *failed = true;
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(redb::Error::from(e).into());
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Restarts the write-ahead file after a durable redb commit, which made every record
+    /// so far durable in the database: the unwritten ones are dropped, and the next record
+    /// goes at the file's start.
+    fn restart_wal(&self, writer: &mut Writer) {
+        let _w = lock(&self.wal_write);
+        lock(&self.wal_tail).discard();
+        writer.wal_at = 0;
+    }
+
     /// Commits the open batch, if any (without fsync: its members' records are in the
     /// write-ahead file), and tells its members. A failure poisons the store and zeroes the
     /// first member's record, so that none of them is replayed.
@@ -1033,6 +1090,14 @@ impl Store {
         let Some(Batch { txn, members }) = slot.take() else {
             return Ok(());
         };
+        // Nothing is visible before its record is in the file: a commit whose record could
+        // not be written leaves no trace (the syncs usually wrote them already).
+        if let Some(wal) = &self.wal {
+            if let Err(e) = self.write_tail(wal.as_ref()) {
+                self.abandon_batch(&members, &e.to_string());
+                return Err(e);
+            }
+        }
         if let Err(e) = txn.commit() {
             let e = Error::from(e);
             self.abandon_batch(&members, &e.to_string());
@@ -1055,7 +1120,10 @@ impl Store {
     fn abandon_batch(&self, members: &Members, why: &str) {
         self.poisoned.store(true, Ordering::SeqCst);
         if let Some(wal) = &self.wal {
-            let _ = wal.write(members.first_record_at, &[0u8; 4]);
+            let _w = lock(&self.wal_write);
+            if !lock(&self.wal_tail).zero_length_at(members.first_record_at) {
+                let _ = wal.write(members.first_record_at, &[0u8; 4]);
+            }
         }
         members.outcome.set(Err(why.to_owned()));
     }
@@ -1096,10 +1164,11 @@ impl Store {
         txn.commit()?;
         {
             let mut g = lock(&self.group);
-            g.durable = g.committed;
+            g.durable = self.flush_target(&g);
         }
-        writer.wal_at = 0;
+        self.restart_wal(writer);
         if let (Some(wal), true) = (&self.wal, truncate) {
+            let _w = lock(&self.wal_write);
             wal.set_len(0).map_err(redb::Error::from)?;
             wal.sync_data().map_err(redb::Error::from)?;
             writer.wal_len = 0;
@@ -2394,7 +2463,6 @@ impl<'s> WriteTx<'s> {
                         wal.set_len(len).map_err(redb::Error::from)?;
                         writer.wal_len = len;
                     }
-                    wal.write(at, &record).map_err(redb::Error::from)?;
                     Ok::<_, Error>(end)
                 })();
                 let end = match appended {
@@ -2408,6 +2476,7 @@ impl<'s> WriteTx<'s> {
                 };
                 writer.wal_at = end;
                 writer.wal_seq += 1;
+                lock(&store.wal_tail).push(at, &record, writer.wal_seq);
                 store.add_names(new_names);
                 writer.apply(p.digest, p.counts, p.committed.seq);
                 let mut members = joined.unwrap_or_else(|| Members {
@@ -2419,6 +2488,7 @@ impl<'s> WriteTx<'s> {
                 members.count += 1;
                 members.visible = writer.visible();
                 let mine = Arc::clone(&members.outcome);
+                let seq = writer.wal_seq;
                 *lock(&store.batch) = Some(Batch { txn, members });
                 if record.len() > BATCH_RECORD_MAX
                     || writer.wal_at >= store.options.checkpoint_bytes
@@ -2430,10 +2500,15 @@ impl<'s> WriteTx<'s> {
                 }
                 // Released with nobody waiting, the lock commits the batch (`WriterGuard`).
                 drop(writer);
-                let number = mine.wait(store)?;
+                // The sync first: it covers this record as soon as it is appended, while
+                // the writers behind this one fill the batch. A deferred commit writes its
+                // record (a process that dies keeps it; a machine that does may not).
                 if durability == Durability::Immediate {
-                    store.wait_durable(number)?;
+                    store.wait_durable(seq)?;
+                } else {
+                    store.write_tail(wal.as_ref())?;
                 }
+                mine.wait(store)?;
                 return Ok(p.committed);
             }
             let mode = match &store.wal {
@@ -2464,12 +2539,12 @@ impl<'s> WriteTx<'s> {
                 let mut g = lock(&store.group);
                 g.committed += 1;
                 if matches!(mode, Mode::Direct) {
-                    g.durable = g.committed;
+                    g.durable = store.flush_target(&g);
                 }
                 g.committed
             };
             if matches!(mode, Mode::Direct) {
-                writer.wal_at = 0;
+                store.restart_wal(&mut writer);
             }
             writer.apply(p.digest, p.counts, p.committed.seq);
             *lock(&store.visible) = writer.visible();

@@ -101,6 +101,76 @@ pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Records appended but not yet written to the file. Committing transactions append here
+/// under the writer lock; whoever syncs the file next writes them all in one call outside
+/// it, then syncs: the writer lock is not held across a system call, and eight concurrent
+/// commits cost one write and one sync, not eight writes.
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    /// Where `bytes` go in the file.
+    at: u64,
+    bytes: Vec<u8>,
+    /// The number of the last record appended, written or not.
+    seq: u64,
+}
+
+impl Tail {
+    /// An empty tail after record number `seq`.
+    pub(crate) fn new(seq: u64) -> Tail {
+        Tail {
+            seq,
+            ..Tail::default()
+        }
+    }
+
+    /// Appends record number `seq`, which goes at offset `at`: right after the one before
+    /// it, or anywhere when the tail is empty (the file restarts after a checkpoint, which
+    /// discards the tail).
+    pub(crate) fn push(&mut self, at: u64, record: &[u8], seq: u64) {
+        if self.bytes.is_empty() {
+            self.at = at;
+        }
+        debug_assert_eq!(
+            self.at + self.bytes.len() as u64,
+            at,
+            "records out of place"
+        );
+        self.bytes.extend_from_slice(record);
+        self.seq = seq;
+    }
+
+    /// The number of the last record appended.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// What is left to write, where it goes, and the number of the last record it holds
+    /// (every record up to it is then written).
+    pub(crate) fn take(&mut self) -> (u64, Vec<u8>, u64) {
+        (self.at, std::mem::take(&mut self.bytes), self.seq)
+    }
+
+    /// Forgets the unwritten records: a checkpoint has made them durable in the database.
+    pub(crate) fn discard(&mut self) {
+        self.bytes.clear();
+    }
+
+    /// Zeroes the length of the record at `at` if it is still unwritten, so that it is never
+    /// replayed (nor anything after it); `false` if it is already in the file.
+    pub(crate) fn zero_length_at(&mut self, at: u64) -> bool {
+        let Some(start) = at.checked_sub(self.at).map(|s| s as usize) else {
+            return false;
+        };
+        match self.bytes.get_mut(start..start + 4) {
+            Some(len) => {
+                len.fill(0);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The records of `file` that continue a database whose last record was `after`: records
 /// at or below `after` are skipped, then each must be the next number; the first torn,
 /// foreign or out-of-sequence record ends the list. Never fails: whatever cannot be read is
@@ -234,5 +304,39 @@ mod tests {
             .map(|i| i.wrapping_mul(2_654_435_761) as u8)
             .collect();
         assert!(replayable(&noise, 7, 0).is_empty());
+    }
+
+    #[test]
+    fn the_tail_writes_whole_records_in_file_order_and_a_zeroed_one_ends_the_replay() {
+        let (one, two, three) = (
+            encode(&rec(1)).expect("encode"),
+            encode(&rec(2)).expect("encode"),
+            encode(&rec(3)).expect("encode"),
+        );
+        let mut file = Vec::new();
+        let mut tail = Tail::new(0);
+        tail.push(0, &one, 1);
+        tail.push(one.len() as u64, &two, 2);
+        let (at, bytes, seq) = tail.take();
+        assert_eq!((at, seq), (0, 2));
+        file.extend(bytes);
+        // Written: too late to zero here; the caller zeroes it in the file.
+        assert!(!tail.zero_length_at(0));
+        let at_three = file.len() as u64;
+        tail.push(at_three, &three, 3);
+        assert_eq!(tail.seq(), 3);
+        assert!(tail.zero_length_at(at_three));
+        let (at, bytes, seq) = tail.take();
+        assert_eq!((at, seq), (at_three, 3));
+        file.extend(bytes);
+        assert_eq!(seqs(&replayable(&file, 7, 0)), vec![1, 2]);
+        // After a checkpoint the file starts again; what was never written is dropped.
+        tail.push(file.len() as u64, &encode(&rec(4)).expect("encode"), 4);
+        tail.discard();
+        let (_, bytes, seq) = tail.take();
+        assert!(bytes.is_empty());
+        assert_eq!(seq, 4);
+        tail.push(0, &encode(&rec(5)).expect("encode"), 5);
+        assert_eq!(tail.take().0, 0);
     }
 }
