@@ -5,12 +5,13 @@
 //! 1. back up the store file (copy, fsync, rename: atomic) and write a marker;
 //! 2. download the server's state (a snapshot of every object, tombstones included, with
 //!    every field's stamp) into a staging table, while the app keeps reading and writing
-//!    the old state;
-//! 3. in one transaction: replay each unsynced field write onto the staged state by the
-//!    merge rule — a write newer than the server's stamp for its field is recovered, an
-//!    older one is superseded, one the new schema cannot hold is discarded — swap the
-//!    staged state in, and append the recovered writes to the log with their original
-//!    stamps, so only they are uploaded;
+//!    the old state, replaying each unsynced field write onto its object as the object is
+//!    staged, by the merge rule — a write newer than the server's stamp for its field is
+//!    recovered, an older one is superseded, one the server's schema (sent when the reset
+//!    begins) cannot hold is discarded;
+//! 3. in one transaction: replay what is left (writes to objects the server lacks, and
+//!    what the app wrote while staging ran), swap the staged state in, and append the
+//!    recovered writes to the log with their original stamps, so only they are uploaded;
 //! 4. once the server acknowledges them, remove the backup and the marker.
 //!
 //! A crash anywhere resumes from the marker: step 2 restarts (staging is rebuilt), step 3 is
@@ -148,7 +149,9 @@ pub struct ResetReport {
     pub discarded: Vec<Discarded>,
     /// Where the backup of the store was kept (removed after success, except in `Manual`).
     pub backup: Option<PathBuf>,
-    /// How long the replay and swap transaction took (the download not included).
+    /// How long the replay took: reading the unsynced writes, replaying them onto the
+    /// server's state as its chunks were staged, and the swap transaction (the download
+    /// and the staging writes not included).
     pub replay_time: std::time::Duration,
 }
 

@@ -2917,15 +2917,77 @@ struct Prepared {
 
 // ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
 
-/// One unsynced write waiting for replay.
-struct Unreplayed {
-    /// Its object's key in the staged table.
-    key: Vec<u8>,
-    /// Its log entry (index among the unsynced entries) and its place in that entry.
-    entry: usize,
-    write: usize,
-    /// Where its decisions go in the flat list of every field write's decision.
-    slot: usize,
+/// A reset's unsynced writes, read when the reset begins (with the server's schemas, which
+/// decide what is kept) and replayed onto each staged chunk as it arrives: the staged state
+/// is written once, already replayed, instead of staged and then rewritten at the swap. What
+/// no chunk held (objects the server lacks) and what the application wrote while staging
+/// runs are replayed at the swap.
+pub(crate) struct ReplayPlan {
+    /// The unsynced entries, in log order; the swap appends those written since.
+    entries: Vec<LogEntry<u32>>,
+    /// The last log position read.
+    head: LogPos,
+    /// Writes not yet replayed, by object key, in log order: (entry, write, slot).
+    by_key: HashMap<Vec<u8>, Vec<(usize, usize, usize)>>,
+    /// Every field write's decision, in log order.
+    decisions: Vec<Option<Replay>>,
+    schemas: HashMap<String, Schema>,
+    discard: Option<&'static str>,
+    /// Why the unsynced log could not be read (recover-or-discard mode goes on without it).
+    unreadable: Option<String>,
+    /// Time spent replaying so far.
+    spent: std::time::Duration,
+}
+
+impl std::fmt::Debug for ReplayPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayPlan")
+            .field("entries", &self.entries.len())
+            .field("head", &self.head)
+            .field("objects_left", &self.by_key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplayPlan {
+    /// Adds `entries` (read after `head`), giving their writes slots for decisions.
+    fn extend(&mut self, entries: Vec<LogEntry<u32>>, head: LogPos) {
+        for e in entries {
+            let entry = self.entries.len();
+            for (write, w) in e.writes.iter().enumerate() {
+                let slot = self.decisions.len();
+                self.decisions
+                    .resize_with(slot + w.op.write_count(), || None);
+                self.by_key
+                    .entry(object_key(w.collection, &w.pk))
+                    .or_default()
+                    .push((entry, write, slot));
+            }
+            self.entries.push(e);
+        }
+        self.head = self.head.max(head);
+    }
+
+    /// Replays the writes to object `key` onto `state` (decisions recorded), if it has any.
+    fn replay_object(
+        &mut self,
+        view: &NameView<'_>,
+        key: &[u8],
+        coll: &str,
+        state: &mut ObjectState<u32>,
+    ) -> Result<bool> {
+        let Some(writes) = self.by_key.remove(key) else {
+            return Ok(false);
+        };
+        let schema = self.schemas.get(coll);
+        for (entry, write, slot) in writes {
+            let e = &self.entries[entry];
+            let w = &e.writes[write];
+            let out = &mut self.decisions[slot..slot + w.op.write_count()];
+            replay_write(view, state, e.stamp, w, schema, self.discard, out)?;
+        }
+        Ok(true)
+    }
 }
 
 /// What the swap does with one unsynced field write.
@@ -3164,7 +3226,12 @@ impl Store {
     }
 
     /// Stages a chunk of the server's state; the first chunk clears what was staged.
-    pub(crate) fn stage_snapshot(&self, objects: &[ObjectSnapshot], first: bool) -> Result<()> {
+    pub(crate) fn stage_snapshot(
+        &self,
+        objects: &[ObjectSnapshot],
+        first: bool,
+        plan: &mut ReplayPlan,
+    ) -> Result<()> {
         let mut tx = self.begin()?;
         // Other tables are written: its own transaction, committed durably.
         tx.raw()?;
@@ -3208,14 +3275,16 @@ impl Store {
         let mut table = txn.open_table(STAGING)?;
         let mut meta = txn.open_table(STAGING_META)?;
         let mut sum = staged_digest(&meta)?;
-        for (cid, o, state) in &staged {
-            if view.digest_delta(&o.collection, &o.pk, None, state, &mut sum)? > 0 {
-                bump_count(&mut meta, *cid, 1)?;
+        for (cid, o, mut state) in staged {
+            let key = object_key(cid, &o.pk);
+            let started = std::time::Instant::now();
+            if plan.replay_object(&view, &key, &o.collection, &mut state)? {
+                plan.spent += started.elapsed();
             }
-            table.insert(
-                object_key(*cid, &o.pk).as_slice(),
-                encode(state)?.as_slice(),
-            )?;
+            if view.digest_delta(&o.collection, &o.pk, None, &state, &mut sum)? > 0 {
+                bump_count(&mut meta, cid, 1)?;
+            }
+            table.insert(key.as_slice(), encode(&state)?.as_slice())?;
         }
         meta.insert(META_DIGEST, sum.digest().0.as_slice())?;
         drop((table, meta, names));
@@ -3224,74 +3293,121 @@ impl Store {
         Ok(())
     }
 
-    /// Swaps the staged server state in and replays the unsynced writes after `replay_after`
-    /// onto it, in one transaction (see `reset.rs`). `extra` runs in the same transaction.
+    /// Reads the unsynced writes a reset replays, those after `replay_after` (see
+    /// [`ReplayPlan`]); `schemas` are the server's, which decide what is kept.
+    pub(crate) fn plan_replay(
+        &self,
+        mode: ResetMode,
+        schemas: &[Schema],
+        replay_after: LogPos,
+    ) -> Result<ReplayPlan> {
+        for s in schemas {
+            s.validate()?;
+        }
+        let head = self.log_head();
+        let replay_after = replay_after.min(head);
+        let mut plan = ReplayPlan {
+            entries: Vec::new(),
+            head: replay_after,
+            by_key: HashMap::new(),
+            decisions: Vec::new(),
+            schemas: schemas
+                .iter()
+                .map(|s| (s.collection.clone(), s.clone()))
+                .collect(),
+            discard: match mode {
+                ResetMode::Manual => {
+                    Some("manual reset: the write is in the backup for the application to recover")
+                }
+                ResetMode::DiscardUnsyncedChanges => {
+                    Some("discard mode: unsynced changes are dropped")
+                }
+                _ => None,
+            },
+            unreadable: None,
+            spent: std::time::Duration::ZERO,
+        };
+        let started = std::time::Instant::now();
+        match (self.unsynced_entries(replay_after, head), mode) {
+            (Ok(entries), _) => plan.extend(entries, head),
+            (Err(e), ResetMode::RecoverOrDiscard) => plan.unreadable = Some(e.to_string()),
+            (Err(e), _) => return Err(e),
+        }
+        plan.spent += started.elapsed();
+        Ok(plan)
+    }
+
+    /// The log entries in `(after, upto]`, every name in them checked.
+    fn unsynced_entries(&self, after: LogPos, upto: LogPos) -> Result<Vec<LogEntry<u32>>> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: &[],
+        };
+        let mut out = Vec::new();
+        for row in log.range(after + 1..=upto)? {
+            let (_, v) = row?;
+            let e: LogEntry<u32> =
+                postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("log entry: {e}")))?;
+            // Kept with ids (the replay and the new log entries use them), but every name
+            // must resolve, so an unreadable log is found here.
+            for w in &e.writes {
+                view.name(w.collection)?;
+                match &w.op {
+                    Op::Insert { fields } => {
+                        for (f, _) in fields {
+                            view.name(*f)?;
+                        }
+                    }
+                    Op::Update { fields } => {
+                        for fw in fields {
+                            view.name(fw.field)?;
+                        }
+                    }
+                    Op::Delete { .. } => {}
+                }
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Swaps the staged server state in, replaying what `plan` has left (writes to objects
+    /// no chunk held, and entries written since it was made), in one transaction (see
+    /// `reset.rs`). `extra` runs in the same transaction.
     pub(crate) fn finish_reset(
         &self,
         marker: &ResetMarker,
         schemas: &[Schema],
-        replay_after: LogPos,
+        mut plan: ReplayPlan,
         extra: impl FnOnce(&mut WriteTx<'_>) -> Result<()>,
     ) -> Result<(ResetReport, LogPos)> {
         for s in schemas {
             s.validate()?;
         }
         let started = std::time::Instant::now();
-        let new_schemas: HashMap<&str, &Schema> =
-            schemas.iter().map(|s| (s.collection.as_str(), s)).collect();
         let mut tx = self.begin()?;
         // Other tables are written: its own transaction, committed durably.
         tx.raw()?;
         let head = tx.writer.log_next - 1;
-        let replay_after = replay_after.min(head);
         let mut report = ResetReport {
             reason: Some(marker.reason.clone()),
             mode: marker.mode,
             backup: marker.backup.clone(),
             ..ResetReport::default()
         };
-
-        // The unsynced entries.
-        let unsynced: Result<Vec<LogEntry<u32>>> = (|| {
-            let log = tx.txn_ref()?.open_table(LOG)?;
-            let names = self.names();
-            let view = NameView {
-                base: &names,
-                new: &[],
-            };
-            let mut out = Vec::new();
-            for row in log.range(replay_after + 1..)? {
-                let (_, v) = row?;
-                let e: LogEntry<u32> = postcard::from_bytes(v.value())
-                    .map_err(|e| corrupt(format!("log entry: {e}")))?;
-                // Kept with ids (the replay and the new log entries use them), but
-                // every name must resolve, so an unreadable log is found here.
-                for w in &e.writes {
-                    view.name(w.collection)?;
-                    match &w.op {
-                        Op::Insert { fields } => {
-                            for (f, _) in fields {
-                                view.name(*f)?;
-                            }
-                        }
-                        Op::Update { fields } => {
-                            for fw in fields {
-                                view.name(fw.field)?;
-                            }
-                        }
-                        Op::Delete { .. } => {}
-                    }
-                }
-                out.push(e);
+        // What the application wrote while staging ran (redb shows this transaction every
+        // commit made before it began).
+        if plan.unreadable.is_none() && head > plan.head {
+            match (self.unsynced_entries(plan.head, head), marker.mode) {
+                (Ok(entries), _) => plan.extend(entries, head),
+                (Err(e), ResetMode::RecoverOrDiscard) => plan.unreadable = Some(e.to_string()),
+                (Err(e), _) => return Err(e),
             }
-            Ok(out)
-        })();
-        let (unsynced, unreadable) = match (unsynced, marker.mode) {
-            (Ok(u), _) => (u, None),
-            (Err(e), ResetMode::RecoverOrDiscard) => (Vec::new(), Some(e.to_string())),
-            (Err(e), _) => return Err(e),
-        };
-        if let Some(why) = unreadable {
+        }
+        if let Some(why) = plan.unreadable.take() {
             report.discarded.push(Discarded {
                 write: UnsyncedWrite {
                     collection: String::new(),
@@ -3304,36 +3420,12 @@ impl Store {
             });
         }
 
-        // Replay object by object: each staged object is read, decoded, hashed and written
-        // once, in key order, however many unsynced writes touch it. Sorting by key, then by
-        // place in the log, keeps one object's writes in log order, and objects are
-        // independent of each other, so every write is decided exactly as replaying the log
-        // in order would.
-        let mut pending = Vec::with_capacity(unsynced.iter().map(|e| e.writes.len()).sum());
-        let mut slots = 0;
-        for (entry, e) in unsynced.iter().enumerate() {
-            for (write, w) in e.writes.iter().enumerate() {
-                pending.push(Unreplayed {
-                    key: object_key(w.collection, &w.pk),
-                    entry,
-                    write,
-                    slot: slots,
-                });
-                slots += w.op.write_count();
-            }
-        }
-        pending
-            .sort_unstable_by(|a, b| (&a.key, a.entry, a.write).cmp(&(&b.key, b.entry, b.write)));
-        let discard = match marker.mode {
-            ResetMode::Manual => {
-                Some("manual reset: the write is in the backup for the application to recover")
-            }
-            ResetMode::DiscardUnsyncedChanges => Some("discard mode: unsynced changes are dropped"),
-            _ => None,
-        };
-        // Decisions are made in key order and read back in log order.
-        let mut decisions: Vec<Option<Replay>> = Vec::new();
-        decisions.resize_with(slots, || None);
+        // What is left, object by object in key order: each staged object is read, decoded,
+        // hashed and written once however many writes touch it. One object's writes stay in
+        // log order, and objects are independent of each other, so every write is decided
+        // exactly as replaying the log in order would.
+        let mut left: Vec<Vec<u8>> = plan.by_key.keys().cloned().collect();
+        left.sort_unstable();
         let mut counts: HashMap<u32, u64> = HashMap::new();
         let mut sum;
         {
@@ -3352,39 +3444,37 @@ impl Store {
                     counts.insert(id, u64_of(v.value(), "staged count")?);
                 }
             }
-            let mut pending = pending.into_iter().peekable();
-            while let Some(first) = pending.next() {
-                let key = first.key;
+            for key in left {
+                let Some(&(entry, write, _)) = plan.by_key.get(&key).and_then(|w| w.first()) else {
+                    continue;
+                };
                 let (cid, pk) = {
-                    let w = &unsynced[first.entry].writes[first.write];
-                    (w.collection, &w.pk)
+                    let w = &plan.entries[entry].writes[write];
+                    (w.collection, w.pk.clone())
                 };
                 let coll = view.name(cid)?;
-                let schema = new_schemas.get(coll).copied();
                 let before = staging
                     .get(key.as_slice())?
                     .map(|r| decode_state(r.value()))
                     .transpose()?;
                 let mut state = before.clone().unwrap_or_default();
-                let mut next = Some((first.entry, first.write, first.slot));
-                while let Some((entry, write, slot)) = next {
-                    let e = &unsynced[entry];
-                    let w = &e.writes[write];
-                    let out = &mut decisions[slot..slot + w.op.write_count()];
-                    replay_write(&view, &mut state, e.stamp, w, schema, discard, out)?;
-                    next = pending
-                        .next_if(|u| u.key == key)
-                        .map(|u| (u.entry, u.write, u.slot));
-                }
+                plan.replay_object(&view, &key, coll, &mut state)?;
                 if before.as_ref() == Some(&state) {
                     continue;
                 }
-                let delta = view.digest_delta(coll, pk, before.as_ref(), &state, &mut sum)?;
+                let delta = view.digest_delta(coll, &pk, before.as_ref(), &state, &mut sum)?;
                 let c = counts.entry(cid).or_default();
                 *c = c.saturating_add_signed(delta);
                 staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
             }
         }
+        let ReplayPlan {
+            entries: unsynced,
+            decisions,
+            discard,
+            spent,
+            ..
+        } = plan;
 
         // Back in log order: the report lists every write where the log has it, and the
         // recovered part of each unsynced entry becomes one new entry with its stamp.
@@ -3397,7 +3487,7 @@ impl Store {
             };
             // When recovering, most unsynced writes usually are: one allocation for them.
             if discard.is_none() {
-                report.recovered.reserve(slots);
+                report.recovered.reserve(decisions.len());
             }
             let mut decisions = decisions.into_iter();
             for e in unsynced {
@@ -3489,7 +3579,7 @@ impl Store {
                     map.insert(s.collection.clone(), Arc::new(s.clone()));
                 }
                 drop(map);
-                report.replay_time = started.elapsed();
+                report.replay_time = spent + started.elapsed();
                 // The swap stands whatever happens here: a failed drop poisons the store,
                 // and the open that follows drops the table.
                 store.drop_replaced()?;

@@ -13,7 +13,7 @@ use crate::log::{LogEntry, LogPos};
 use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport};
 use crate::rules::parse;
 use crate::schema::Schema;
-use crate::store::Store;
+use crate::store::{ReplayPlan, Store};
 use crate::sync::pieces::{entry_size, join_piece, split_entry};
 use crate::sync::protocol::{
     ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
@@ -228,6 +228,15 @@ fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()
     Ok(())
 }
 
+/// A reset being staged: its marker, the unsynced writes being replayed onto each chunk,
+/// and whether the next chunk is the first.
+#[derive(Debug)]
+struct Resetting {
+    marker: ResetMarker,
+    plan: ReplayPlan,
+    first: bool,
+}
+
 /// One connection's client side.
 #[derive(Debug)]
 pub struct ClientSession {
@@ -246,8 +255,8 @@ pub struct ClientSession {
     server_version: ServerVersion,
     /// The newest Pong's id.
     pong: u64,
-    /// The reset under way on this connection: its marker and where replay starts.
-    reset: Option<(ResetMarker, LogPos, bool)>,
+    /// The reset under way on this connection.
+    reset: Option<Resetting>,
     /// Reports of finished resets, for the application.
     reports: Vec<ResetReport>,
     /// The subscription version sent on this connection.
@@ -424,6 +433,7 @@ impl ClientSession {
             ServerMsg::ResetRequired {
                 reason: ResetReason::SubscriptionsChanged,
                 uploaded,
+                schemas,
             } => {
                 // A view rebuild: the reset machinery without a backup or a report.
                 if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
@@ -437,11 +447,22 @@ impl ClientSession {
                     backup: None,
                 };
                 self.store.set_reset_marker(Some(&marker))?;
-                self.reset = Some((marker, replay_after, true));
+                let plan = self
+                    .store
+                    .plan_replay(marker.mode, &schemas, replay_after)?;
+                self.reset = Some(Resetting {
+                    marker,
+                    plan,
+                    first: true,
+                });
                 self.ready = false;
                 Ok(Vec::new())
             }
-            ServerMsg::ResetRequired { reason, uploaded } => {
+            ServerMsg::ResetRequired {
+                reason,
+                uploaded,
+                schemas,
+            } => {
                 if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
                     // Applied on the server, acknowledgement lost: not unsynced.
                     self.store.mark_synced(uploaded)?;
@@ -482,21 +503,28 @@ impl ClientSession {
                         m
                     }
                 };
-                self.reset = Some((marker, replay_after, true));
+                let plan = self
+                    .store
+                    .plan_replay(marker.mode, &schemas, replay_after)?;
+                self.reset = Some(Resetting {
+                    marker,
+                    plan,
+                    first: true,
+                });
                 self.ready = false;
                 Ok(Vec::new())
             }
             ServerMsg::Snapshot { objects, end } => {
-                let Some((marker, replay_after, first)) = self.reset.as_mut() else {
+                let Some(r) = self.reset.as_mut() else {
                     return Err(SyncError::Protocol("a snapshot outside a reset".into()));
                 };
-                self.store.stage_snapshot(&objects, *first)?;
-                *first = false;
+                self.store.stage_snapshot(&objects, r.first, &mut r.plan)?;
+                r.first = false;
                 let mut settled = None;
                 if let Some(end) = end {
-                    let (marker, replay_after) = (marker.clone(), *replay_after);
-                    self.reset = None;
-                    self.swap_in(&marker, replay_after, end)?;
+                    if let Some(r) = self.reset.take() {
+                        self.swap_in(&r.marker, r.plan, end)?;
+                    }
                     settled = Some(self.store.last_sync());
                 }
                 Ok(vec![ClientMsg::SnapshotAck { settled }])
@@ -518,7 +546,7 @@ impl ClientSession {
     fn swap_in(
         &mut self,
         marker: &ResetMarker,
-        replay_after: LogPos,
+        plan: ReplayPlan,
         end: SnapshotEnd,
     ) -> Result<(), SyncError> {
         let SnapshotEnd {
@@ -527,17 +555,15 @@ impl ClientSession {
             schemas,
             subscriptions,
         } = end;
-        let (report, _until) = self
-            .store
-            .finish_reset(marker, &schemas, replay_after, |tx| {
-                let mut t = tx.raw()?.open_table(CLIENT_SYNC)?;
-                t.insert(DOWNLOAD_CURSOR, cursor)?;
-                t.insert(SCHEMA_VERSION, schema_version)?;
-                if let Some(v) = subscriptions {
-                    t.insert(SUBSCRIPTIONS_ACKED, v)?;
-                }
-                Ok(())
-            })?;
+        let (report, _until) = self.store.finish_reset(marker, &schemas, plan, |tx| {
+            let mut t = tx.raw()?.open_table(CLIENT_SYNC)?;
+            t.insert(DOWNLOAD_CURSOR, cursor)?;
+            t.insert(SCHEMA_VERSION, schema_version)?;
+            if let Some(v) = subscriptions {
+                t.insert(SUBSCRIPTIONS_ACKED, v)?;
+            }
+            Ok(())
+        })?;
         if report.reason != Some(ResetReason::SubscriptionsChanged) {
             self.reports.push(report);
         }

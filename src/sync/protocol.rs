@@ -9,7 +9,7 @@ use crate::reset::{ObjectSnapshot, ResetReason};
 use crate::schema::Schema;
 
 /// The protocol version this build speaks; a handshake with another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A position in the server's history: it counts every change the server has accepted.
 pub type ServerVersion = u64;
@@ -200,6 +200,10 @@ pub enum ServerMsg {
         reason: ResetReason,
         /// The highest log position of this client the server has applied.
         uploaded: LogPos,
+        /// The server's schemas as of the snapshot (its end carries the same ones): they
+        /// decide which unsynced writes the reset keeps, so the client can replay them onto
+        /// each chunk as it arrives.
+        schemas: Vec<Schema>,
     },
     /// Changes for a client with a filtered view (rules or subscriptions): the current state
     /// of each changed object it may see, and the objects that left its view (removed

@@ -737,6 +737,9 @@ enum State {
         next_key: Option<Vec<u8>>,
         /// The server version when the snapshot began.
         cursor: ServerVersion,
+        /// The schemas and their version when it began: the client decided with them.
+        schemas: Vec<Schema>,
+        schema_version: u64,
         /// Chunks sent and not yet acknowledged.
         in_flight: usize,
         /// The last chunk was sent.
@@ -897,11 +900,14 @@ impl ServerSession {
                     reason = Some(ResetReason::SubscriptionsChanged);
                 }
                 if let Some(reason) = reason {
+                    let schemas = self.server.store.schemas();
                     self.state = State::Snapshotting {
                         client: replica,
                         view,
                         next_key: None,
                         cursor: server_version,
+                        schemas: schemas.clone(),
+                        schema_version: self.server.schema_version()?,
                         in_flight: 0,
                         done: false,
                     };
@@ -913,6 +919,7 @@ impl ServerSession {
                     out.push(ServerMsg::ResetRequired {
                         reason,
                         uploaded: record.uploaded,
+                        schemas,
                     });
                     out.extend(refused_subscriptions);
                     return Ok(out);
@@ -1131,15 +1138,22 @@ impl ServerSession {
             }
         };
         let uploaded = self.server.uploaded(client)?;
+        let schemas = self.server.store.schemas();
         self.state = State::Snapshotting {
             client,
             view,
             next_key: None,
             cursor: self.server.version(),
+            schemas: schemas.clone(),
+            schema_version: self.server.schema_version()?,
             in_flight: 0,
             done: false,
         };
-        Ok(Some(ServerMsg::ResetRequired { reason, uploaded }))
+        Ok(Some(ServerMsg::ResetRequired {
+            reason,
+            uploaded,
+            schemas,
+        }))
     }
 
     fn next_snapshot(&mut self) -> Result<Option<ServerMsg>> {
@@ -1147,6 +1161,8 @@ impl ServerSession {
             view,
             next_key,
             cursor,
+            schemas,
+            schema_version,
             in_flight,
             done,
             ..
@@ -1175,8 +1191,8 @@ impl ServerSession {
                 *done = true;
                 Some(SnapshotEnd {
                     cursor: *cursor,
-                    schema_version: self.server.schema_version()?,
-                    schemas: self.server.store.schemas(),
+                    schema_version: *schema_version,
+                    schemas: schemas.clone(),
                     subscriptions: view.has_subscriptions().then_some(view.version),
                 })
             }
