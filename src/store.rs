@@ -1555,6 +1555,18 @@ impl Store {
 
     /// Log entries after position `after`, at most `limit` of them.
     pub fn log_after(&self, after: LogPos, limit: usize) -> Result<Vec<LogEntry>> {
+        self.log_within(after, limit, usize::MAX)
+    }
+
+    /// Log entries after position `after`, at most `limit` of them, and no more once those
+    /// read reach `bytes` stored bytes (at least one: an upload batch; the entries it cannot
+    /// take are not decoded, which made uploading a large backlog quadratic).
+    pub(crate) fn log_within(
+        &self,
+        after: LogPos,
+        limit: usize,
+        bytes: usize,
+    ) -> Result<Vec<LogEntry>> {
         let rtx = self.db.begin_read()?;
         let table = rtx.open_table(LOG)?;
         let names = self.names();
@@ -1563,8 +1575,13 @@ impl Store {
             new: &[],
         };
         let mut out = Vec::new();
+        let mut read = 0usize;
         for row in table.range(after.saturating_add(1)..)?.take(limit) {
+            if read >= bytes && !out.is_empty() {
+                break;
+            }
             let (_, v) = row?;
+            read = read.saturating_add(v.value().len());
             let e: LogEntry<u32> =
                 postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("log entry: {e}")))?;
             out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
@@ -3846,6 +3863,30 @@ mod tests {
     /// A row read from a snapshot keeps that snapshot's read transaction, even once the
     /// snapshot is no longer the kept one: durable commits that rewrite the row's page
     /// cannot reclaim it meanwhile (redb's debug builds assert if they do).
+    #[test]
+    fn an_upload_batch_reads_entries_up_to_its_bytes_and_at_least_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        let big = "x".repeat(1000);
+        for i in 0..6i64 {
+            store
+                .write(|tx| tx.insert("T", i, [("v", big.as_str())]))
+                .expect("write");
+        }
+        let seqs = |es: Vec<LogEntry>| es.iter().map(|e| e.seq).collect::<Vec<_>>();
+        // Each entry is stored in a little over 1,000 bytes.
+        assert_eq!(
+            seqs(store.log_within(0, 256, 2_500).expect("read")),
+            [1, 2, 3]
+        );
+        assert_eq!(seqs(store.log_within(4, 256, 0).expect("read")), [5]);
+        assert_eq!(
+            seqs(store.log_within(0, 2, usize::MAX).expect("read")),
+            [1, 2]
+        );
+        assert_eq!(store.log_after(0, 256).expect("read").len(), 6);
+    }
+
     #[test]
     fn a_row_being_read_keeps_its_page_from_being_reclaimed() {
         let dir = tempfile::tempdir().expect("dir");

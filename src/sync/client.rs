@@ -659,7 +659,11 @@ impl ClientSession {
         }
         let mut batch = Vec::new();
         let mut bytes = 0;
-        for e in self.store.log_after(self.sent, 256)? {
+        // Stored entries are a little smaller than on the wire: read one batch's worth.
+        for e in self
+            .store
+            .log_within(self.sent, 256, self.config.batch_bytes)?
+        {
             let size = entry_size(&e);
             if size > self.config.batch_bytes {
                 if batch.is_empty() {
