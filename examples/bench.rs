@@ -172,7 +172,7 @@ fn sizes() -> Sizes {
     }
 }
 
-/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|concurrent|merge|read|recovery` runs only
+/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|concurrent|merge|read|recovery|sync` runs only
 /// fieldlog's part, with the measured work inside `profiled` (e.g. valgrind's
 /// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
 /// the number of writes (default 20,000; durable: 300), `FIELDLOG_BENCH_PROFILE_OBJECTS` the
@@ -220,6 +220,13 @@ fn profile(what: &str) {
                     report.recovered.len()
                 );
             }
+        }
+        "sync" => {
+            let mut rig = SyncRig::new(dir.path(), objects, 1_000);
+            let mut took = Duration::ZERO;
+            profiled(&mut || took = rig.round(count));
+            assert!(rig.converged(), "sync diverged");
+            eprintln!("sync: {:.0} changes/s", rate(count, took));
         }
         "merge" => {
             let pair = FieldlogPair::new(dir.path(), objects, 1_000, &mut rng);

@@ -2493,7 +2493,8 @@ impl<'s> WriteTx<'s> {
                 };
                 writer.wal_at = end;
                 writer.wal_seq += 1;
-                lock(&store.wal_tail).push(at, &record, writer.wal_seq);
+                let record_len = record.len();
+                lock(&store.wal_tail).push(at, record, writer.wal_seq);
                 store.add_names(new_names);
                 writer.apply(p.digest, p.counts, p.committed.seq);
                 let mut members = joined.unwrap_or_else(|| Members {
@@ -2507,8 +2508,7 @@ impl<'s> WriteTx<'s> {
                 let mine = Arc::clone(&members.outcome);
                 let seq = writer.wal_seq;
                 *lock(&store.batch) = Some(Batch { txn, members });
-                if record.len() > BATCH_RECORD_MAX
-                    || writer.wal_at >= store.options.checkpoint_bytes
+                if record_len > BATCH_RECORD_MAX || writer.wal_at >= store.options.checkpoint_bytes
                 {
                     store.close_batch()?;
                     if writer.wal_at >= store.options.checkpoint_bytes {

@@ -126,16 +126,19 @@ impl Tail {
     /// Appends record number `seq`, which goes at offset `at`: right after the one before
     /// it, or anywhere when the tail is empty (the file restarts after a checkpoint, which
     /// discards the tail).
-    pub(crate) fn push(&mut self, at: u64, record: &[u8], seq: u64) {
+    pub(crate) fn push(&mut self, at: u64, record: Vec<u8>, seq: u64) {
         if self.bytes.is_empty() {
+            // Taken, not copied: a large record is often alone.
             self.at = at;
+            self.bytes = record;
+        } else {
+            debug_assert_eq!(
+                self.at + self.bytes.len() as u64,
+                at,
+                "records out of place"
+            );
+            self.bytes.extend_from_slice(&record);
         }
-        debug_assert_eq!(
-            self.at + self.bytes.len() as u64,
-            at,
-            "records out of place"
-        );
-        self.bytes.extend_from_slice(record);
         self.seq = seq;
     }
 
@@ -315,15 +318,16 @@ mod tests {
         );
         let mut file = Vec::new();
         let mut tail = Tail::new(0);
-        tail.push(0, &one, 1);
-        tail.push(one.len() as u64, &two, 2);
+        let at_two = one.len() as u64;
+        tail.push(0, one, 1);
+        tail.push(at_two, two, 2);
         let (at, bytes, seq) = tail.take();
         assert_eq!((at, seq), (0, 2));
         file.extend(bytes);
         // Written: too late to zero here; the caller zeroes it in the file.
         assert!(!tail.zero_length_at(0));
         let at_three = file.len() as u64;
-        tail.push(at_three, &three, 3);
+        tail.push(at_three, three, 3);
         assert_eq!(tail.seq(), 3);
         assert!(tail.zero_length_at(at_three));
         let (at, bytes, seq) = tail.take();
@@ -331,12 +335,12 @@ mod tests {
         file.extend(bytes);
         assert_eq!(seqs(&replayable(&file, 7, 0)), vec![1, 2]);
         // After a checkpoint the file starts again; what was never written is dropped.
-        tail.push(file.len() as u64, &encode(&rec(4)).expect("encode"), 4);
+        tail.push(file.len() as u64, encode(&rec(4)).expect("encode"), 4);
         tail.discard();
         let (_, bytes, seq) = tail.take();
         assert!(bytes.is_empty());
         assert_eq!(seq, 4);
-        tail.push(0, &encode(&rec(5)).expect("encode"), 5);
+        tail.push(0, encode(&rec(5)).expect("encode"), 5);
         assert_eq!(tail.take().0, 0);
     }
 }

@@ -255,6 +255,10 @@ pub struct ClientSession {
     server_version: ServerVersion,
     /// The newest Pong's id.
     pong: u64,
+    /// The download cursor as of the last commit that returned (a reader of the database
+    /// may see a commit's cursor a moment before the commit returns and the store's
+    /// digest and counts move).
+    downloaded: ServerVersion,
     /// The reset under way on this connection.
     reset: Option<Resetting>,
     /// Reports of finished resets, for the application.
@@ -280,6 +284,7 @@ impl ClientSession {
             partial: None,
             server_version: 0,
             pong: 0,
+            downloaded: 0,
             reset: None,
             reports: Vec::new(),
             subscriptions_sent: 0,
@@ -306,6 +311,7 @@ impl ClientSession {
     /// The first message of a connection.
     pub fn hello(&mut self) -> Result<ClientMsg> {
         let marker = self.store.reset_marker()?.map(|m| m.phase);
+        self.downloaded = download_cursor(&self.store)?;
         let subscriptions = subscriptions(&self.store)?;
         self.subscriptions_sent = subscriptions.as_ref().map_or(0, |s| s.version);
         Ok(ClientMsg::Hello {
@@ -315,7 +321,7 @@ impl ClientSession {
             schema_version: client_value(&self.store, SCHEMA_VERSION)?,
             token: self.config.token.clone(),
             replica: self.store.replica_id(),
-            download_cursor: download_cursor(&self.store)?,
+            download_cursor: self.downloaded,
             last_sync: self.store.last_sync(),
             reset_pending: matches!(marker, Some(ResetPhase::Downloading)),
             reset_settled: match marker {
@@ -328,6 +334,12 @@ impl ClientSession {
     /// The server version last reported, and the id of the newest answered ping.
     pub fn server_version(&self) -> (ServerVersion, u64) {
         (self.server_version, self.pong)
+    }
+
+    /// Every change up to this server version is applied here, by commits that have
+    /// returned (durable, and seen by every read of the store).
+    pub fn downloaded(&self) -> ServerVersion {
+        self.downloaded
     }
 
     /// Handles one server message; returns the messages to send back.
@@ -414,6 +426,7 @@ impl ClientSession {
                 }
                 self.store
                     .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
+                self.downloaded = cursor;
                 Ok(vec![ClientMsg::DownloadAck { cursor }])
             }
             ServerMsg::CompensatingWrite { refused } => {
@@ -569,6 +582,7 @@ impl ClientSession {
         }
         self.sent = self.store.last_sync();
         self.server_version = self.server_version.max(cursor);
+        self.downloaded = cursor;
         self.ready = true;
         self.in_flight = 0;
         self.outgoing.clear();
@@ -632,6 +646,7 @@ impl ClientSession {
         };
         self.store
             .import_with(&cs, |tx, _| set_cursor(tx, cursor))?;
+        self.downloaded = cursor;
         Ok(vec![ClientMsg::DownloadAck { cursor }])
     }
 

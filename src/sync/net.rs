@@ -18,8 +18,8 @@ use crate::clock::{SystemTimeSource, TimeSource};
 use crate::reset::ResetReport;
 use crate::store::Store;
 use crate::sync::client::{
-    download_cursor, subscriptions, subscriptions_acked, update_subscriptions, ClientConfig,
-    ClientSession, SyncError,
+    subscriptions, subscriptions_acked, update_subscriptions, ClientConfig, ClientSession,
+    SyncError,
 };
 use crate::sync::frame::{read_frame, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
 use crate::sync::protocol::Subscription;
@@ -337,6 +337,8 @@ struct Shared {
     ping_wanted: AtomicU64,
     pong: AtomicU64,
     server_version: AtomicU64,
+    /// The session's [`ClientSession::downloaded`].
+    downloaded: AtomicU64,
     fatal: Mutex<Option<String>>,
     on_state: Option<StateCallback>,
     on_error: Option<ErrorCallback>,
@@ -397,6 +399,7 @@ impl SyncClient {
             ping_wanted: AtomicU64::new(0),
             pong: AtomicU64::new(0),
             server_version: AtomicU64::new(0),
+            downloaded: AtomicU64::new(0),
             fatal: Mutex::new(None),
             on_state: hooks.on_state,
             on_error: hooks.on_error,
@@ -509,7 +512,8 @@ impl SyncClient {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let target = self.shared.server_version.load(Ordering::SeqCst);
-        while download_cursor(&self.shared.store).unwrap_or(0) < target && !self.is_dead() {
+        // Not the cursor in the database: a reader may see it before its commit returns.
+        while self.shared.downloaded.load(Ordering::SeqCst) < target && !self.is_dead() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -646,6 +650,7 @@ async fn run_connection(
                 let (version, pong) = session.server_version();
                 shared.server_version.fetch_max(version, Ordering::SeqCst);
                 shared.pong.fetch_max(pong, Ordering::SeqCst);
+                shared.downloaded.store(session.downloaded(), Ordering::SeqCst);
                 for r in replies {
                     write_frame(&mut wr, &r, FRAME_LEN_MAX_DEFAULT).await.map_err(io)?;
                 }
