@@ -3864,6 +3864,79 @@ mod tests {
     /// snapshot is no longer the kept one: durable commits that rewrite the row's page
     /// cannot reclaim it meanwhile (redb's debug builds assert if they do).
     #[test]
+    fn a_reset_replays_unsynced_writes_onto_each_chunk_as_it_is_staged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        for pk in 1..=2i64 {
+            store
+                .write(|tx| tx.insert("T", pk, [("n", 1)]))
+                .expect("insert");
+        }
+        store.write(|tx| tx.set("T", 1, "n", 2)).expect("update");
+        // Written after the plan was made (as the app may while chunks arrive).
+        let late = |store: &Store| store.write(|tx| tx.set("T", 2, "n", 5)).expect("update");
+        let server = |pk: i64, n: i64| ObjectSnapshot {
+            collection: "T".into(),
+            pk: Pk::Int(pk),
+            exists: Some((
+                Stamp {
+                    time: 1 << 16,
+                    replica: ReplicaId(9),
+                },
+                true,
+            )),
+            floor: Stamp::ZERO,
+            fields: vec![(
+                "n".into(),
+                Stamp {
+                    time: 1 << 16,
+                    replica: ReplicaId(9),
+                },
+                Value::Int(n),
+            )],
+        };
+        let mut plan = store
+            .plan_replay(ResetMode::RecoverUnsyncedChanges, &[], 0)
+            .expect("plan");
+        store
+            .stage_snapshot(&[server(1, 0)], true, &mut plan)
+            .expect("stage");
+        // Object 1's writes are already in its staged row; object 2's wait for its chunk.
+        assert_eq!(plan.by_key.len(), 1, "{plan:?}");
+        let staged = {
+            let rtx = store.db.begin_read().expect("read");
+            let t = rtx.open_table(STAGING).expect("staging");
+            let row = t
+                .get(object_key(store.names().by_name["T"], &Pk::Int(1)).as_slice())
+                .expect("get")
+                .expect("staged");
+            decode_state(row.value()).expect("decode")
+        };
+        assert_eq!(staged.fields[0].2, Value::Int(2));
+        late(&store);
+        store
+            .stage_snapshot(&[server(2, 0)], false, &mut plan)
+            .expect("stage");
+        assert!(plan.by_key.is_empty(), "{plan:?}");
+        let marker = ResetMarker {
+            reason: crate::reset::ResetReason::Forced,
+            mode: ResetMode::RecoverUnsyncedChanges,
+            phase: ResetPhase::Downloading,
+            backup: None,
+        };
+        let (report, _) = store
+            .finish_reset(&marker, &[], plan, |_| Ok(()))
+            .expect("swap");
+        // Both inserts (existence and field), the update made before the plan, and the one
+        // made after it.
+        assert_eq!(report.recovered.len(), 6, "{report:?}");
+        assert!(report.superseded.is_empty() && report.discarded.is_empty());
+        assert_eq!(n(&store, 1), Some(Value::from(2)));
+        assert_eq!(n(&store, 2), Some(Value::from(5)));
+        assert!(store.verify_digest().expect("verify"));
+    }
+
+    #[test]
     fn an_upload_batch_reads_entries_up_to_its_bytes_and_at_least_one() {
         let dir = tempfile::tempdir().expect("dir");
         let store = store(&dir);
