@@ -1567,6 +1567,21 @@ impl Store {
         limit: usize,
         bytes: usize,
     ) -> Result<Vec<LogEntry>> {
+        self.read_log(after.saturating_add(1).., limit, bytes, |view, e| {
+            e.map_names(|id| view.name(id).map(str::to_owned))
+        })
+    }
+
+    /// The log entries in `range`, at most `limit` of them and no more once those read
+    /// reach `bytes` stored bytes (at least one), each decoded and passed through `f` with
+    /// the store's names.
+    fn read_log<T>(
+        &self,
+        range: impl std::ops::RangeBounds<LogPos>,
+        limit: usize,
+        bytes: usize,
+        mut f: impl FnMut(&NameView<'_>, LogEntry<u32>) -> Result<T>,
+    ) -> Result<Vec<T>> {
         let rtx = self.db.begin_read()?;
         let table = rtx.open_table(LOG)?;
         let names = self.names();
@@ -1576,7 +1591,7 @@ impl Store {
         };
         let mut out = Vec::new();
         let mut read = 0usize;
-        for row in table.range(after.saturating_add(1)..)?.take(limit) {
+        for row in table.range(range)?.take(limit) {
             if read >= bytes && !out.is_empty() {
                 break;
             }
@@ -1584,7 +1599,7 @@ impl Store {
             read = read.saturating_add(v.value().len());
             let e: LogEntry<u32> =
                 postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("log entry: {e}")))?;
-            out.push(e.map_names(|id| view.name(id).map(str::to_owned))?);
+            out.push(f(&view, e)?);
         }
         Ok(out)
     }
@@ -2967,6 +2982,21 @@ impl std::fmt::Debug for ReplayPlan {
 }
 
 impl ReplayPlan {
+    /// Reads the log entries after the plan's up to `head`. A log that cannot be read is
+    /// an error, except in recover-or-discard mode, which goes on without it (and the
+    /// report says why).
+    fn read_up_to(&mut self, store: &Store, head: LogPos, mode: ResetMode) -> Result<()> {
+        if self.unreadable.is_some() || head <= self.head {
+            return Ok(());
+        }
+        match (store.unsynced_entries(self.head, head), mode) {
+            (Ok(entries), _) => self.extend(entries, head),
+            (Err(e), ResetMode::RecoverOrDiscard) => self.unreadable = Some(e.to_string()),
+            (Err(e), _) => return Err(e),
+        }
+        Ok(())
+    }
+
     /// Adds `entries` (read after `head`), giving their writes slots for decisions.
     fn extend(&mut self, entries: Vec<LogEntry<u32>>, head: LogPos) {
         for e in entries {
@@ -3345,29 +3375,14 @@ impl Store {
             spent: std::time::Duration::ZERO,
         };
         let started = std::time::Instant::now();
-        match (self.unsynced_entries(replay_after, head), mode) {
-            (Ok(entries), _) => plan.extend(entries, head),
-            (Err(e), ResetMode::RecoverOrDiscard) => plan.unreadable = Some(e.to_string()),
-            (Err(e), _) => return Err(e),
-        }
+        plan.read_up_to(self, head, mode)?;
         plan.spent += started.elapsed();
         Ok(plan)
     }
 
     /// The log entries in `(after, upto]`, every name in them checked.
     fn unsynced_entries(&self, after: LogPos, upto: LogPos) -> Result<Vec<LogEntry<u32>>> {
-        let txn = self.db.begin_read()?;
-        let log = txn.open_table(LOG)?;
-        let names = self.names();
-        let view = NameView {
-            base: &names,
-            new: &[],
-        };
-        let mut out = Vec::new();
-        for row in log.range(after + 1..=upto)? {
-            let (_, v) = row?;
-            let e: LogEntry<u32> =
-                postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("log entry: {e}")))?;
+        self.read_log(after + 1..=upto, usize::MAX, usize::MAX, |view, e| {
             // Kept with ids (the replay and the new log entries use them), but every name
             // must resolve, so an unreadable log is found here.
             for w in &e.writes {
@@ -3386,9 +3401,8 @@ impl Store {
                     Op::Delete { .. } => {}
                 }
             }
-            out.push(e);
-        }
-        Ok(out)
+            Ok(e)
+        })
     }
 
     /// Swaps the staged server state in, replaying what `plan` has left (writes to objects
@@ -3417,13 +3431,7 @@ impl Store {
         };
         // What the application wrote while staging ran (redb shows this transaction every
         // commit made before it began).
-        if plan.unreadable.is_none() && head > plan.head {
-            match (self.unsynced_entries(plan.head, head), marker.mode) {
-                (Ok(entries), _) => plan.extend(entries, head),
-                (Err(e), ResetMode::RecoverOrDiscard) => plan.unreadable = Some(e.to_string()),
-                (Err(e), _) => return Err(e),
-            }
-        }
+        plan.read_up_to(self, head, marker.mode)?;
         if let Some(why) = plan.unreadable.take() {
             report.discarded.push(Discarded {
                 write: UnsyncedWrite {

@@ -460,16 +460,7 @@ impl ClientSession {
                     backup: None,
                 };
                 self.store.set_reset_marker(Some(&marker))?;
-                let plan = self
-                    .store
-                    .plan_replay(marker.mode, &schemas, replay_after)?;
-                self.reset = Some(Resetting {
-                    marker,
-                    plan,
-                    first: true,
-                });
-                self.ready = false;
-                Ok(Vec::new())
+                self.begin_staging(marker, &schemas, replay_after)
             }
             ServerMsg::ResetRequired {
                 reason,
@@ -516,16 +507,7 @@ impl ClientSession {
                         m
                     }
                 };
-                let plan = self
-                    .store
-                    .plan_replay(marker.mode, &schemas, replay_after)?;
-                self.reset = Some(Resetting {
-                    marker,
-                    plan,
-                    first: true,
-                });
-                self.ready = false;
-                Ok(Vec::new())
+                self.begin_staging(marker, &schemas, replay_after)
             }
             ServerMsg::Snapshot { objects, end } => {
                 let Some(r) = self.reset.as_mut() else {
@@ -553,6 +535,24 @@ impl ClientSession {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Reads the unsynced writes after `replay_after` to replay onto the server's state
+    /// (decided by its `schemas`), and waits for its chunks.
+    fn begin_staging(
+        &mut self,
+        marker: ResetMarker,
+        schemas: &[Schema],
+        replay_after: LogPos,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        let plan = self.store.plan_replay(marker.mode, schemas, replay_after)?;
+        self.reset = Some(Resetting {
+            marker,
+            plan,
+            first: true,
+        });
+        self.ready = false;
+        Ok(Vec::new())
     }
 
     /// Swaps the staged server state in, replays unsynced writes, and carries on syncing.
