@@ -70,10 +70,12 @@ const WAL_GROWTH: u64 = 1 << 20;
 /// 2: the digest sums per-field terms. 3: commits may sit in the write-ahead file (a build
 /// that reads 2 would not replay them). 4: its records may hold patches (a build that reads
 /// 3 would take one for a torn record and lose it). 5: the log position, clock, record
-/// number and digest are one `head` row (a build that reads 4 would read stale rows).
-const FORMAT_VERSION: u64 = 5;
+/// number and digest are one `head` row (a build that reads 4 would read stale rows). 6: a
+/// record's log entry may carry its local updates' patches (a build that reads 5 would
+/// take such a record for a torn one and lose it).
+const FORMAT_VERSION: u64 = 6;
 /// Older formats this build opens (and upgrades).
-const FORMAT_UPGRADES: [u64; 3] = [2, 3, 4];
+const FORMAT_UPGRADES: [u64; 4] = [2, 3, 4, 5];
 
 /// The meta row every commit writes: the next log position, the clock's high-water mark,
 /// the number of the last write-ahead record in the database, and the state digest. One
@@ -579,6 +581,25 @@ fn object_key(coll: u32, pk: &Pk) -> Vec<u8> {
     k
 }
 
+/// Replays a write-ahead patch: `fields` merged onto the object's row at `stamp`.
+fn patch_row(
+    objects: &mut redb::Table<&[u8], &[u8]>,
+    key: &[u8],
+    stamp: Stamp,
+    fields: impl IntoIterator<Item = (u32, Value)>,
+) -> Result<()> {
+    let row = objects.get(key)?.map(|r| decode_state(r.value()));
+    let mut state = match row {
+        Some(state) => state?,
+        None => return Err(corrupt("write-ahead patch of a missing object")),
+    };
+    for (field, value) in fields {
+        state.apply_field(field, stamp, value);
+    }
+    objects.insert(key, encode_state(&state)?.as_slice())?;
+    Ok(())
+}
+
 fn decode_state(bytes: &[u8]) -> Result<ObjectState<u32>> {
     crate::row::decode(bytes)
 }
@@ -834,15 +855,30 @@ impl Store {
                         meta.insert(k.as_str(), v.as_slice())?;
                     }
                     Redo::Patch(k, stamp, fields) => {
-                        let row = objects.get(k.as_slice())?.map(|r| decode_state(r.value()));
-                        let mut state = match row {
-                            Some(state) => state?,
-                            None => return Err(corrupt("write-ahead patch of a missing object")),
-                        };
-                        for (field, value) in fields {
-                            state.apply_field(field, stamp, value);
+                        patch_row(&mut objects, &k, stamp, fields)?;
+                    }
+                    Redo::LogPatches(seq, entry, at) => {
+                        log.insert(seq, entry.as_slice())?;
+                        let entry: LogEntry<u32> = postcard::from_bytes(&entry)
+                            .map_err(|e| corrupt(format!("write-ahead log entry: {e}")))?;
+                        for i in at {
+                            let w = entry.writes.get(i as usize);
+                            let Some(Write {
+                                collection,
+                                pk,
+                                op: Op::Update { fields },
+                            }) = w
+                            else {
+                                return Err(corrupt("write-ahead patch of no update"));
+                            };
+                            let fields = fields.iter().map(|f| (f.field, f.value.clone()));
+                            patch_row(
+                                &mut objects,
+                                &object_key(*collection, pk),
+                                entry.stamp,
+                                fields,
+                            )?;
                         }
-                        objects.insert(k.as_slice(), encode_state(&state)?.as_slice())?;
                     }
                 }
             }
@@ -2615,8 +2651,8 @@ impl<'s> WriteTx<'s> {
         let mut redo =
             (self.store.wal.is_some() && !self.raw_used && self.log_hook.is_none()).then(Vec::new);
         // A record pays when it is small beside the redb pages the transaction dirties: a
-        // 1,000-update batch is ~250 KB of patches and log against ~4 MB of pages (1.3 ×
-        // faster as a record), but 1,000 inserts are ~2 MB of whole rows, about the pages
+        // 1,000-update batch is ~135 KB of log entry against ~4 MB of pages (1.3 × faster
+        // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows, about the pages
         // they fill, and faster as a durable redb commit (written once, not twice). So
         // whole rows may take 1/64 of the file, and a record a quarter of it.
         let cb = self.store.options.checkpoint_bytes;
@@ -2630,6 +2666,8 @@ impl<'s> WriteTx<'s> {
             new: &self.new_names,
         };
         let mut writes: Vec<Write<u32>> = Vec::new();
+        // The writes the record replays as patches from the log entry (`Redo::LogPatches`).
+        let mut log_patches: Vec<u32> = Vec::new();
         let mut digest = self.writer.digest;
         let mut count_delta: BTreeMap<u32, i64> = BTreeMap::new();
         {
@@ -2655,7 +2693,7 @@ impl<'s> WriteTx<'s> {
                     _ => None,
                 };
                 // What the write-ahead record holds for the fast path: the fields by stamp,
-                // not the row.
+                // not the row (none for a local update: the log entry has them).
                 let mut patch: Option<Vec<StampedFields>> = None;
                 let mut op = p.op.take();
                 let fast = match (&parsed, &mut op) {
@@ -2698,7 +2736,6 @@ impl<'s> WriteTx<'s> {
                         let (row, applied) = parsed.patch(&sets);
                         drop(sets);
                         let mut logged = Vec::with_capacity(fields.len());
-                        let mut patched = Vec::with_capacity(fields.len());
                         for (((name, value), id), applied) in
                             fields.into_iter().zip(ids).zip(applied)
                         {
@@ -2706,9 +2743,6 @@ impl<'s> WriteTx<'s> {
                             if applied {
                                 let term = (coll, &p.pk, name.as_str());
                                 replace_term(&mut digest, term, old.as_ref(), (stamp, &value));
-                                if redo.is_some() {
-                                    patched.push((id, value.clone()));
-                                }
                             }
                             logged.push(FieldWrite {
                                 field: id,
@@ -2716,12 +2750,16 @@ impl<'s> WriteTx<'s> {
                                 base: old.map(|(s, _)| s),
                             });
                         }
+                        // The record patches this row from the log entry: a write the
+                        // row did not take (none can: the stamp is the newest) is not
+                        // taken at the replay either.
+                        log_patches.push(writes.len() as u32);
                         writes.push(Write {
                             collection: p.coll,
                             pk: p.pk.clone(),
                             op: Op::Update { fields: logged },
                         });
-                        patch = Some(vec![(stamp, patched)]);
+                        patch = Some(Vec::new());
                         Some(row)
                     }
                     _ => None,
@@ -2844,8 +2882,12 @@ impl<'s> WriteTx<'s> {
             let bytes = encode(&entry)?;
             txn.open_table(LOG)?.insert(seq, bytes.as_slice())?;
             if let Some(r) = &mut redo {
-                record_bytes += bytes.len() as u64;
-                r.push(Redo::Log(seq, bytes));
+                record_bytes += bytes.len() as u64 + 4 * log_patches.len() as u64;
+                r.push(if log_patches.is_empty() {
+                    Redo::Log(seq, bytes)
+                } else {
+                    Redo::LogPatches(seq, bytes, log_patches)
+                });
                 if record_bytes > record_max {
                     redo = None;
                 }
