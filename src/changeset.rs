@@ -4,7 +4,6 @@
 //! The hash is the changeset's id and its checksum: a flipped bit anywhere is refused.
 //! Decoding validates everything before a single write is applied.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -102,21 +101,18 @@ impl Changeset {
                 return Err(at("sequence numbers must rise".into()));
             }
             prev_seq = e.seq;
-            let mut objects = HashSet::new();
+            // Duplicates are found by sorting references: no name is copied or hashed.
+            let mut objects = Vec::with_capacity(e.writes.len());
+            let mut names: Vec<&str> = Vec::new();
             for w in &e.writes {
                 validate_name(NameKind::Collection, &w.collection)
                     .map_err(|err| at(err.to_string()))?;
                 w.pk.validate().map_err(|err| at(err.to_string()))?;
-                if !objects.insert((&w.collection, &w.pk)) {
-                    return Err(at(format!("two writes to {}[{}]", w.collection, w.pk)));
-                }
-                let mut fields = HashSet::new();
-                let mut check = |name: &String, value: &Value| -> Result<()> {
+                objects.push((w.collection.as_str(), &w.pk));
+                names.clear();
+                let check = |name: &str, value: &Value| -> Result<()> {
                     validate_field_name(name).map_err(|err| at(err.to_string()))?;
                     check_sub_value(name, value).map_err(at)?;
-                    if !fields.insert(name.clone()) {
-                        return Err(at(format!("field {name} written twice")));
-                    }
                     if value.size_bytes() > value_bytes_max {
                         return Err(at(format!(
                             "value of {}[{}].{name} is {} bytes; the limit is {value_bytes_max}",
@@ -131,6 +127,7 @@ impl Changeset {
                     Op::Insert { fields } => {
                         for (n, v) in fields {
                             check(n, v)?;
+                            names.push(n);
                         }
                     }
                     Op::Update { fields } => {
@@ -139,10 +136,21 @@ impl Changeset {
                         }
                         for fw in fields {
                             check(&fw.field, &fw.value)?;
+                            names.push(&fw.field);
                         }
                     }
                     Op::Delete { .. } => {}
                 }
+                if names.len() > 1 {
+                    names.sort_unstable();
+                    if let Some(d) = names.windows(2).find(|d| d[0] == d[1]) {
+                        return Err(at(format!("field {} written twice", d[0])));
+                    }
+                }
+            }
+            objects.sort_unstable();
+            if let Some(d) = objects.windows(2).find(|d| d[0] == d[1]) {
+                return Err(at(format!("two writes to {}[{}]", d[0].0, d[0].1)));
             }
         }
         Ok(())

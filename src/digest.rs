@@ -68,21 +68,33 @@ impl DigestSum {
 }
 
 /// A term's bytes are gathered into one buffer and hashed at once (a dozen small hasher
-/// updates per term cost more than the hash).
-fn object_prefix(tag: u8, collection: &str, pk: &Pk, more: usize) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + collection.len() + more);
-    b.push(tag);
-    b.extend_from_slice(&(collection.len() as u64).to_le_bytes());
-    b.extend_from_slice(collection.as_bytes());
-    pk.digest_bytes_into(&mut b);
-    b
+/// updates per term cost more than the hash); the buffer is the thread's, kept between
+/// terms (a fresh one per term was a malloc and a free for every term).
+fn hash_term(tag: u8, collection: &str, pk: &Pk, fill: impl FnOnce(&mut Vec<u8>)) -> Digest {
+    thread_local! {
+        static TERM: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A buffer that grew past this for a large value is let go after it.
+    const KEEP: usize = 64 << 10;
+    TERM.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        b.push(tag);
+        b.extend_from_slice(&(collection.len() as u64).to_le_bytes());
+        b.extend_from_slice(collection.as_bytes());
+        pk.digest_bytes_into(&mut b);
+        fill(&mut b);
+        let d = Digest(*blake3::hash(&b).as_bytes());
+        if b.capacity() > KEEP {
+            *b = Vec::new();
+        }
+        d
+    })
 }
 
 /// The term of a live object's existence.
 pub(crate) fn exists_term(collection: &str, pk: &Pk, stamp: Stamp) -> Digest {
-    let mut b = object_prefix(b'o', collection, pk, 16);
-    stamp.digest_bytes_into(&mut b);
-    Digest(*blake3::hash(&b).as_bytes())
+    hash_term(b'o', collection, pk, |b| stamp.digest_bytes_into(b))
 }
 
 /// The term of one field of a live object.
@@ -93,12 +105,12 @@ pub(crate) fn field_term(
     stamp: Stamp,
     value: &Value,
 ) -> Digest {
-    let mut b = object_prefix(b'f', collection, pk, 48 + name.len() + value.size_bytes());
-    b.extend_from_slice(&(name.len() as u64).to_le_bytes());
-    b.extend_from_slice(name.as_bytes());
-    stamp.digest_bytes_into(&mut b);
-    value.digest_bytes_into(&mut b);
-    Digest(*blake3::hash(&b).as_bytes())
+    hash_term(b'f', collection, pk, |b| {
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        stamp.digest_bytes_into(b);
+        value.digest_bytes_into(b);
+    })
 }
 
 #[cfg(test)]

@@ -1574,6 +1574,7 @@ impl Store {
             new_names: Vec::new(),
             durability: self.options.durability,
             raw_used: false,
+            collection_checked: None,
             log_hook: None,
         })
     }
@@ -1910,6 +1911,8 @@ pub struct WriteTx<'s> {
     /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
     /// object changed.
     raw_used: bool,
+    /// The last collection name checked (`intern`): one per write would be the check again.
+    collection_checked: Option<u32>,
     /// Runs inside the commit with the transaction's log entry (the server records its own
     /// writes into its history in the same redb transaction).
     log_hook: Option<LogHook<'s>>,
@@ -1966,18 +1969,26 @@ impl<'s> WriteTx<'s> {
     }
 
     fn intern(&mut self, kind: NameKind, name: &str) -> Result<u32> {
-        match kind {
-            NameKind::Field => crdt::validate_field_name(name)?,
-            NameKind::Collection => validate_name(kind, name)?,
-        }
         let names = self.store.names();
         let view = NameView {
             base: &names,
             new: &self.new_names,
         };
+        // A name already interned was checked when it was, as a field's or a collection's
+        // (they share the table, and a field's may not do for a collection: those are
+        // checked once per transaction).
+        let checked = |name| match kind {
+            NameKind::Field => crdt::validate_field_name(name),
+            NameKind::Collection => validate_name(kind, name),
+        };
         if let Some(id) = view.id(name) {
+            if kind == NameKind::Collection && self.collection_checked != Some(id) {
+                checked(name)?;
+                self.collection_checked = Some(id);
+            }
             return Ok(id);
         }
+        checked(name)?;
         let id = u32::try_from(names.by_id.len() + self.new_names.len())
             .map_err(|_| corrupt("name table full"))?;
         drop(names);
