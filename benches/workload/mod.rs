@@ -225,10 +225,27 @@ pub trait Engine: Send + Sync {
     }
     /// Bytes on disk, after whatever the engine does to settle (checkpoint, log prune).
     fn disk_bytes(&self) -> u64;
+    /// The file system blocks its files take (what `du` counts), after `disk_bytes`: less
+    /// than their length where a file has holes (redb doubles its file as it grows, and
+    /// the new half is a hole until written).
+    fn disk_allocated(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+fn file_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
+}
+
+fn wal_of(p: &Path) -> PathBuf {
+    let mut wal = p.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
 }
 
 // ---- fieldlog ----
@@ -314,9 +331,10 @@ impl Engine for Fieldlog {
         self.store.mark_synced(head).expect("mark_synced");
         self.store.prune_log(head).expect("prune_log");
         self.store.checkpoint().expect("checkpoint");
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        file_len(&self.path) + file_len(Path::new(&wal))
+        file_len(&self.path) + file_len(&wal_of(&self.path))
+    }
+    fn disk_allocated(&self) -> Option<u64> {
+        Some(file_blocks(&self.path) + file_blocks(&wal_of(&self.path)))
     }
 }
 
@@ -419,6 +437,9 @@ impl Engine for RawRedb {
     }
     fn disk_bytes(&self) -> u64 {
         file_len(&self.path)
+    }
+    fn disk_allocated(&self) -> Option<u64> {
+        Some(file_blocks(&self.path))
     }
 }
 
@@ -550,9 +571,10 @@ impl Engine for Sqlite {
         let c = self.conn.lock().expect("lock");
         c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .expect("checkpoint");
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        file_len(&self.path) + file_len(Path::new(&wal))
+        file_len(&self.path) + file_len(&wal_of(&self.path))
+    }
+    fn disk_allocated(&self) -> Option<u64> {
+        Some(file_blocks(&self.path) + file_blocks(&wal_of(&self.path)))
     }
 }
 
