@@ -3119,8 +3119,8 @@ impl Store {
         };
         let mut fields = state
             .fields
-            .iter()
-            .map(|(f, s, v)| Ok((view.name(*f)?.to_owned(), *s, v.clone())))
+            .into_iter()
+            .map(|(f, s, v)| Ok((view.name(f)?.to_owned(), s, v)))
             .collect::<Result<Vec<_>>>()?;
         // Sorted by name: the merge functions binary-search by field key.
         fields.sort_by(|a, b| a.0.cmp(&b.0));
