@@ -31,7 +31,8 @@
 //!
 //! After every operation the live store's state is recorded as a checkpoint: its objects,
 //! log head, last sync, digest and sync metadata (what its next Hello would say). Each image
-//! must:
+//! must (its last sync may be behind the checkpoint's, never ahead, and every log entry
+//! after it must be there: `mark_synced` is not synced by itself):
 //! 1. open;
 //! 2. equal one checkpoint, no older than the last operation that returned `Ok` with a
 //!    durable commit before that moment (else `committed_lost`), no newer than the
@@ -133,6 +134,18 @@ struct Fingerprint {
     digest: Digest,
     /// The Hello this store would send: download cursor, reset markers, schema version.
     hello: ClientMsg,
+}
+
+impl Fingerprint {
+    /// This one with `last_sync` acknowledged (here and in its Hello).
+    fn synced_to(&self, last_sync: u64) -> Fingerprint {
+        let mut fp = self.clone();
+        fp.last_sync = last_sync;
+        if let ClientMsg::Hello { last_sync: l, .. } = &mut fp.hello {
+            *l = last_sync;
+        }
+        fp
+    }
 }
 
 fn hello_of(store: &Arc<Store>) -> ClientMsg {
@@ -596,10 +609,26 @@ fn verify(
         tally.partial += 1;
         tally.fail(format!("{label}: the digest does not match the objects"));
     }
-    let matched = (lo..=hi.max(lo)).find(|&i| cps[i].fp == fp);
+    // `mark_synced` is not synced by itself: an image may hold an older acknowledged
+    // position than the state it otherwise equals, never a newer one; and every entry
+    // after the position it holds is still in the log, to be uploaded again.
+    let same = |c: &Fingerprint| fp.last_sync <= c.last_sync && *c == fp.synced_to(c.last_sync);
+    let unsynced = store.unsynced(usize::MAX).expect("unsynced");
+    if unsynced.len() as u64 != fp.head - fp.last_sync
+        || unsynced.first().is_some_and(|e| e.seq != fp.last_sync + 1)
+    {
+        tally.partial += 1;
+        tally.fail(format!(
+            "{label}: the log lacks entries after the acknowledged position {} (head {}, {} entries)",
+            fp.last_sync,
+            fp.head,
+            unsynced.len()
+        ));
+    }
+    let matched = (lo..=hi.max(lo)).find(|&i| same(&cps[i].fp));
     match matched {
         Some(_) => {}
-        None if cps[..lo].iter().any(|c| c.fp == fp) => {
+        None if cps[..lo].iter().any(|c| same(&c.fp)) => {
             tally.committed_lost += 1;
             tally.fail(format!(
                 "{label}: state of an older checkpoint; acknowledged writes lost (lo {lo}, hi {hi})"

@@ -64,6 +64,19 @@ struct State {
     last_sync: u64,
 }
 
+impl State {
+    /// `st` is this state, or this state with an older acknowledged position
+    /// (`mark_synced` is not synced by itself).
+    fn holds(&self, st: &State) -> bool {
+        st.last_sync <= self.last_sync
+            && *self
+                == State {
+                    last_sync: self.last_sync,
+                    ..st.clone()
+                }
+    }
+}
+
 fn state(store: &Store) -> Result<State, Error> {
     let mut objects = Vec::new();
     for c in COLLS {
@@ -484,7 +497,7 @@ fn run_one(
                 tally.open_failures += 1;
                 tally.fail(format!("{label}: the {what} does not open: {e:?}"));
             }
-            Ok(Ok(st)) => match candidates.iter().find(|&&i| refs[i] == st) {
+            Ok(Ok(st)) => match candidates.iter().find(|&&i| refs[i].holds(&st)) {
                 Some(&i) => {
                     let is_doubt = Some(i) == doubt
                         && i > newest
