@@ -462,20 +462,7 @@ fn workload(ops: u64, seed: u64, with_wal: bool, clock: &Clock) -> (Run, u64) {
     }
     // Phase C: sync, offline writes, a forced reset, more sync.
     run.phase = 'C';
-    let secret = Secret::from_hex(&"cd".repeat(32)).expect("secret");
-    let claims = Claims {
-        user_id: "u".into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    let token = token::issue(&secret, &claims).expect("token");
-    let server_store = Arc::new(
-        Store::open_backend(redb::backends::InMemoryBackend::new(), options(&run.time))
-            .expect("server store"),
-    );
-    let mut config = ServerConfig::new(secret);
-    config.batch_bytes = 512;
-    let sync = Arc::new(SyncServer::open(server_store, config).expect("server"));
+    let (sync, token) = server_in_memory(&run.time, |c| c.batch_bytes = 512);
     let rounds = (ops / 40).max(2);
     for round in 0..rounds {
         connect(&mut run, &sync, &token);
@@ -927,21 +914,7 @@ fn crash_images_every_sync_point_without_wal() {
 fn reset_swap_advances_the_clock() {
     let client_time = ManualTimeSource::new(T0_MS);
     let server_time = ManualTimeSource::new(T0_MS + 60_000);
-    let secret = Secret::from_hex(&"cd".repeat(32)).expect("secret");
-    let claims = Claims {
-        user_id: "u".into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    let token = token::issue(&secret, &claims).expect("token");
-    let server_store = Arc::new(
-        Store::open_backend(
-            redb::backends::InMemoryBackend::new(),
-            options(&server_time),
-        )
-        .expect("server store"),
-    );
-    let sync = Arc::new(SyncServer::open(server_store, ServerConfig::new(secret)).expect("server"));
+    let (sync, token) = server_in_memory(&server_time, |_| {});
     sync.write(|tx| tx.insert("Dog", 1, [("name", "server")]))
         .expect("server write");
     let client = Arc::new(
@@ -1046,18 +1019,7 @@ fn a_store_cut_off_while_being_created_opens() {
 #[test]
 fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
     let time = ManualTimeSource::new(T0_MS);
-    let secret = Secret::from_hex(&"cd".repeat(32)).expect("secret");
-    let claims = Claims {
-        user_id: "u".into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    let token = token::issue(&secret, &claims).expect("token");
-    let server_store = Arc::new(
-        Store::open_backend(redb::backends::InMemoryBackend::new(), options(&time))
-            .expect("server store"),
-    );
-    let sync = Arc::new(SyncServer::open(server_store, ServerConfig::new(secret)).expect("server"));
+    let (sync, token) = server_in_memory(&time, |_| {});
     let disk = SimDisk::new();
     let store = Arc::new(Store::open_backend(disk.backend(), options(&time)).expect("open"));
     store
@@ -1065,25 +1027,7 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
         .expect("a durable write");
     let mut server = sync.session();
     let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token.clone()));
-    let run = |server: &mut ServerSession, client: &mut ClientSession, first: ClientMsg| {
-        let mut to_server = vec![first];
-        for _ in 0..100 {
-            while let Some(m) = client.poll_upload().expect("poll_upload") {
-                to_server.push(m);
-            }
-            let mut to_client = server.poll_download();
-            for m in std::mem::take(&mut to_server) {
-                to_client.extend(server.on_message(m, T0_MS));
-            }
-            if to_client.is_empty() {
-                return Ok(());
-            }
-            for m in to_client {
-                to_server.extend(client.on_message(m)?);
-            }
-        }
-        Ok::<(), fieldlog::sync::client::SyncError>(())
-    };
+    let run = exchange;
     let hello = client.hello().expect("hello");
     run(&mut server, &mut client, hello).expect("first sync");
     // A deferred write is uploaded and applied; the acknowledgement is not yet processed.
@@ -1137,6 +1081,121 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
         sync.store().digest(),
         "client and server differ after the crash"
     );
+}
+
+/// A sync server on an in-memory store (configured by `configure`), and a token for user "u".
+fn server_in_memory(
+    time: &ManualTimeSource,
+    configure: impl FnOnce(&mut ServerConfig),
+) -> (Arc<SyncServer>, String) {
+    let secret = Secret::from_hex(&"cd".repeat(32)).expect("secret");
+    let claims = Claims {
+        user_id: "u".into(),
+        expires_at_ms: u64::MAX,
+        extra: Default::default(),
+    };
+    let token = token::issue(&secret, &claims).expect("token");
+    let server_store = Arc::new(
+        Store::open_backend(redb::backends::InMemoryBackend::new(), options(time))
+            .expect("server store"),
+    );
+    let mut config = ServerConfig::new(secret);
+    configure(&mut config);
+    let sync = Arc::new(SyncServer::open(server_store, config).expect("server"));
+    (sync, token)
+}
+
+/// Passes messages between a client and a server session, starting with `first`, until
+/// neither has anything to send.
+fn exchange(
+    server: &mut ServerSession,
+    client: &mut ClientSession,
+    first: ClientMsg,
+) -> Result<(), fieldlog::sync::client::SyncError> {
+    let mut to_server = vec![first];
+    for _ in 0..100 {
+        while let Some(m) = client.poll_upload().expect("poll_upload") {
+            to_server.push(m);
+        }
+        let mut to_client = server.poll_download();
+        for m in std::mem::take(&mut to_server) {
+            to_client.extend(server.on_message(m, T0_MS));
+        }
+        if to_client.is_empty() {
+            return Ok(());
+        }
+        for m in to_client {
+            to_server.extend(client.on_message(m)?);
+        }
+    }
+    Ok(())
+}
+
+/// An upload acknowledgement is not synced by itself (`mark_synced`): a power cut right
+/// after it forgets it, and the client, back with the same unsynced entry, learns from the
+/// server's Welcome that it was applied. The server applies it once; nothing is lost.
+#[test]
+fn an_acknowledgement_lost_in_a_power_cut_costs_no_write_and_no_duplicate() {
+    let time = ManualTimeSource::new(T0_MS);
+    let (sync, token) = server_in_memory(&time, |_| {});
+    let (disk, wal) = (SimDisk::new(), SimDisk::new());
+    let open = || {
+        Arc::new(
+            Store::open_backend_with_wal(disk.backend(), wal.backend(), options(&time))
+                .expect("open"),
+        )
+    };
+    let store = open();
+    store
+        .write(|tx| tx.insert("A", 0, [("f", 0)]))
+        .expect("a durable write");
+    let mut server = sync.session();
+    let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token.clone()));
+    let hello = client.hello().expect("hello");
+    exchange(&mut server, &mut client, hello).expect("sync");
+    assert_eq!(store.last_sync(), 1);
+    // A second write is uploaded and applied, and its acknowledgement is the last thing
+    // the client commits before the power goes.
+    store
+        .write(|tx| tx.insert("A", 1, [("f", 1)]))
+        .expect("a durable write");
+    let upload = client.poll_upload().expect("poll").expect("an upload");
+    let replies = server.on_message(upload, T0_MS);
+    let ack = replies
+        .into_iter()
+        .find(|m| matches!(m, ServerMsg::UploadAck { .. }))
+        .expect("an acknowledgement");
+    client.on_message(ack).expect("ack");
+    assert_eq!(store.last_sync(), 2, "the upload was acknowledged");
+    let version = sync.version();
+    assert_eq!(sync.uploaded(store.replica_id()).expect("uploaded"), 2);
+
+    disk.crash();
+    wal.crash();
+    drop(client);
+    drop(store);
+    let store = open();
+    assert_eq!(
+        store.last_sync(),
+        1,
+        "the acknowledgement was not synced by itself"
+    );
+    assert_eq!(
+        store.unsynced(10).expect("unsynced").len(),
+        1,
+        "the write is still in the log, to upload again"
+    );
+    let mut server = sync.session();
+    let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token));
+    let hello = client.hello().expect("hello");
+    exchange(&mut server, &mut client, hello).expect("sync after the power cut");
+    assert_eq!(store.last_sync(), 2, "the Welcome marks it synced again");
+    assert_eq!(sync.version(), version, "the server applied nothing twice");
+    assert_eq!(
+        sync.store().get("A", 0).expect("get").map(|o| o.fields),
+        store.get("A", 0).expect("get").map(|o| o.fields),
+    );
+    assert_eq!(store.digest(), sync.store().digest());
 }
 
 /// The frames (offset, length) at the start of a write-ahead file.
