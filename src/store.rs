@@ -2673,9 +2673,9 @@ impl<'s> WriteTx<'s> {
             (self.store.wal.is_some() && !self.raw_used && self.log_hook.is_none()).then(Vec::new);
         // A record pays when it is small beside the redb pages the transaction dirties: a
         // 1,000-update batch is ~135 KB of log entry against ~4 MB of pages (1.3 × faster
-        // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows, about the pages
-        // they fill, and faster as a durable redb commit (written once, not twice). So
-        // whole rows may take 1/64 of the file, and a record a quarter of it.
+        // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows,
+        // about the pages they fill, and faster as a durable redb commit (written once, not
+        // twice). So whole rows may take 1/64 of the file, and a record a quarter of it.
         let cb = self.store.options.checkpoint_bytes;
         let record_max = (cb / 4).min(wal::RECORD_BYTES_MAX / 4);
         let rows_max = (cb / 64).max(4096).min(record_max);

@@ -1027,9 +1027,8 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
         .expect("a durable write");
     let mut server = sync.session();
     let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token.clone()));
-    let run = exchange;
     let hello = client.hello().expect("hello");
-    run(&mut server, &mut client, hello).expect("first sync");
+    exchange(&mut server, &mut client, hello).expect("first sync");
     // A deferred write is uploaded and applied; the acknowledgement is not yet processed.
     let mut tx = store.begin().expect("begin");
     tx.set_durability(Durability::Deferred);
@@ -1051,7 +1050,7 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
     let mut server = sync.session();
     let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token.clone()));
     let hello = client.hello().expect("hello");
-    let mut synced = run(&mut server, &mut client, hello);
+    let mut synced = exchange(&mut server, &mut client, hello);
     if let Err(e) = &synced {
         // The client learns the server holds writes it lost; it ends the session to
         // reconnect and rebuild from the server (as the TCP client does by itself).
@@ -1059,7 +1058,7 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
         server = sync.session();
         client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token));
         let hello = client.hello().expect("hello");
-        synced = run(&mut server, &mut client, hello);
+        synced = exchange(&mut server, &mut client, hello);
         let reports = client.take_reset_reports();
         assert_eq!(reports.len(), 1, "one rebuild: {reports:?}");
     }
@@ -1074,7 +1073,7 @@ fn deferred_write_uploaded_then_lost_in_a_crash_does_not_wedge_sync() {
     store
         .write(|tx| tx.insert("A", 2, [("f", 2)]))
         .expect("a new write");
-    let synced = run(&mut server, &mut client, ClientMsg::Ping { id: 1 });
+    let synced = exchange(&mut server, &mut client, ClientMsg::Ping { id: 1 });
     assert!(synced.is_ok(), "{synced:?}");
     assert_eq!(
         store.digest(),
