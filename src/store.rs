@@ -1253,7 +1253,13 @@ impl Store {
         let mut w = self.lock_writer()?;
         let r = self.checkpoint_with(&mut w, true);
         drop(w);
-        self.finish(r)
+        self.finish(r)?;
+        // redb's close records its allocator state; a failure there costs the next open a
+        // repair, and is reported rather than dropped.
+        let Store { snapshots, db, .. } = self;
+        drop(snapshots);
+        db.close().map_err(redb::Error::from)?;
+        Ok(())
     }
 
     /// Never issue log positions up to `pos` again, and count them acknowledged: the server

@@ -744,3 +744,57 @@ fn a_commit_whose_wal_append_failed_leaves_no_trace() {
         "(read after the error, read after reopening): a commit that returned an error left a trace"
     );
 }
+
+/// Regression test (found reading redb 4.5's `Database::close`): after the checkpoint,
+/// closing a store dropped redb's database, which writes its allocator state and shutdown
+/// header and ignores a failure (the next open then repairs the file). Every fault while a
+/// store closes is now reported, and nothing acknowledged is lost.
+#[test]
+fn every_fault_while_closing_is_reported() {
+    let time = ManualTimeSource::new(T0_MS);
+    let open_and_write = |disk: &SimDisk| {
+        let store = Store::open_backend(disk.backend(), options(&time)).expect("open");
+        store
+            .write(|tx| tx.insert("A", 0, [("f", 0)]))
+            .expect("write");
+        let mut tx = store.begin().expect("begin");
+        tx.set_durability(Durability::Deferred);
+        tx.insert("A", 1, [("f", 1)]).expect("insert");
+        tx.commit().expect("a deferred commit");
+        store
+    };
+    let disk = SimDisk::new();
+    let store = open_and_write(&disk);
+    disk.set_fault(None);
+    store.close().expect("close");
+    let ops = disk.ops();
+    assert!(ops > 2, "a close writes and syncs: {ops} operations");
+    let mut reported = 0;
+    for at in 1..=ops {
+        let disk = SimDisk::new();
+        let store = open_and_write(&disk);
+        disk.set_fault(Some(FaultPlan { at, forever: false }));
+        let closed = store.close();
+        let injected = disk.injected();
+        disk.set_fault(None);
+        if !injected.is_empty() {
+            assert!(
+                closed.is_err(),
+                "a close that hit a fault ({injected:?} at operation {at} of {ops}) said Ok"
+            );
+            reported += 1;
+        }
+        let store = Store::open_backend(disk.backend(), options(&time)).expect("reopen");
+        assert!(
+            store.get("A", 0).expect("get").is_some(),
+            "a durable write lost"
+        );
+        if closed.is_ok() {
+            assert!(
+                store.get("A", 1).expect("get").is_some(),
+                "a deferred write lost"
+            );
+        }
+    }
+    assert!(reported > 0, "no fault was injected");
+}
