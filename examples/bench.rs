@@ -565,6 +565,61 @@ fn main() {
         target: String::new(),
     });
 
+    // A syncing client's file: the same load and batched updates in a store that keeps no
+    // acknowledged entry, each batch acknowledged as it commits.
+    step("the same load and updates, each batch acknowledged (keep_acknowledged_for: 0)");
+    let (acked_rate, acked_disk, acked_blocks) = {
+        let d = tempfile::tempdir_in(dir.path()).expect("tempdir");
+        let e = Fieldlog::open_with(
+            d.path(),
+            fieldlog::Options {
+                keep_acknowledged_for: Some(Duration::ZERO),
+                ..workload::options()
+            },
+        );
+        let mut rng = workload::rng(11);
+        for r in 0..ROUNDS {
+            for c in workload::rows(part(n, r), &mut rng).chunks(batch) {
+                e.load(c);
+                e.acknowledge();
+            }
+        }
+        let mut took = Duration::ZERO;
+        for dist in [Dist::Uniform, Dist::Zipfian] {
+            let ups = updates(&Keys::new(n, dist), s.updates, &mut rng);
+            let t = Instant::now();
+            for c in ups.chunks(s.batch as usize) {
+                e.update_batch(c);
+                e.acknowledge();
+            }
+            took += t.elapsed();
+        }
+        let len = e.disk_bytes() as f64 / MIB;
+        let blocks = e.disk_allocated().map(|b| b as f64 / MIB);
+        (rate(2 * s.updates, took), len, blocks)
+    };
+    lines.push(Line {
+        workload: format!(
+            "{} batched updates (uniform, zipfian), each batch acknowledged: a syncing client",
+            2 * s.updates
+        ),
+        unit: "updates/s",
+        v: [Some(acked_rate), None, None, None, None],
+        target: String::new(),
+    });
+    lines.push(Line {
+        workload: "disk after the same, acknowledged as it goes: file (blocks it takes)".into(),
+        unit: "MiB",
+        v: [Some(acked_disk), None, None, disk[3], None],
+        target: format!(
+            "≤ 1.25 × SQLite; blocks: {}",
+            acked_blocks.map_or("—".into(), |b| format!(
+                "{b:.1} MiB ({:.2} × SQLite)",
+                disk[3].map_or(0.0, |q| b / q)
+            ))
+        ),
+    });
+
     step(&format!(
         "sync: {} field changes end to end over loopback TCP",
         s.sync

@@ -133,6 +133,11 @@ pub const CACHE_BYTES_DEFAULT: usize = 128 << 20;
 /// Default size the write-ahead file reaches before a checkpoint (see [`Options::checkpoint_bytes`]).
 pub const CHECKPOINT_BYTES_DEFAULT: u64 = 16 << 20;
 
+/// Default time a log entry is kept after the server acknowledged it (see
+/// [`Options::keep_acknowledged_for`]).
+pub const KEEP_ACKNOWLEDGED_FOR_DEFAULT: std::time::Duration =
+    std::time::Duration::from_secs(24 * 60 * 60);
+
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
 
@@ -164,6 +169,13 @@ pub struct Options {
     /// append and one fsync of that file; this bounds the file and the work of reopening
     /// after a crash. 0: no write-ahead file, every durable commit is a redb commit.
     pub checkpoint_bytes: u64,
+    /// How long a log entry stays after the server acknowledged it ([`Store::mark_synced`]),
+    /// by its stamp's time. While it stays, a server restored from a backup that lacks it
+    /// gets it again from this client; after, acknowledging a later position removes it,
+    /// so that a syncing store's log does not grow without end. `Some(Duration::ZERO)`
+    /// removes every entry as it is acknowledged; `None` keeps them all (the application
+    /// removes them with [`Store::prune_log`]).
+    pub keep_acknowledged_for: Option<std::time::Duration>,
 }
 
 impl Default for Options {
@@ -175,6 +187,7 @@ impl Default for Options {
             cache_bytes: CACHE_BYTES_DEFAULT,
             time: Arc::new(SystemTimeSource),
             checkpoint_bytes: CHECKPOINT_BYTES_DEFAULT,
+            keep_acknowledged_for: Some(KEEP_ACKNOWLEDGED_FOR_DEFAULT),
         }
     }
 }
@@ -1662,7 +1675,9 @@ impl Store {
         self.log_after(self.last_sync(), limit)
     }
 
-    /// Records that the server has acknowledged everything up to `pos` (never moves back).
+    /// Records that the server has acknowledged everything up to `pos` (never moves back),
+    /// and removes the entries acknowledged longer ago than
+    /// [`Options::keep_acknowledged_for`].
     ///
     /// Not synced to disk by itself: the next durable redb commit (a checkpoint, a prune,
     /// closing) takes it along. A crash before then forgets the acknowledgement, which costs
@@ -1677,15 +1692,54 @@ impl Store {
         let pos = pos.min(w.log_next - 1);
         let mut txn = self.db.begin_write()?;
         // Nor is it in the write-ahead file: no record depends on this row (records put
-        // `meta` rows whole), so a replay over a store that lost it is the same replay.
+        // `meta` rows whole) or on the entries it prunes (a record carries its own entry,
+        // numbered after them), so a replay over a store that lost it is the same replay.
         // Durable, each acknowledgement of a syncing client wrote every page dirtied since
         // the last checkpoint and synced twice.
         txn.set_durability(redb::Durability::None)?;
         txn.open_table(META)?
             .insert(META_LAST_SYNC, pos.to_le_bytes().as_slice())?;
+        // Entries acknowledged long enough ago go in the same commit: a crash that forgets
+        // it brings them back with the position, and nothing after the position is removed.
+        if let Some(keep) = self.options.keep_acknowledged_for {
+            let upto = self.acknowledged_before(&txn, pos, keep)?;
+            if upto > 0 {
+                txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
+            }
+        }
         self.finish(txn.commit().map_err(Error::from))?;
         w.last_sync = pos;
         Ok(())
+    }
+
+    /// The last log position up to `pos` whose entry, and every one before it, is older
+    /// than `keep` (local stamps rise with the position); 0 if none.
+    fn acknowledged_before(
+        &self,
+        txn: &redb::WriteTransaction,
+        pos: LogPos,
+        keep: std::time::Duration,
+    ) -> Result<LogPos> {
+        if keep.is_zero() {
+            return Ok(pos);
+        }
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        let Some(cutoff) = self.options.time.now_ms().checked_sub(keep_ms) else {
+            return Ok(0);
+        };
+        let log = txn.open_table(LOG)?;
+        let mut upto = 0;
+        for item in log.range(..=pos)? {
+            let (seq, bytes) = item?;
+            // An entry starts with its position and stamp: only they are decoded.
+            let ((_, stamp), _) = postcard::take_from_bytes::<(LogPos, Stamp)>(bytes.value())
+                .map_err(|e| corrupt(format!("log entry {}: {e}", seq.value())))?;
+            if stamp.physical_ms() > cutoff {
+                break;
+            }
+            upto = seq.value();
+        }
+        Ok(upto)
     }
 
     /// Removes log entries up to `upto`, but never one the server has not acknowledged.

@@ -8,7 +8,7 @@ use fieldlog::sync::client::ClientConfig;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
-use fieldlog::{Store, Value};
+use fieldlog::{Options, Store, Value};
 use rand::{Rng, SeedableRng};
 
 fn token_for(secret: &Secret, user: &str) -> String {
@@ -100,5 +100,77 @@ async fn five_clients_converge_to_the_server() {
     for (_, c) in clients {
         c.stop().await;
     }
+    handle.shutdown().await;
+}
+
+/// A client that keeps no acknowledged entry, over loopback TCP: its log holds only what
+/// the server has not acknowledged, and the server and another client have every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_keeps_nothing_acknowledged_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = Secret::generate();
+    let server_store = Arc::new(Store::open(dir.path().join("server.redb")).expect("open"));
+    let server = Arc::new(
+        SyncServer::open(server_store.clone(), ServerConfig::new(secret.clone())).expect("server"),
+    );
+    let handle = ServerHandle::bind(server, "127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = handle.local_addr().expect("addr").to_string();
+    let start = |name: &str, keep: Option<Duration>| {
+        let options = Options {
+            keep_acknowledged_for: keep,
+            ..Options::default()
+        };
+        let store = Arc::new(
+            Store::open_with(dir.path().join(format!("{name}.redb")), options).expect("open"),
+        );
+        let client = SyncClient::start(
+            store.clone(),
+            Transport::Tcp(addr.clone()),
+            ClientConfig::new(token_for(&secret, name)),
+            ClientHooks::default(),
+        );
+        (store, client)
+    };
+    let (writer, writer_sync) = start("writer", Some(Duration::ZERO));
+    let (reader, reader_sync) = start("reader", None);
+    let within = Duration::from_secs(30);
+    for round in 0..3i64 {
+        for k in 0..50i64 {
+            writer
+                .write(|tx| {
+                    let pk = round * 1000 + k;
+                    tx.insert(
+                        "Item",
+                        pk,
+                        [("n", Value::from(pk)), ("round", Value::from(round))],
+                    )
+                })
+                .expect("write");
+        }
+        tokio::time::timeout(within, writer_sync.wait_for_upload())
+            .await
+            .expect("upload");
+        assert_eq!(writer.last_sync(), writer.log_head());
+        assert!(
+            writer.log_after(0, usize::MAX).expect("log").is_empty(),
+            "round {round}: {} acknowledged entries kept",
+            writer.log_after(0, usize::MAX).expect("log").len()
+        );
+    }
+    tokio::time::timeout(within, reader_sync.wait_for_download())
+        .await
+        .expect("download");
+    assert_eq!(writer.log_head(), 150);
+    assert_eq!(server_store.count("Item").expect("count"), 150);
+    assert_eq!(
+        reader.scan("Item").expect("scan"),
+        writer.scan("Item").expect("scan")
+    );
+    assert_eq!(reader.digest(), writer.digest());
+    assert_eq!(server_store.digest(), writer.digest());
+    writer_sync.stop().await;
+    reader_sync.stop().await;
     handle.shutdown().await;
 }

@@ -257,11 +257,21 @@ pub struct Fieldlog {
 
 impl Fieldlog {
     pub fn open(dir: &Path) -> Fieldlog {
+        Fieldlog::open_with(dir, options())
+    }
+
+    pub fn open_with(dir: &Path, options: fieldlog::Options) -> Fieldlog {
         let path = dir.join("fieldlog.redb");
         Fieldlog {
-            store: Arc::new(Store::open_with(&path, options()).expect("open fieldlog")),
+            store: Arc::new(Store::open_with(&path, options).expect("open fieldlog")),
             path,
         }
+    }
+
+    /// What a sync client does when the server acknowledges its upload (here: everything).
+    pub fn acknowledge(&self) {
+        let head = self.store.log_head();
+        self.store.mark_synced(head).expect("mark_synced");
     }
 }
 

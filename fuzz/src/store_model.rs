@@ -12,12 +12,17 @@
 //! - `get`, `scan`, `count`, `log_head`, `last_sync`, the log's positions agree with the
 //!   model; a clean reopen keeps everything (deferred commits too); a crash keeps exactly
 //!   the durable model;
-//! - while nothing is pruned, a fresh store importing the whole log has the same digest.
+//! - while nothing is pruned, a fresh store importing the whole log has the same digest;
+//! - `Options::keep_acknowledged_for` (none, zero or 100 ms, by the input's length):
+//!   acknowledging removes exactly the acknowledged entries that old, with the
+//!   acknowledgement (a crash brings both back).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fieldlog::{Durability, Error, ManualTimeSource, Object, Options, Pk, Stamp, Store, Value};
+use fieldlog::{
+    Durability, Error, ManualTimeSource, Object, Options, Pk, Stamp, Store, TimeSource, Value,
+};
 
 use super::disk::SimDisk;
 use super::input::Input;
@@ -41,6 +46,8 @@ struct Model {
     last_sync: u64,
     /// Log entries at or below this were pruned.
     pruned: u64,
+    /// Each log entry's stamp time (ms).
+    times: BTreeMap<u64, u64>,
 }
 
 struct Harness {
@@ -52,12 +59,14 @@ struct Harness {
     /// The highest stamp issued so far, and the highest one that is durable.
     max_stamp: Option<Stamp>,
     max_durable_stamp: Option<Stamp>,
+    /// `Options::keep_acknowledged_for`, in ms.
+    keep_ms: Option<u64>,
 }
 
 /// Runs the model checks on `data`.
 pub fn check(data: &[u8]) {
     let mut input = Input::new(data);
-    let mut h = Harness::new();
+    let mut h = Harness::new([None, Some(0), Some(100)][data.len() % 3]);
     let mut steps = 0;
     while !input.is_empty() && steps < STEPS_MAX {
         steps += 1;
@@ -161,7 +170,7 @@ fn objects_of(model: &Model, coll: &str) -> Vec<Object> {
 }
 
 impl Harness {
-    fn new() -> Harness {
+    fn new(keep_ms: Option<u64>) -> Harness {
         let mut h = Harness {
             disk: SimDisk::new(),
             time: ManualTimeSource::new(T0_MS),
@@ -170,6 +179,7 @@ impl Harness {
             durable: Model::default(),
             max_stamp: None,
             max_durable_stamp: None,
+            keep_ms,
         };
         h.store = Some(h.open());
         h
@@ -179,6 +189,7 @@ impl Harness {
         let options = Options {
             value_bytes_max: VALUE_BYTES_MAX,
             time: Arc::new(self.time.clone()),
+            keep_acknowledged_for: self.keep_ms.map(std::time::Duration::from_millis),
             ..Options::default()
         };
         Store::open_backend(self.disk.backend(), options).expect("the store opens")
@@ -311,6 +322,7 @@ impl Harness {
             );
             assert!(stamp.time <= self.store().clock_high_water());
             self.max_stamp = Some(stamp);
+            self.model.times.insert(seq, stamp.physical_ms());
         }
         self.model.objects = view;
         if immediate && wrote {
@@ -324,6 +336,21 @@ impl Harness {
         if pos > self.model.last_sync {
             // Not synced by itself: a crash before the next durable commit forgets it.
             self.model.last_sync = pos.min(self.model.head);
+            // Entries acknowledged and old enough go with it, oldest first, up to the first
+            // that is not.
+            let cutoff = match self.keep_ms {
+                None => None,
+                Some(0) => Some(u64::MAX),
+                Some(ms) => self.time.now_ms().checked_sub(ms),
+            };
+            if let Some(cutoff) = cutoff {
+                let m = &mut self.model;
+                let first = m.pruned + 1;
+                m.pruned = (first..=m.last_sync)
+                    .take_while(|s| m.times.get(s).is_some_and(|&t| t <= cutoff))
+                    .last()
+                    .unwrap_or(m.pruned);
+            }
         }
         assert_eq!(self.store().last_sync(), self.model.last_sync);
     }
