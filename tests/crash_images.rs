@@ -58,7 +58,7 @@
 mod disk;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use disk::{Clock, DiskOp, Replayer, SimDisk};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
@@ -200,9 +200,15 @@ struct Run {
     phase: char,
 }
 
+/// The window an acknowledged entry stays in the log: the workload moves the clock past
+/// it between phases, so acknowledgements in phases B and C prune (with the position, in
+/// a commit without fsync).
+const KEEP_ACKNOWLEDGED: Duration = Duration::from_secs(5);
+
 fn options(time: &ManualTimeSource) -> Options {
     Options {
         time: Arc::new(time.clone()),
+        keep_acknowledged_for: Some(KEEP_ACKNOWLEDGED),
         ..Options::default()
     }
 }
@@ -448,8 +454,9 @@ fn workload(ops: u64, seed: u64, with_wal: bool, clock: &Clock) -> (Run, u64) {
         }
     }
     let phase_a_end = run.syncs();
-    // Phase B: pruning and remote writes.
+    // Phase B: pruning and remote writes; phase A's entries are out of the window.
     run.phase = 'B';
+    run.time.advance(2 * KEEP_ACKNOWLEDGED.as_millis() as u64);
     let peer = Store::open_backend(redb::backends::InMemoryBackend::new(), options(&run.time))
         .expect("peer");
     for i in 0..ops {
@@ -460,8 +467,10 @@ fn workload(ops: u64, seed: u64, with_wal: bool, clock: &Clock) -> (Run, u64) {
             _ => run.local_tx(),
         }
     }
-    // Phase C: sync, offline writes, a forced reset, more sync.
+    // Phase C: sync, offline writes, a forced reset, more sync; phase B's entries are out
+    // of the window.
     run.phase = 'C';
+    run.time.advance(2 * KEEP_ACKNOWLEDGED.as_millis() as u64);
     let (sync, token) = server_in_memory(&run.time, |c| c.batch_bytes = 512);
     let rounds = (ops / 40).max(2);
     for round in 0..rounds {
