@@ -73,9 +73,9 @@ const WAL_GROWTH: u64 = 1 << 20;
 /// number and digest are one `head` row (a build that reads 4 would read stale rows). 6: a
 /// record's log entry may carry its local updates' patches (a build that reads 5 would
 /// take such a record for a torn one and lose it).
-const FORMAT_VERSION: u64 = 6;
+const FORMAT_VERSION: u64 = 7;
 /// Older formats this build opens (and upgrades).
-const FORMAT_UPGRADES: [u64; 4] = [2, 3, 4, 5];
+const FORMAT_UPGRADES: [u64; 5] = [2, 3, 4, 5, 6];
 
 /// The meta row every commit writes: the next log position, the clock's high-water mark,
 /// the number of the last write-ahead record in the database, and the state digest. One
@@ -893,6 +893,7 @@ impl Store {
                             )?;
                         }
                     }
+                    Redo::Aux(aux) => aux.apply(&txn)?,
                 }
             }
         }
@@ -1595,6 +1596,7 @@ impl Store {
             raw_used: false,
             collection_checked: None,
             log_hook: None,
+            aux: Vec::new(),
         })
     }
 
@@ -1986,6 +1988,8 @@ pub struct WriteTx<'s> {
     /// Runs inside the commit with the transaction's log entry (the server records its own
     /// writes into its history in the same redb transaction).
     log_hook: Option<LogHook<'s>>,
+    /// Rows of other modules' tables, put at commit and recorded with the rest.
+    aux: Vec<wal::Aux>,
 }
 
 /// See [`WriteTx::on_log_entry`].
@@ -2000,6 +2004,13 @@ impl std::fmt::Debug for WriteTx<'_> {
 }
 
 impl<'s> WriteTx<'s> {
+    /// Puts a row into a table another module keeps in this database, at commit. Unlike
+    /// [`WriteTx::raw`], the row goes into the write-ahead record, so the commit can be a
+    /// record (an append and a sync) rather than a durable redb commit.
+    pub(crate) fn put_aux(&mut self, row: wal::Aux) {
+        self.aux.push(row);
+    }
+
     /// The underlying redb transaction, for tables other modules keep in this database.
     pub(crate) fn raw(&mut self) -> Result<&redb::WriteTransaction> {
         self.raw_used = true;
@@ -2715,7 +2726,7 @@ impl<'s> WriteTx<'s> {
             .pending
             .values()
             .any(|p| p.after.is_some() || !p.remote.is_empty());
-        if !has_local && !has_remote && !self.raw_used {
+        if !has_local && !has_remote && !self.raw_used && self.aux.is_empty() {
             return Ok(None);
         }
         let now = self.store.options.time.now_ms();
@@ -2727,10 +2738,12 @@ impl<'s> WriteTx<'s> {
             },
             replica: self.store.replica,
         };
-        // Rows for the write-ahead file; other modules' tables (`raw`) are not recorded, so
-        // a transaction that wrote them commits to redb durably instead.
+        // Rows for the write-ahead file; other modules' tables written through `raw` (and
+        // by a log hook, which runs only with a local entry) are not recorded, so a
+        // transaction that wrote them commits to redb durably instead.
         let mut redo =
-            (self.store.wal.is_some() && !self.raw_used && self.log_hook.is_none()).then(Vec::new);
+            (self.store.wal.is_some() && !self.raw_used && (self.log_hook.is_none() || !has_local))
+                .then(Vec::new);
         // A record pays when it is small beside the redb pages the transaction dirties: a
         // 1,000-update batch is ~135 KB of log entry against ~4 MB of pages (1.3 × faster
         // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows,
@@ -2976,6 +2989,16 @@ impl<'s> WriteTx<'s> {
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
                 hook(&named, txn)?;
+            }
+        }
+        for row in std::mem::take(&mut self.aux) {
+            row.apply(txn)?;
+            if let Some(r) = &mut redo {
+                record_bytes += row.bytes();
+                r.push(Redo::Aux(row));
+                if record_bytes > record_max {
+                    redo = None;
+                }
             }
         }
         if !self.new_names.is_empty() {

@@ -18,6 +18,7 @@
 //! before the last checkpoint) ends the replay. Only a record whose sync never finished can
 //! be torn, and no commit after it was acknowledged.
 
+use redb::{TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Stamp;
@@ -52,6 +53,61 @@ pub(crate) enum Redo {
     /// local update's values are in the record once (in the entry), not twice: records of
     /// update batches are about half the size, so half as many checkpoints.
     LogPatches(u64, #[serde(with = "serde_bytes")] Vec<u8>, Vec<u32>),
+    /// A row of a table another module keeps in the store's database (the sync server's
+    /// history and client records, the sync client's download cursor): with it, an upload
+    /// or a download is a record too, not a durable redb commit.
+    Aux(Aux),
+}
+
+/// A row of another module's table: the table's name (`sync_`…), the key, the value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Aux {
+    /// A table of `u64` keys and byte values.
+    U64Bytes(String, u64, #[serde(with = "serde_bytes")] Vec<u8>),
+    /// A table of string keys and `u64` values.
+    StrU64(String, String, u64),
+}
+
+impl Aux {
+    pub(crate) fn u64_bytes(table: TableDefinition<u64, &[u8]>, key: u64, value: Vec<u8>) -> Aux {
+        Aux::U64Bytes(table.name().to_owned(), key, value)
+    }
+
+    pub(crate) fn str_u64(table: TableDefinition<&str, u64>, key: &str, value: u64) -> Aux {
+        Aux::StrU64(table.name().to_owned(), key.to_owned(), value)
+    }
+
+    /// Its size in a record, near enough.
+    pub(crate) fn bytes(&self) -> u64 {
+        match self {
+            Aux::U64Bytes(t, _, v) => (t.len() + 10 + v.len()) as u64,
+            Aux::StrU64(t, k, _) => (t.len() + k.len() + 10) as u64,
+        }
+    }
+
+    /// Puts the row into its table. Only the other modules' tables (`sync_`…) take rows
+    /// this way: a record naming one of the store's own is refused.
+    pub(crate) fn apply(&self, txn: &redb::WriteTransaction) -> Result<()> {
+        let name = match self {
+            Aux::U64Bytes(t, ..) | Aux::StrU64(t, ..) => t,
+        };
+        if !name.starts_with("sync_") {
+            return Err(Error::Corrupt {
+                what: format!("write-ahead row for table {name:?}"),
+            });
+        }
+        match self {
+            Aux::U64Bytes(t, k, v) => {
+                txn.open_table(TableDefinition::<u64, &[u8]>::new(t))?
+                    .insert(*k, v.as_slice())?;
+            }
+            Aux::StrU64(t, k, v) => {
+                txn.open_table(TableDefinition::<&str, u64>::new(t))?
+                    .insert(k.as_str(), *v)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One transaction's rows.
@@ -91,6 +147,7 @@ pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
                 Redo::Name(_, n) => 16 + n.len(),
                 Redo::Meta(k, v) => 16 + k.len() + v.len(),
                 Redo::Patch(k, _, fields) => 32 + k.len() + fields.len() * 112,
+                Redo::Aux(a) => 8 + a.bytes() as usize,
             })
             .sum::<usize>();
     // The body goes straight after room for the header, which is filled in last.

@@ -1221,8 +1221,16 @@ fn server_restored_from_backup_in_every_mode() {
         });
         w.sync_all();
         w.close_server();
+        // A copy of the server's files: the database and its write-ahead file, whose
+        // records are part of the state (the uploads are records).
         let saved = w.tmp.path().join("server.saved");
+        let wal = |p: &std::path::Path| {
+            let mut p = p.as_os_str().to_owned();
+            p.push("-wal");
+            std::path::PathBuf::from(p)
+        };
         std::fs::copy(w.server_path(), &saved).unwrap();
+        std::fs::copy(wal(&w.server_path()), wal(&saved)).unwrap();
         w.open_server();
 
         let mut lost = Vec::new();
@@ -1241,6 +1249,7 @@ fn server_restored_from_backup_in_every_mode() {
 
         w.close_server();
         std::fs::copy(&saved, w.server_path()).unwrap();
+        std::fs::copy(wal(&saved), wal(&w.server_path())).unwrap();
         w.open_server();
         assert_eq!(w.server().store().get(DOG, 10).unwrap(), None, "restored");
         let greeted = w.clients[A].greetings.len();

@@ -20,6 +20,7 @@ use crate::sync::protocol::{
 };
 use crate::sync::protocol::{RefusedWrite, Subscription, SubscriptionSet};
 use crate::value::validate_name;
+use crate::wal::Aux;
 
 /// Client bookkeeping kept in the client's own store: `download_cursor`.
 const CLIENT_SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync_client");
@@ -110,9 +111,8 @@ fn client_value(store: &Store, key: &str) -> Result<u64> {
 
 /// Records the download cursor inside the transaction that applies what it covers.
 fn set_cursor(tx: &mut crate::store::WriteTx<'_>, cursor: ServerVersion) -> Result<()> {
-    tx.raw()?
-        .open_table(CLIENT_SYNC)?
-        .insert(DOWNLOAD_CURSOR, cursor)?;
+    // In the import's write-ahead record: a download is an append and a sync.
+    tx.put_aux(Aux::str_u64(CLIENT_SYNC, DOWNLOAD_CURSOR, cursor));
     Ok(())
 }
 

@@ -35,6 +35,7 @@ use crate::sync::protocol::{RefusedWrite, SubscriptionSet};
 use crate::sync::token::{self, Secret, TokenError};
 use crate::sync::view::View;
 use crate::value::Value;
+use crate::wal::Aux;
 
 /// Download messages a session sends ahead of the client's acknowledgements.
 const DOWNLOAD_WINDOW: usize = 4;
@@ -242,30 +243,27 @@ impl SyncServer {
         let mut records = Vec::new();
         let server_replica = self.store.replica_id();
         self.store.import_with(&cs, |tx, _| {
-            {
-                let txn = tx.raw()?;
-                let mut history = txn.open_table(HISTORY)?;
-                for e in &cs.entries {
-                    let v = next.fetch_add(1, Ordering::SeqCst) + 1;
-                    let rec = HistoryRecord {
-                        origin: client,
-                        entry: e.clone(),
-                    };
-                    let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-                    history.insert(v, bytes.as_slice())?;
-                }
-                if !refused.is_empty() || !invalid.is_empty() {
-                    let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
-                    let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
-                    txn.open_table(REFUSALS)?
-                        .insert((client.0, last), bytes.as_slice())?;
-                }
-                record.uploaded = last;
-                record.user = user.to_owned();
-                let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
-                txn.open_table(CLIENTS)?
-                    .insert(client.0, bytes.as_slice())?;
+            // History and the client's position go in the upload's write-ahead record.
+            for e in &cs.entries {
+                let v = next.fetch_add(1, Ordering::SeqCst) + 1;
+                let rec = HistoryRecord {
+                    origin: client,
+                    entry: e.clone(),
+                };
+                let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+                tx.put_aux(Aux::u64_bytes(HISTORY, v, bytes));
             }
+            if !refused.is_empty() || !invalid.is_empty() {
+                let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
+                let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
+                tx.raw()?
+                    .open_table(REFUSALS)?
+                    .insert((client.0, last), bytes.as_slice())?;
+            }
+            record.uploaded = last;
+            record.user = user.to_owned();
+            let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
+            tx.put_aux(Aux::u64_bytes(CLIENTS, client.0, bytes));
             // Refused writes are reverted: the server writes the objects as they are, stamped
             // after the client's writes, so every replica drops the refused values.
             let mut reverted = std::collections::HashSet::new();
