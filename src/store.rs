@@ -893,7 +893,7 @@ impl Store {
                             )?;
                         }
                     }
-                    Redo::Aux(aux) => aux.apply(&txn)?,
+                    Redo::Aux(aux) => wal::Aux::apply_all(std::slice::from_ref(&aux), &txn)?,
                 }
             }
         }
@@ -1704,9 +1704,10 @@ impl Store {
         // Entries acknowledged long enough ago go in the same commit: a crash that forgets
         // it brings them back with the position, and nothing after the position is removed.
         if let Some(keep) = self.options.keep_acknowledged_for {
-            let upto = self.acknowledged_before(&txn, pos, keep)?;
+            let mut log = txn.open_table(LOG)?;
+            let upto = self.acknowledged_before(&log, pos, keep)?;
             if upto > 0 {
-                txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
+                log.retain_in(..=upto, |_, _| false)?;
             }
         }
         self.finish(txn.commit().map_err(Error::from))?;
@@ -1718,7 +1719,7 @@ impl Store {
     /// than `keep` (local stamps rise with the position); 0 if none.
     fn acknowledged_before(
         &self,
-        txn: &redb::WriteTransaction,
+        log: &impl ReadableTable<u64, &'static [u8]>,
         pos: LogPos,
         keep: std::time::Duration,
     ) -> Result<LogPos> {
@@ -1729,7 +1730,6 @@ impl Store {
         let Some(cutoff) = self.options.time.now_ms().checked_sub(keep_ms) else {
             return Ok(0);
         };
-        let log = txn.open_table(LOG)?;
         let mut upto = 0;
         for item in log.range(..=pos)? {
             let (seq, bytes) = item?;
@@ -2991,14 +2991,13 @@ impl<'s> WriteTx<'s> {
                 hook(&named, txn)?;
             }
         }
-        for row in std::mem::take(&mut self.aux) {
-            row.apply(txn)?;
-            if let Some(r) = &mut redo {
-                record_bytes += row.bytes();
-                r.push(Redo::Aux(row));
-                if record_bytes > record_max {
-                    redo = None;
-                }
+        let aux = std::mem::take(&mut self.aux);
+        wal::Aux::apply_all(&aux, txn)?;
+        if let Some(r) = &mut redo {
+            record_bytes += aux.iter().map(wal::Aux::bytes).sum::<u64>();
+            r.extend(aux.into_iter().map(Redo::Aux));
+            if record_bytes > record_max {
+                redo = None;
             }
         }
         if !self.new_names.is_empty() {

@@ -77,6 +77,12 @@ impl Aux {
         Aux::StrU64(table.name().to_owned(), key.to_owned(), value)
     }
 
+    fn table(&self) -> &str {
+        match self {
+            Aux::U64Bytes(t, ..) | Aux::StrU64(t, ..) => t,
+        }
+    }
+
     /// Its size in a record, near enough.
     pub(crate) fn bytes(&self) -> u64 {
         match self {
@@ -85,25 +91,36 @@ impl Aux {
         }
     }
 
-    /// Puts the row into its table. Only the other modules' tables (`sync_`…) take rows
-    /// this way: a record naming one of the store's own is refused.
-    pub(crate) fn apply(&self, txn: &redb::WriteTransaction) -> Result<()> {
-        let name = match self {
-            Aux::U64Bytes(t, ..) | Aux::StrU64(t, ..) => t,
-        };
-        if !name.starts_with("sync_") {
-            return Err(Error::Corrupt {
-                what: format!("write-ahead row for table {name:?}"),
-            });
-        }
-        match self {
-            Aux::U64Bytes(t, k, v) => {
-                txn.open_table(TableDefinition::<u64, &[u8]>::new(t))?
-                    .insert(*k, v.as_slice())?;
+    /// Puts rows into their tables, opening each table once for a run of rows to it. Only
+    /// the other modules' tables (`sync_`…) take rows this way: a record naming one of the
+    /// store's own is refused.
+    pub(crate) fn apply_all(rows: &[Aux], txn: &redb::WriteTransaction) -> Result<()> {
+        for run in rows.chunk_by(|a, b| {
+            std::mem::discriminant(a) == std::mem::discriminant(b) && a.table() == b.table()
+        }) {
+            let name = run[0].table();
+            if !name.starts_with("sync_") {
+                return Err(Error::Corrupt {
+                    what: format!("write-ahead row for table {name:?}"),
+                });
             }
-            Aux::StrU64(t, k, v) => {
-                txn.open_table(TableDefinition::<&str, u64>::new(t))?
-                    .insert(k.as_str(), *v)?;
+            match &run[0] {
+                Aux::U64Bytes(..) => {
+                    let mut t = txn.open_table(TableDefinition::<u64, &[u8]>::new(name))?;
+                    for row in run {
+                        if let Aux::U64Bytes(_, k, v) = row {
+                            t.insert(*k, v.as_slice())?;
+                        }
+                    }
+                }
+                Aux::StrU64(..) => {
+                    let mut t = txn.open_table(TableDefinition::<&str, u64>::new(name))?;
+                    for row in run {
+                        if let Aux::StrU64(_, k, v) = row {
+                            t.insert(k.as_str(), *v)?;
+                        }
+                    }
+                }
             }
         }
         Ok(())

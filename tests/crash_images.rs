@@ -533,34 +533,14 @@ impl Tally {
 /// The persisted digest recomputed from the objects: a server on the image sends them, as a
 /// reset snapshot, to a fresh store.
 fn recomputed_digest(store: &Arc<Store>, time: &ManualTimeSource) -> Digest {
-    let secret = Secret::from_hex(&"ef".repeat(32)).expect("secret");
-    let claims = Claims {
-        user_id: "probe".into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    let token = token::issue(&secret, &claims).expect("token");
-    let sync =
-        Arc::new(SyncServer::open(Arc::clone(store), ServerConfig::new(secret)).expect("server"));
+    let (sync, token) = server_on(Arc::clone(store), |_| {});
     let fresh = Arc::new(
         Store::open_backend(redb::backends::InMemoryBackend::new(), options(time)).expect("fresh"),
     );
     sync.force_reset(fresh.replica_id()).expect("force_reset");
-    let mut server = sync.session();
     let mut client = ClientSession::new(Arc::clone(&fresh), ClientConfig::new(token));
-    let mut to_server = vec![client.hello().expect("hello")];
-    for _ in 0..10_000 {
-        let mut to_client: Vec<ServerMsg> = server.poll_download();
-        for m in std::mem::take(&mut to_server) {
-            to_client.extend(server.on_message(m, T0_MS));
-        }
-        if to_client.is_empty() {
-            break;
-        }
-        for m in to_client {
-            to_server.extend(client.on_message(m).expect("probe client"));
-        }
-    }
+    let hello = client.hello().expect("hello");
+    exchange(&mut sync.session(), &mut client, hello).expect("probe client");
     fresh.digest()
 }
 
@@ -1183,7 +1163,8 @@ fn exchange(
     first: ClientMsg,
 ) -> Result<(), fieldlog::sync::client::SyncError> {
     let mut to_server = vec![first];
-    for _ in 0..100 {
+    // Until quiet: a reset snapshot takes a round per chunk.
+    for _ in 0..10_000 {
         while let Some(m) = client.poll_upload().expect("poll_upload") {
             to_server.push(m);
         }

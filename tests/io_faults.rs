@@ -667,6 +667,19 @@ fn a_failed_commit_leaves_no_trace() {
     );
 }
 
+/// A store on `disk` holding `A`/0, committed durably, and `A`/1, committed deferred.
+fn a_durable_and_a_deferred_write(disk: &SimDisk, time: &ManualTimeSource) -> Store {
+    let store = Store::open_backend(disk.backend(), options(time)).expect("open");
+    store
+        .write(|tx| tx.insert("A", 0, [("f", 0)]))
+        .expect("write");
+    let mut tx = store.begin().expect("begin");
+    tx.set_durability(Durability::Deferred);
+    tx.insert("A", 1, [("f", 1)]).expect("insert");
+    tx.commit().expect("a deferred commit");
+    store
+}
+
 /// Regression test (invariant 3, `Durability::Deferred`: "a crash before then loses it
 /// (and only it)"; found by `io_faults_at_every_operation`): with no crash at all, a deferred
 /// commit that returned `Ok` was lost when closing the store failed to write, and nothing
@@ -676,14 +689,7 @@ fn a_failed_commit_leaves_no_trace() {
 fn a_failing_close_reports_that_deferred_commits_may_be_lost() {
     let time = ManualTimeSource::new(T0_MS);
     let disk = SimDisk::new();
-    let store = Store::open_backend(disk.backend(), options(&time)).expect("open");
-    store
-        .write(|tx| tx.insert("A", 0, [("f", 0)]))
-        .expect("write");
-    let mut tx = store.begin().expect("begin");
-    tx.set_durability(Durability::Deferred);
-    tx.insert("A", 1, [("f", 1)]).expect("insert");
-    tx.commit().expect("a deferred commit");
+    let store = a_durable_and_a_deferred_write(&disk, &time);
     // The disk fails while the store closes, then works again; the process goes on.
     disk.set_fault(Some(FaultPlan {
         at: 1,
@@ -752,17 +758,7 @@ fn a_commit_whose_wal_append_failed_leaves_no_trace() {
 #[test]
 fn every_fault_while_closing_is_reported() {
     let time = ManualTimeSource::new(T0_MS);
-    let open_and_write = |disk: &SimDisk| {
-        let store = Store::open_backend(disk.backend(), options(&time)).expect("open");
-        store
-            .write(|tx| tx.insert("A", 0, [("f", 0)]))
-            .expect("write");
-        let mut tx = store.begin().expect("begin");
-        tx.set_durability(Durability::Deferred);
-        tx.insert("A", 1, [("f", 1)]).expect("insert");
-        tx.commit().expect("a deferred commit");
-        store
-    };
+    let open_and_write = |disk: &SimDisk| a_durable_and_a_deferred_write(disk, &time);
     let disk = SimDisk::new();
     let store = open_and_write(&disk);
     disk.set_fault(None);
