@@ -1,8 +1,9 @@
 //! The write-ahead file: how a small durable commit costs one append and one fsync instead
 //! of a redb commit (which writes every page it dirtied, ~27 writes for one field).
 //!
-//! A local transaction commits to redb without durability (visible, held in redb's write
-//! buffer) and appends a *record* to the write-ahead file: the rows it put into the
+//! A local transaction writes into redb's open write transaction (a *batch*, committed
+//! without durability when a reader needs it or it fills up; see `Batch` in `store.rs`)
+//! and appends a *record* to the write-ahead file: the rows it put into the
 //! store's tables (a physical redo), except that an update of a live object records only
 //! the fields it set (a patch, replayed onto the row the record was made against; for a
 //! local update, the fields are read from the transaction's log entry, which the record
@@ -239,21 +240,6 @@ impl Tail {
     pub(crate) fn discard(&mut self) {
         self.bytes.clear();
     }
-
-    /// Zeroes the length of the record at `at` if it is still unwritten, so that it is never
-    /// replayed (nor anything after it); `false` if it is already in the file.
-    pub(crate) fn zero_length_at(&mut self, at: u64) -> bool {
-        let Some(start) = at.checked_sub(self.at).map(|s| s as usize) else {
-            return false;
-        };
-        match self.bytes.get_mut(start..start + 4) {
-            Some(len) => {
-                len.fill(0);
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 /// The records of `file` that continue a database whose last record was `after`: records
@@ -392,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn the_tail_writes_whole_records_in_file_order_and_a_zeroed_one_ends_the_replay() {
+    fn the_tail_writes_whole_records_in_file_order_and_a_zero_length_ends_the_replay() {
         let (one, two, three) = (
             encode(&rec(1)).expect("encode"),
             encode(&rec(2)).expect("encode"),
@@ -406,16 +392,17 @@ mod tests {
         let (at, bytes, seq) = tail.take();
         assert_eq!((at, seq), (0, 2));
         file.extend(bytes);
-        // Written: too late to zero here; the caller zeroes it in the file.
-        assert!(!tail.zero_length_at(0));
         let at_three = file.len() as u64;
         tail.push(at_three, three, 3);
         assert_eq!(tail.seq(), 3);
-        assert!(tail.zero_length_at(at_three));
         let (at, bytes, seq) = tail.take();
         assert_eq!((at, seq), (at_three, 3));
         file.extend(bytes);
-        assert_eq!(seqs(&replayable(&file, 7, 0)), vec![1, 2]);
+        assert_eq!(seqs(&replayable(&file, 7, 0)), vec![1, 2, 3]);
+        // A zero length (the file grown ahead of the records) ends the replay.
+        let mut grown = file.clone();
+        grown[at_three as usize..at_three as usize + 4].fill(0);
+        assert_eq!(seqs(&replayable(&grown, 7, 0)), vec![1, 2]);
         // After a checkpoint the file starts again; what was never written is dropped.
         tail.push(file.len() as u64, encode(&rec(4)).expect("encode"), 4);
         tail.discard();
