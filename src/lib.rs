@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod backend;
 mod changeset;
 mod clock;
 pub mod conflict;

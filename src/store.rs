@@ -14,6 +14,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::backend::ShrinkOptional;
 use crate::changeset::Changeset;
 use crate::clock::{Hlc, ReplicaId, Stamp, SystemTimeSource, TimeSource, MAX_DRIFT_MS_DEFAULT};
 use crate::crdt;
@@ -737,9 +738,15 @@ impl Store {
         if !path.exists() {
             create_atomically(path)?;
         }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
-            .create(path)?;
+            .create_with_backend(ShrinkOptional(redb::backends::FileBackend::new(file)?))?;
         // Opened after the database, whose lock keeps a second process out of both.
         let wal: Option<Box<dyn StorageBackend>> = if options.checkpoint_bytes > 0 {
             let file = std::fs::OpenOptions::new()
@@ -767,7 +774,7 @@ impl Store {
     pub fn open_backend(backend: impl StorageBackend, options: Options) -> Result<Store> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
-            .create_with_backend(backend)?;
+            .create_with_backend(ShrinkOptional(backend))?;
         Store::init(db, None, options)
     }
 
@@ -780,7 +787,7 @@ impl Store {
     ) -> Result<Store> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
-            .create_with_backend(backend)?;
+            .create_with_backend(ShrinkOptional(backend))?;
         let wal: Option<Box<dyn StorageBackend>> =
             (options.checkpoint_bytes > 0).then(|| Box::new(wal) as Box<dyn StorageBackend>);
         Store::init(db, wal, options)

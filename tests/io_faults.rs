@@ -600,21 +600,19 @@ fn io_faults_at_every_wal_operation() {
     });
 }
 
-/// A known bug, kept failing until it is fixed (invariant 3: "a write that returned an
-/// error left no trace"): a commit can return `Err(Storage)` after its data reached stable
-/// storage. Found by `io_faults_at_every_operation` (`errored_but_durable`): `mark_synced`
-/// in the workload fails on a `set_len` that redb makes after the commit's fsync, and after
-/// a power cut the "failed" change is there. For a transaction an application would retry
-/// (an increment, say), that applies it twice. Either the storage error must be returned
-/// only while the commit can still be undone, or the contract must say a storage error
-/// leaves the write in doubt (the store is poisoned; reopen and read to learn the outcome).
+/// Regression test (invariant 3: "a write that returned an error left no trace"): a commit
+/// returned `Err(Storage)` after its data reached stable storage. Found by
+/// `io_faults_at_every_operation` (`errored_but_durable`): redb shrinks the file after a
+/// durable commit's fsync when the commit freed its top, a failed `set_len` there failed the
+/// commit, and after a power cut the "failed" change was there; for a transaction an
+/// application would retry (an increment, say), that applies it twice. Fixed: the store's
+/// backend (`src/backend.rs`) treats a failed shrink as done (the file keeps its length).
 ///
 /// This test fails each step of a workload at each of its operations in turn and reports
 /// every step whose error left its effect durable. (Which operation redb makes after the
 /// fsync depends on the file's layout; this workload, the first steps of an earlier version
 /// of `WORKLOAD`, reproduces it: `MarkSynced` fails on a `set_len` at its 8th operation.)
 #[test]
-#[ignore = "BUG: a commit can fail with Error::Storage after it became durable (a set_len after the fsync); invariant 3 says it must leave no trace"]
 fn a_failed_commit_leaves_no_trace() {
     const STEPS: [Step; 6] = [
         Step::Tx(0, Durability::Immediate),
@@ -757,7 +755,8 @@ fn a_commit_whose_wal_append_failed_leaves_no_trace() {
 /// Regression test (found reading redb 4.5's `Database::close`): after the checkpoint,
 /// closing a store dropped redb's database, which writes its allocator state and shutdown
 /// header and ignores a failure (the next open then repairs the file). Every fault while a
-/// store closes is now reported, and nothing acknowledged is lost.
+/// store closes is now reported (but a failed shrink, see `a_failed_commit_leaves_no_trace`),
+/// and nothing acknowledged is lost.
 #[test]
 fn every_fault_while_closing_is_reported() {
     let time = ManualTimeSource::new(T0_MS);
@@ -777,11 +776,13 @@ fn every_fault_while_closing_is_reported() {
         let injected = disk.injected();
         disk.set_fault(None);
         if !injected.is_empty() {
+            // Except a failed shrink of the file (redb's, after its commit is durable): it
+            // loses nothing (both writes are checked below), and is not an error.
             assert!(
-                closed.is_err(),
+                closed.is_err() || injected == [OpKind::SetLen],
                 "a close that hit a fault ({injected:?} at operation {at} of {ops}) said Ok"
             );
-            reported += 1;
+            reported += usize::from(closed.is_err());
         }
         let store = Store::open_backend(disk.backend(), options(&time)).expect("reopen");
         assert!(
