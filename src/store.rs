@@ -73,10 +73,13 @@ const WAL_GROWTH: u64 = 1 << 20;
 /// 3 would take one for a torn record and lose it). 5: the log position, clock, record
 /// number and digest are one `head` row (a build that reads 4 would read stale rows). 6: a
 /// record's log entry may carry its local updates' patches (a build that reads 5 would
-/// take such a record for a torn one and lose it).
-const FORMAT_VERSION: u64 = 7;
+/// take such a record for a torn one and lose it). 7: records may hold other modules' rows
+/// (`Aux`). 8: those rows may have `(u64, u64)` keys, and the server's own writes, refusals
+/// and conflict records are recorded (a build that reads 7 would take such a record for a
+/// torn one).
+const FORMAT_VERSION: u64 = 8;
 /// Older formats this build opens (and upgrades).
-const FORMAT_UPGRADES: [u64; 5] = [2, 3, 4, 5, 6];
+const FORMAT_UPGRADES: [u64; 6] = [2, 3, 4, 5, 6, 7];
 
 /// The meta row every commit writes: the next log position, the clock's high-water mark,
 /// the number of the last write-ahead record in the database, and the state digest. One
@@ -2009,15 +2012,15 @@ pub struct WriteTx<'s> {
     raw_used: bool,
     /// The last collection name checked (`intern`): one per write would be the check again.
     collection_checked: Option<u32>,
-    /// Runs inside the commit with the transaction's log entry (the server records its own
-    /// writes into its history in the same redb transaction).
+    /// Runs inside the commit with the transaction's log entry and returns rows to put with
+    /// it (the server records its own writes into its history in the same transaction).
     log_hook: Option<LogHook<'s>>,
     /// Rows of other modules' tables, put at commit and recorded with the rest.
     aux: Vec<wal::Aux>,
 }
 
 /// See [`WriteTx::on_log_entry`].
-type LogHook<'s> = Box<dyn FnOnce(&LogEntry, &redb::WriteTransaction) -> Result<()> + 's>;
+type LogHook<'s> = Box<dyn FnOnce(&LogEntry) -> Result<Vec<wal::Aux>> + 's>;
 
 impl std::fmt::Debug for WriteTx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -2060,10 +2063,11 @@ impl<'s> WriteTx<'s> {
             .ok_or_else(|| corrupt("no write transaction"))
     }
 
-    /// Runs `hook` inside the commit with this transaction's log entry, if it makes one.
+    /// Runs `hook` inside the commit with this transaction's log entry, if it makes one; the
+    /// rows it returns are put (and recorded) like [`WriteTx::put_aux`]'s.
     pub(crate) fn on_log_entry(
         &mut self,
-        hook: impl FnOnce(&LogEntry, &redb::WriteTransaction) -> Result<()> + 's,
+        hook: impl FnOnce(&LogEntry) -> Result<Vec<wal::Aux>> + 's,
     ) {
         self.log_hook = Some(Box::new(hook));
     }
@@ -2770,12 +2774,9 @@ impl<'s> WriteTx<'s> {
             },
             replica: self.store.replica,
         };
-        // Rows for the write-ahead file; other modules' tables written through `raw` (and
-        // by a log hook, which runs only with a local entry) are not recorded, so a
-        // transaction that wrote them commits to redb durably instead.
-        let mut redo =
-            (self.store.wal.is_some() && !self.raw_used && (self.log_hook.is_none() || !has_local))
-                .then(Vec::new);
+        // Rows for the write-ahead file; other modules' tables written through `raw` are not
+        // recorded, so a transaction that wrote them commits to redb durably instead.
+        let mut redo = (self.store.wal.is_some() && !self.raw_used).then(Vec::new);
         // A record pays when it is small beside the redb pages the transaction dirties: a
         // 1,000-update batch is ~135 KB of log entry against ~4 MB of pages (1.3 × faster
         // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows,
@@ -3020,7 +3021,7 @@ impl<'s> WriteTx<'s> {
             }
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
-                hook(&named, txn)?;
+                self.aux.extend(hook(&named)?);
             }
         }
         let aux = std::mem::take(&mut self.aux);

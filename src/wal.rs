@@ -67,6 +67,8 @@ pub(crate) enum Aux {
     U64Bytes(String, u64, #[serde(with = "serde_bytes")] Vec<u8>),
     /// A table of string keys and `u64` values.
     StrU64(String, String, u64),
+    /// A table of `(u64, u64)` keys and byte values (format 8).
+    U64PairBytes(String, u64, u64, #[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl Aux {
@@ -78,9 +80,17 @@ impl Aux {
         Aux::StrU64(table.name().to_owned(), key.to_owned(), value)
     }
 
+    pub(crate) fn u64_pair_bytes(
+        table: TableDefinition<(u64, u64), &[u8]>,
+        key: (u64, u64),
+        value: Vec<u8>,
+    ) -> Aux {
+        Aux::U64PairBytes(table.name().to_owned(), key.0, key.1, value)
+    }
+
     fn table(&self) -> &str {
         match self {
-            Aux::U64Bytes(t, ..) | Aux::StrU64(t, ..) => t,
+            Aux::U64Bytes(t, ..) | Aux::StrU64(t, ..) | Aux::U64PairBytes(t, ..) => t,
         }
     }
 
@@ -89,6 +99,7 @@ impl Aux {
         match self {
             Aux::U64Bytes(t, _, v) => (t.len() + 10 + v.len()) as u64,
             Aux::StrU64(t, k, _) => (t.len() + k.len() + 10) as u64,
+            Aux::U64PairBytes(t, _, _, v) => (t.len() + 20 + v.len()) as u64,
         }
     }
 
@@ -119,6 +130,14 @@ impl Aux {
                     for row in run {
                         if let Aux::StrU64(_, k, v) = row {
                             t.insert(k.as_str(), *v)?;
+                        }
+                    }
+                }
+                Aux::U64PairBytes(..) => {
+                    let mut t = txn.open_table(TableDefinition::<(u64, u64), &[u8]>::new(name))?;
+                    for row in run {
+                        if let Aux::U64PairBytes(_, a, b, v) = row {
+                            t.insert((*a, *b), v.as_slice())?;
                         }
                     }
                 }

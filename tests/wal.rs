@@ -614,5 +614,5 @@ fn a_format_4_store_opens_with_its_log_position_clock_and_digest() {
         assert!(meta.get(old).expect("get").is_none(), "{old} left behind");
     }
     let format = meta.get("format").expect("get").expect("format");
-    assert_eq!(format.value(), 7u64.to_le_bytes().as_slice());
+    assert_eq!(format.value(), 8u64.to_le_bytes().as_slice());
 }

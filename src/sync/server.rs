@@ -124,6 +124,9 @@ pub struct SyncServer {
     config: ServerConfig,
     /// The newest server version; the lock also orders uploads from concurrent sessions.
     version: Mutex<ServerVersion>,
+    /// The last conflict record's number (moved under `version`'s lock, once its upload
+    /// has committed).
+    last_conflict: AtomicU64,
 }
 
 impl std::fmt::Debug for SyncServer {
@@ -148,13 +151,20 @@ impl SyncServer {
                 .open_table(SERVER_META)?
                 .get(HORIZON)?
                 .map(|v| v.value());
-            last.unwrap_or(0).max(horizon.unwrap_or(0))
+            (
+                last.unwrap_or(0).max(horizon.unwrap_or(0)),
+                txn.open_table(CONFLICTS)?
+                    .last()?
+                    .map_or(0, |(k, _)| k.value()),
+            )
         };
         tx.commit()?;
+        let (version, last_conflict) = version;
         Ok(SyncServer {
             store,
             config,
             version: Mutex::new(version),
+            last_conflict: AtomicU64::new(last_conflict),
         })
     }
 
@@ -256,9 +266,7 @@ impl SyncServer {
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
                 let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
-                tx.raw()?
-                    .open_table(REFUSALS)?
-                    .insert((client.0, last), bytes.as_slice())?;
+                tx.put_aux(Aux::u64_pair_bytes(REFUSALS, (client.0, last), bytes));
             }
             record.uploaded = last;
             record.user = user.to_owned();
@@ -312,31 +320,31 @@ impl SyncServer {
                     decision,
                 });
             }
-            if !records.is_empty() {
-                let txn = tx.raw()?;
-                let mut table = txn.open_table(CONFLICTS)?;
-                let mut id = table.last()?.map_or(0, |(k, _)| k.value());
-                for r in &mut records {
-                    id += 1;
-                    r.id = id;
-                    let bytes = postcard::to_allocvec(&*r).map_err(|e| corrupt(e.to_string()))?;
-                    table.insert(id, bytes.as_slice())?;
-                }
+            let mut id = self.last_conflict.load(Ordering::SeqCst);
+            for r in &mut records {
+                id += 1;
+                r.id = id;
+                let bytes = postcard::to_allocvec(&*r).map_err(|e| corrupt(e.to_string()))?;
+                tx.put_aux(Aux::u64_bytes(CONFLICTS, id, bytes));
             }
+            // The server's own writes (reverted refusals, policy decisions) enter the history
+            // in the same record.
             let next = Arc::clone(&next);
-            tx.on_log_entry(move |entry, txn| {
+            tx.on_log_entry(move |entry| {
                 let v = next.fetch_add(1, Ordering::SeqCst) + 1;
                 let rec = HistoryRecord {
                     origin: server_replica,
                     entry: entry.clone(),
                 };
                 let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-                txn.open_table(HISTORY)?.insert(v, bytes.as_slice())?;
-                Ok(())
+                Ok(vec![Aux::u64_bytes(HISTORY, v, bytes)])
             });
             Ok(())
         })?;
         *version = next.load(Ordering::SeqCst);
+        if let Some(r) = records.last() {
+            self.last_conflict.store(r.id, Ordering::SeqCst);
+        }
         if let Some(observe) = &self.config.on_conflict {
             for r in &records {
                 observe(r);
@@ -529,15 +537,14 @@ impl SyncServer {
         let mut tx = self.store.begin()?;
         let r = f(&mut tx)?;
         let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
-        tx.on_log_entry(move |entry, txn| {
+        tx.on_log_entry(move |entry| {
             let v = hook_next.fetch_add(1, Ordering::SeqCst) + 1;
             let rec = HistoryRecord {
                 origin,
                 entry: entry.clone(),
             };
             let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-            txn.open_table(HISTORY)?.insert(v, bytes.as_slice())?;
-            Ok(())
+            Ok(vec![Aux::u64_bytes(HISTORY, v, bytes)])
         });
         tx.commit()?;
         *version = next.load(Ordering::SeqCst);
