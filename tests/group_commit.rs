@@ -1,6 +1,7 @@
 //! Group commit (invariant 3 under concurrency): concurrent durable writers share fsyncs,
 //! every write that returned `Ok` is in the durable image, and a failed flush fails every
-//! caller it would have covered.
+//! caller it would have covered. With a write-ahead file, every read sees every commit that
+//! returned, though its redb batch is committed only when a read needs it.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -142,4 +143,76 @@ fn a_failed_flush_fails_its_callers_and_poisons_the_store() {
     // After reopening, only what was durable is there: the first write.
     let image = reopen_durable(&disk);
     assert_eq!(image.count("W").unwrap(), 1);
+}
+
+/// With a write-ahead file a commit returns before its redb batch is committed (the next
+/// read commits it). Every read, on any thread, sees every commit that returned before it
+/// began, while other writers keep joining the batch: a writer reads back what it just
+/// wrote, and a reader that learned a commit returned never reads an older value.
+#[test]
+fn every_read_sees_every_commit_that_returned_while_writers_keep_joining() {
+    use std::sync::atomic::AtomicI64;
+    const WRITERS: usize = 4;
+    const ROUNDS: i64 = 150;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Store::open(dir.path().join("s.redb")).expect("open");
+    let n = |store: &Store, w: usize| -> i64 {
+        match store
+            .get("T", w as i64)
+            .expect("get")
+            .and_then(|o| o.get("n").cloned())
+        {
+            Some(Value::Int(n)) => n,
+            other => panic!("T/{w}: {other:?}"),
+        }
+    };
+    for w in 0..WRITERS {
+        store
+            .write(|tx| tx.insert("T", w as i64, [("n", 0)]))
+            .expect("insert");
+    }
+    let returned: Vec<AtomicI64> = (0..WRITERS).map(|_| AtomicI64::new(0)).collect();
+    let done = AtomicBool::new(false);
+    let reads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (store, returned) = (&store, &returned);
+                s.spawn(move || {
+                    for i in 1..=ROUNDS {
+                        store
+                            .write(|tx| tx.set("T", w as i64, "n", i))
+                            .expect("set");
+                        returned[w].store(i, Ordering::SeqCst);
+                        assert_eq!(n(store, w), i, "writer {w} did not read back its commit");
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            let (store, returned, done, reads) = (&store, &returned, &done, &reads);
+            s.spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    for (w, r) in returned.iter().enumerate() {
+                        let at_least = r.load(Ordering::SeqCst);
+                        let seen = n(store, w);
+                        assert!(
+                            seen >= at_least,
+                            "T/{w}: read {seen} after the commit of {at_least} returned"
+                        );
+                        reads.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        // The readers stop even if a writer failed.
+        let failed = writers.into_iter().any(|w| w.join().is_err());
+        done.store(true, Ordering::SeqCst);
+        assert!(!failed, "a writer failed");
+    });
+    assert!(reads.load(Ordering::SeqCst) > 0);
+    for w in 0..WRITERS {
+        assert_eq!(n(&store, w), ROUNDS);
+    }
+    assert!(store.verify_digest().expect("verify"));
 }
