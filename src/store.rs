@@ -311,16 +311,17 @@ struct Members {
     visible: Visible,
 }
 
-/// A joiner that panics with the batch taken abandons it: readers waiting for it to be
-/// put back would otherwise wait forever.
+/// A batch a joiner has taken: whatever ends its commit before the batch is put back or
+/// committed (an error, a panic) abandons it, since its transaction holds the members'
+/// writes and readers wait for it to come back.
 struct JoinedBatch<'s> {
     store: &'s Store,
-    joined: bool,
+    taken: bool,
 }
 
 impl Drop for JoinedBatch<'_> {
     fn drop(&mut self) {
-        if self.joined && std::thread::panicking() {
+        if self.taken {
             self.store.abandon_batch();
         }
     }
@@ -1144,10 +1145,15 @@ impl Store {
         *lock(&self.visible) = members.visible;
         // A reader may close it without the writer lock: its commit must move the epoch too.
         self.snapshots.writer_released();
-        // Under the batch lock: a joiner puts the next batch back only after this.
+        self.settled(&slot);
+        Ok(())
+    }
+
+    /// The batch has committed: readers need not commit one. Called with the batch lock
+    /// held, so that a joiner puts the next batch back only after this.
+    fn settled(&self, _batch: &MutexGuard<'_, Option<Batch>>) {
         self.unsettled.store(false, Ordering::SeqCst);
         self.batch_back.notify_all();
-        Ok(())
     }
 
     /// A batch that will not commit (its transaction is dropped): the store is poisoned,
@@ -1542,6 +1548,8 @@ impl Store {
 
     /// All live objects of a collection, ordered by primary key.
     pub fn scan(&self, collection: &str) -> Result<Vec<Object>> {
+        // Before the names lock: the joiner it may wait for takes that lock to add names.
+        self.settle()?;
         let names = self.names();
         let Some(cid) = names.by_name.get(collection).copied() else {
             return Ok(Vec::new());
@@ -1550,7 +1558,6 @@ impl Store {
             base: &names,
             new: &[],
         };
-        self.settle()?;
         let rtx = self.db.begin_read()?;
         let table = rtx.open_table(OBJECTS)?;
         let lo = cid.to_be_bytes();
@@ -2609,33 +2616,22 @@ impl<'s> WriteTx<'s> {
                     return Err(corrupt("two write transactions"));
                 }
             };
-            let _unwinding = JoinedBatch {
-                store,
-                joined: joined.is_some(),
-            };
             // What fails from here until this transaction is in the batch fails the batch
             // (its transaction is dropped; its members' records are replayed on reopen).
-            let abandon = |joined: &Option<Members>, _: &Error| {
-                if joined.is_some() {
-                    store.abandon_batch();
-                }
+            let mut taken = JoinedBatch {
+                store,
+                taken: joined.is_some(),
             };
-            let mut p = match self.prepare(&txn) {
-                Ok(Some(p)) => p,
-                Ok(None) => {
-                    // Nothing written: the batch goes on as it was.
-                    if let Some(members) = joined {
-                        store.put_back_batch(Batch { txn, members });
-                    }
-                    return Ok(Committed {
-                        seq: None,
-                        stamp: None,
-                    });
+            let Some(mut p) = self.prepare(&txn)? else {
+                // Nothing written: the batch goes on as it was.
+                if let Some(members) = joined {
+                    taken.taken = false;
+                    store.put_back_batch(Batch { txn, members });
                 }
-                Err(e) => {
-                    abandon(&joined, &e);
-                    return Err(e);
-                }
+                return Ok(Committed {
+                    seq: None,
+                    stamp: None,
+                });
             };
             let WriteTx {
                 mut writer,
@@ -2658,15 +2654,8 @@ impl<'s> WriteTx<'s> {
                     }
                     Ok::<_, Error>(end)
                 })();
-                let end = match appended {
-                    Ok(end) => end,
-                    Err(e) => {
-                        // Nothing of this transaction is in the file: only the members before
-                        // it must not be replayed.
-                        abandon(&joined, &e);
-                        return Err(e);
-                    }
-                };
+                // On failure nothing of this transaction is in the file.
+                let end = appended?;
                 writer.wal_at = end;
                 writer.wal_seq += 1;
                 let record_len = record.len();
@@ -2680,6 +2669,7 @@ impl<'s> WriteTx<'s> {
                 members.count += 1;
                 members.visible = writer.visible();
                 let seq = writer.wal_seq;
+                taken.taken = false;
                 store.put_back_batch(Batch { txn, members });
                 if record_len > BATCH_RECORD_MAX || writer.wal_at >= store.options.checkpoint_bytes
                 {
@@ -2724,9 +2714,7 @@ impl<'s> WriteTx<'s> {
             if let Err(e) = txn.commit() {
                 // Its names are in memory: nothing more may commit before a reopen.
                 store.poisoned.store(true, Ordering::SeqCst);
-                let e = Error::from(e);
-                abandon(&joined, &e);
-                return Err(e);
+                return Err(e.into());
             }
             let number = {
                 let mut g = lock(&store.group);
@@ -2743,9 +2731,8 @@ impl<'s> WriteTx<'s> {
             *lock(&store.visible) = writer.visible();
             if joined.is_some() {
                 // The batch committed with this transaction.
-                let _slot = lock(&store.batch);
-                store.unsettled.store(false, Ordering::SeqCst);
-                store.batch_back.notify_all();
+                taken.taken = false;
+                store.settled(&lock(&store.batch));
             }
             drop(writer);
             if matches!(mode, Mode::Grouped) {

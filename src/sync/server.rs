@@ -141,7 +141,7 @@ impl SyncServer {
     /// Serves `store`, creating the sync tables on first use.
     pub fn open(store: Arc<Store>, config: ServerConfig) -> Result<SyncServer> {
         let mut tx = store.begin()?;
-        let version = {
+        let (version, last_conflict) = {
             let txn = tx.raw()?;
             txn.open_table(CLIENTS)?;
             txn.open_table(SERVER_META)?;
@@ -159,7 +159,6 @@ impl SyncServer {
             )
         };
         tx.commit()?;
-        let (version, last_conflict) = version;
         Ok(SyncServer {
             store,
             config,
