@@ -63,6 +63,18 @@ struct HistoryRecord {
     entry: LogEntry,
 }
 
+/// The history row for `entry` at the next version after `next` (which moves), as a row
+/// of the commit's write-ahead record.
+fn history_row(next: &AtomicU64, origin: ReplicaId, entry: &LogEntry) -> Result<Aux> {
+    let v = next.fetch_add(1, Ordering::SeqCst) + 1;
+    let rec = HistoryRecord {
+        origin,
+        entry: entry.clone(),
+    };
+    let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Aux::u64_bytes(HISTORY, v, bytes))
+}
+
 /// What the server remembers of a client.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct ClientRecord {
@@ -254,13 +266,7 @@ impl SyncServer {
         self.store.import_with(&cs, |tx, _| {
             // History and the client's position go in the upload's write-ahead record.
             for e in &cs.entries {
-                let v = next.fetch_add(1, Ordering::SeqCst) + 1;
-                let rec = HistoryRecord {
-                    origin: client,
-                    entry: e.clone(),
-                };
-                let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-                tx.put_aux(Aux::u64_bytes(HISTORY, v, bytes));
+                tx.put_aux(history_row(&next, client, e)?);
             }
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
@@ -329,15 +335,7 @@ impl SyncServer {
             // The server's own writes (reverted refusals, policy decisions) enter the history
             // in the same record.
             let next = Arc::clone(&next);
-            tx.on_log_entry(move |entry| {
-                let v = next.fetch_add(1, Ordering::SeqCst) + 1;
-                let rec = HistoryRecord {
-                    origin: server_replica,
-                    entry: entry.clone(),
-                };
-                let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-                Ok(vec![Aux::u64_bytes(HISTORY, v, bytes)])
-            });
+            tx.on_log_entry(move |entry| Ok(vec![history_row(&next, server_replica, entry)?]));
             Ok(())
         })?;
         *version = next.load(Ordering::SeqCst);
@@ -536,15 +534,7 @@ impl SyncServer {
         let mut tx = self.store.begin()?;
         let r = f(&mut tx)?;
         let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
-        tx.on_log_entry(move |entry| {
-            let v = hook_next.fetch_add(1, Ordering::SeqCst) + 1;
-            let rec = HistoryRecord {
-                origin,
-                entry: entry.clone(),
-            };
-            let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-            Ok(vec![Aux::u64_bytes(HISTORY, v, bytes)])
-        });
+        tx.on_log_entry(move |entry| Ok(vec![history_row(&hook_next, origin, entry)?]));
         tx.commit()?;
         *version = next.load(Ordering::SeqCst);
         Ok(r)
