@@ -276,7 +276,7 @@ impl Fieldlog {
 }
 
 /// The store's default options; `FIELDLOG_BENCH_CHECKPOINT_BYTES` changes the write-ahead
-/// file's size (0: none), to compare.
+/// file's size (0: none), `FIELDLOG_BENCH_CACHE_BYTES` redb's cache, to compare.
 pub fn options() -> fieldlog::Options {
     let mut o = fieldlog::Options::default();
     if let Some(n) = std::env::var("FIELDLOG_BENCH_CHECKPOINT_BYTES")
@@ -284,6 +284,12 @@ pub fn options() -> fieldlog::Options {
         .and_then(|v| v.parse().ok())
     {
         o.checkpoint_bytes = n;
+    }
+    if let Some(n) = std::env::var("FIELDLOG_BENCH_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.cache_bytes = n;
     }
     o
 }
