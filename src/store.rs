@@ -309,6 +309,9 @@ struct Members {
     count: usize,
     /// What readers are shown once it commits.
     visible: Visible,
+    /// The `head` meta row its commit writes: the last recorded member's (each member's
+    /// record holds its own for a replay, so the row goes into redb once a batch).
+    head: Option<Vec<u8>>,
 }
 
 /// A batch a joiner has taken: whatever ends its commit before the batch is put back or
@@ -1195,9 +1198,16 @@ impl Store {
                 return Err(e);
             }
         }
-        if let Err(e) = txn.commit() {
+        let committed = (|| {
+            if let Some(head) = &members.head {
+                txn.open_table(META)?.insert(META_HEAD, head.as_slice())?;
+            }
+            txn.commit()?;
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = committed {
             self.abandon_batch();
-            return Err(e.into());
+            return Err(e);
         }
         lock(&self.group).committed += 1;
         *lock(&self.visible) = members.visible;
@@ -2723,8 +2733,10 @@ impl<'s> WriteTx<'s> {
                 let mut members = joined.unwrap_or_else(|| Members {
                     count: 0,
                     visible: Visible::default(),
+                    head: None,
                 });
                 members.count += 1;
+                members.head = p.head.take();
                 members.visible = writer.visible();
                 let seq = writer.wal_seq;
                 taken.taken = false;
@@ -3055,7 +3067,6 @@ impl<'s> WriteTx<'s> {
         } else {
             Some(self.writer.log_next)
         };
-        let mut meta = txn.open_table(META)?;
         if let Some(seq) = seq {
             let entry = LogEntry { seq, stamp, writes };
             let bytes = encode(&entry)?;
@@ -3096,16 +3107,25 @@ impl<'s> WriteTx<'s> {
             }
         }
         drop(names);
+        // A recorded commit without new counts leaves `meta` alone: its head row goes into
+        // redb with its batch's commit (`Members::head`).
+        let mut meta = if redo.is_none() || !count_delta.is_empty() {
+            Some(txn.open_table(META)?)
+        } else {
+            None
+        };
         let mut counts = Vec::new();
         for (cid, delta) in &count_delta {
             let n = self.writer.counts.get(cid).copied().unwrap_or(0);
             let n = n.saturating_add_signed(*delta);
-            put_meta(
-                &mut meta,
-                &mut redo,
-                &format!("{META_COUNT_PREFIX}{cid}"),
-                &n.to_le_bytes(),
-            )?;
+            if let Some(meta) = &mut meta {
+                put_meta(
+                    meta,
+                    &mut redo,
+                    &format!("{META_COUNT_PREFIX}{cid}"),
+                    &n.to_le_bytes(),
+                )?;
+            }
             counts.push((*cid, n));
         }
         // A record's number goes into the database with its rows; a commit without one
@@ -3121,7 +3141,18 @@ impl<'s> WriteTx<'s> {
             },
             digest: digest.digest(),
         };
-        put_meta(&mut meta, &mut redo, META_HEAD, &head.encode())?;
+        let head = head.encode();
+        let head = match (&mut redo, &mut meta) {
+            (Some(rows), _) => {
+                rows.push(Redo::Meta(META_HEAD.to_owned(), head.to_vec()));
+                Some(head.to_vec())
+            }
+            (None, Some(meta)) => {
+                meta.insert(META_HEAD, head.as_slice())?;
+                None
+            }
+            (None, None) => return Err(corrupt("meta table not opened")),
+        };
         drop(meta);
         let record = match redo {
             Some(rows) => Some(wal::encode(&wal::Record {
@@ -3139,6 +3170,7 @@ impl<'s> WriteTx<'s> {
             digest,
             counts,
             record,
+            head,
         }))
     }
 }
@@ -3175,6 +3207,8 @@ struct Prepared {
     counts: Vec<(u32, u64)>,
     /// The write-ahead record (numbered `wal_seq + 1`), if the transaction made one.
     record: Option<Vec<u8>>,
+    /// With a record: the `head` meta row, for its batch's commit to write.
+    head: Option<Vec<u8>>,
 }
 
 // ---- client reset: backup, snapshot export, staging and the swap (see `reset.rs`) ----
