@@ -3109,10 +3109,10 @@ impl<'s> WriteTx<'s> {
         drop(names);
         // A recorded commit without new counts leaves `meta` alone: its head row goes into
         // redb with its batch's commit (`Members::head`).
-        let mut meta = if redo.is_none() || !count_delta.is_empty() {
-            Some(txn.open_table(META)?)
-        } else {
+        let mut meta = if count_delta.is_empty() {
             None
+        } else {
+            Some(txn.open_table(META)?)
         };
         let mut counts = Vec::new();
         for (cid, delta) in &count_delta {
@@ -3142,16 +3142,19 @@ impl<'s> WriteTx<'s> {
             digest: digest.digest(),
         };
         let head = head.encode();
-        let head = match (&mut redo, &mut meta) {
-            (Some(rows), _) => {
+        let head = match &mut redo {
+            Some(rows) => {
                 rows.push(Redo::Meta(META_HEAD.to_owned(), head.to_vec()));
                 Some(head.to_vec())
             }
-            (None, Some(meta)) => {
+            None => {
+                let meta = match &mut meta {
+                    Some(meta) => meta,
+                    None => meta.insert(txn.open_table(META)?),
+                };
                 meta.insert(META_HEAD, head.as_slice())?;
                 None
             }
-            (None, None) => return Err(corrupt("meta table not opened")),
         };
         drop(meta);
         let record = match redo {
