@@ -506,38 +506,27 @@ fn insert_fresh(table: &mut redb::Table<&[u8], &[u8]>, rows: &[(Vec<u8>, Vec<u8>
         rows.iter().map(|(k, v)| k.len() + v.len()).sum()
     };
     let mut left = bytes(rows);
-    let mut i = 0;
-    while i < rows.len() {
-        let rest = &rows[i..];
-        if left < PACKED_RUN_BYTES {
-            for (k, v) in rest {
-                table.insert(k.as_slice(), v.as_slice())?;
-            }
-            return Ok(());
-        }
-        let next = match table.range(rest[0].0.as_slice()..)?.next() {
-            Some(row) => Some(row?.0.value().to_vec()),
-            None => None,
-        };
-        let run = rest
-            .iter()
-            .position(|(k, _)| next.as_ref().is_some_and(|n| k >= n))
-            .unwrap_or(rest.len());
-        if run == 0 {
-            // The key is there after all (nothing inserts it before its commit): replace it.
-            table.insert(rest[0].0.as_slice(), rest[0].1.as_slice())?;
-            left -= bytes(&rest[..1]);
-            i += 1;
-            continue;
-        }
-        let run = &rest[..run];
-        let run_bytes = bytes(run);
-        left -= run_bytes;
-        if run_bytes < PACKED_RUN_BYTES {
-            for (k, v) in run {
-                table.insert(k.as_slice(), v.as_slice())?;
-            }
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let (run, packed) = if left < PACKED_RUN_BYTES {
+            // Too little left to fill a page: no need to find where the run ends.
+            (rest, false)
         } else {
+            let next = match table.range(rest[0].0.as_slice()..)?.next() {
+                Some(row) => Some(row?.0.value().to_vec()),
+                None => None,
+            };
+            match rest
+                .iter()
+                .position(|(k, _)| next.as_ref().is_some_and(|n| k >= n))
+                .unwrap_or(rest.len())
+            {
+                // The key is there after all (nothing inserts it before its commit): replace it.
+                0 => (&rest[..1], false),
+                n => (&rest[..n], bytes(&rest[..n]) >= PACKED_RUN_BYTES),
+            }
+        };
+        if packed {
             let mut cursor =
                 table.lower_bound_mut(std::ops::Bound::Included(run[0].0.as_slice()))?;
             for (k, v) in run {
@@ -546,8 +535,13 @@ fn insert_fresh(table: &mut redb::Table<&[u8], &[u8]>, rows: &[(Vec<u8>, Vec<u8>
                     .map_err(redb::Error::from)?;
             }
             cursor.close()?;
+        } else {
+            for (k, v) in run {
+                table.insert(k.as_slice(), v.as_slice())?;
+            }
         }
-        i += run.len();
+        left -= bytes(run);
+        rest = &rest[run.len()..];
     }
     Ok(())
 }
@@ -3107,25 +3101,19 @@ impl<'s> WriteTx<'s> {
             }
         }
         drop(names);
-        // A recorded commit without new counts leaves `meta` alone: its head row goes into
-        // redb with its batch's commit (`Members::head`).
-        let mut meta = if count_delta.is_empty() {
-            None
-        } else {
-            Some(txn.open_table(META)?)
-        };
+        // Opened when first needed: a recorded commit without new counts leaves it alone,
+        // since its head row goes into redb with its batch's commit (`Members::head`).
+        let mut meta = None;
         let mut counts = Vec::new();
         for (cid, delta) in &count_delta {
             let n = self.writer.counts.get(cid).copied().unwrap_or(0);
             let n = n.saturating_add_signed(*delta);
-            if let Some(meta) = &mut meta {
-                put_meta(
-                    meta,
-                    &mut redo,
-                    &format!("{META_COUNT_PREFIX}{cid}"),
-                    &n.to_le_bytes(),
-                )?;
-            }
+            put_meta(
+                opened(&mut meta, txn, META)?,
+                &mut redo,
+                &format!("{META_COUNT_PREFIX}{cid}"),
+                &n.to_le_bytes(),
+            )?;
             counts.push((*cid, n));
         }
         // A record's number goes into the database with its rows; a commit without one
@@ -3148,11 +3136,7 @@ impl<'s> WriteTx<'s> {
                 Some(head.to_vec())
             }
             None => {
-                let meta = match &mut meta {
-                    Some(meta) => meta,
-                    None => meta.insert(txn.open_table(META)?),
-                };
-                meta.insert(META_HEAD, head.as_slice())?;
+                opened(&mut meta, txn, META)?.insert(META_HEAD, head.as_slice())?;
                 None
             }
         };
@@ -3190,6 +3174,18 @@ enum Mode {
 }
 
 /// Puts a meta row, and records it for the write-ahead file.
+/// The table in `slot`, opened in `txn` the first time it is needed.
+fn opened<'a, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
+    slot: &'a mut Option<redb::Table<'t, K, V>>,
+    txn: &'t redb::WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<&'a mut redb::Table<'t, K, V>> {
+    Ok(match slot {
+        Some(t) => t,
+        None => slot.insert(txn.open_table(table)?),
+    })
+}
+
 fn put_meta(
     meta: &mut redb::Table<&str, &[u8]>,
     redo: &mut Option<Vec<Redo>>,
