@@ -3108,7 +3108,8 @@ impl<'s> WriteTx<'s> {
         };
         if let Some(seq) = seq {
             let entry = LogEntry { seq, stamp, writes };
-            let bytes = encode(&entry)?;
+            let bytes = postcard::to_extend(&entry, Vec::with_capacity(entry.size_hint()))
+                .map_err(|e| corrupt(format!("encode: {e}")))?;
             tables.log.insert(seq, bytes.as_slice())?;
             if let Some(r) = &mut redo {
                 record_bytes += bytes.len() as u64 + 4 * log_patches.len() as u64;
