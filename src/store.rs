@@ -315,7 +315,7 @@ self_cell::self_cell!(
     /// A write transaction with the store's tables open, for as long as it lasts: a batch's
     /// members write through the same tables. Opening a table flushes the roots of those
     /// closed before it, checksumming every page they dirtied, so opening and closing them
-    /// per member was ~28 % of a one-update commit's instructions.
+    /// per member was ~22 % of a one-update durable commit's instructions.
     struct OpenTxn {
         owner: redb::WriteTransaction,
         #[covariant]
