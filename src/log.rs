@@ -80,8 +80,6 @@ impl<N> LogEntry<N> {
     /// encoded into starts that large instead of doubling from empty (a 1,000-object
     /// insert's entry is ~1.1 MB).
     pub(crate) fn size_hint(&self) -> usize {
-        let values =
-            |n: usize, sizes: &mut dyn Iterator<Item = usize>| 24 * n + sizes.sum::<usize>();
         32 + self
             .writes
             .iter()
@@ -90,18 +88,12 @@ impl<N> LogEntry<N> {
                     Pk::Str(s) => s.len() + 2,
                     _ => 17,
                 };
-                pk + 8
-                    + match &w.op {
-                        Op::Insert { fields } => values(
-                            fields.len(),
-                            &mut fields.iter().map(|(_, v)| v.size_bytes()),
-                        ),
-                        Op::Update { fields } => values(
-                            fields.len(),
-                            &mut fields.iter().map(|f| f.value.size_bytes()),
-                        ),
-                        Op::Delete { .. } => 16,
-                    }
+                let fields: usize = match &w.op {
+                    Op::Insert { fields } => fields.iter().map(|(_, v)| 24 + v.size_bytes()).sum(),
+                    Op::Update { fields } => fields.iter().map(|f| 24 + f.value.size_bytes()).sum(),
+                    Op::Delete { .. } => 16,
+                };
+                pk + 8 + fields
             })
             .sum::<usize>()
     }

@@ -693,7 +693,12 @@ fn decode_state(bytes: &[u8]) -> Result<ObjectState<u32>> {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    postcard::to_allocvec(v).map_err(|e| corrupt(format!("encode: {e}")))
+    encode_into(v, Vec::new())
+}
+
+/// [`encode`] into `buf` (sized beforehand, where the caller knows about how large).
+fn encode_into<T: Serialize>(v: &T, buf: Vec<u8>) -> Result<Vec<u8>> {
+    postcard::to_extend(v, buf).map_err(|e| corrupt(format!("encode: {e}")))
 }
 
 /// An object row (see `row.rs`).
@@ -1220,7 +1225,7 @@ impl Store {
         if !slot.as_ref().is_some_and(which) {
             return Ok(());
         }
-        let Some(Batch { txn, members }) = slot.take() else {
+        let Some(Batch { mut txn, members }) = slot.take() else {
             return Ok(());
         };
         // Nothing is visible before its record is in the file: a commit whose record could
@@ -1232,7 +1237,6 @@ impl Store {
             }
         }
         let committed = (|| {
-            let mut txn = txn;
             if let Some(head) = &members.head {
                 txn.with_dependent_mut(|_, t| t.meta.insert(META_HEAD, head.as_slice()))?;
             }
@@ -3108,8 +3112,7 @@ impl<'s> WriteTx<'s> {
         };
         if let Some(seq) = seq {
             let entry = LogEntry { seq, stamp, writes };
-            let bytes = postcard::to_extend(&entry, Vec::with_capacity(entry.size_hint()))
-                .map_err(|e| corrupt(format!("encode: {e}")))?;
+            let bytes = encode_into(&entry, Vec::with_capacity(entry.size_hint()))?;
             tables.log.insert(seq, bytes.as_slice())?;
             if let Some(r) = &mut redo {
                 record_bytes += bytes.len() as u64 + 4 * log_patches.len() as u64;
