@@ -346,6 +346,8 @@ impl OpenTxn {
 /// How many are in a batch, and what its commit will show.
 struct Members {
     count: usize,
+    /// The bytes of the members' records.
+    bytes: usize,
     /// What readers are shown once it commits.
     visible: Visible,
     /// The `head` meta row its commit writes: the last recorded member's (each member's
@@ -371,9 +373,14 @@ impl Drop for JoinedBatch<'_> {
 
 /// A batch is committed once it has this many members.
 const BATCH_MEMBERS_MAX: usize = 64;
-/// Only transactions with records up to this size leave a batch open: batching pays for
-/// small commits, and a reader would wait for a large one to be put into it.
-const BATCH_RECORD_MAX: usize = 64 << 10;
+/// A batch is committed once its members' records pass this many bytes, or a 128th of
+/// redb's cache if that is less. Larger batches copy each hot leaf once for many
+/// transactions (redb copies a page on its first write in a commit); but a batch's dirty
+/// pages must fit redb's write buffer (half its cache) or they are written out and read
+/// back (a uniform update's ~135 record bytes dirty a 4 KiB leaf: 1 MiB of records, up to
+/// ~40 MiB of pages), and a reader that arrives while a member is being put into the batch
+/// waits for that member and the batch's commit.
+const BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// The writer lock, taken to commit (through [`Store::begin`] or [`Store::lock_writer`]:
 /// taking it lets go of the kept read snapshot, so that the snapshot does not hold back the
@@ -1210,6 +1217,11 @@ impl Store {
         let _w = lock(&self.wal_write);
         lock(&self.wal_tail).discard();
         writer.wal_at = 0;
+    }
+
+    /// When a batch's members' records are enough to commit it ([`BATCH_BYTES_MAX`]).
+    fn batch_bytes_max(&self) -> usize {
+        (self.options.cache_bytes / 128).min(BATCH_BYTES_MAX)
     }
 
     /// Commits the open batch, if any (without fsync: its members' records are in the
@@ -2771,16 +2783,20 @@ impl<'s> WriteTx<'s> {
                 writer.apply(p.digest, p.counts, p.committed.seq);
                 let mut members = joined.unwrap_or_else(|| Members {
                     count: 0,
+                    bytes: 0,
                     visible: Visible::default(),
                     head: None,
                 });
                 members.count += 1;
+                members.bytes += record_len;
+                let batch_bytes = members.bytes;
                 members.head = p.head.take();
                 members.visible = writer.visible();
                 let seq = writer.wal_seq;
                 taken.taken = false;
                 store.put_back_batch(Batch { txn, members });
-                if record_len > BATCH_RECORD_MAX || writer.wal_at >= store.options.checkpoint_bytes
+                if batch_bytes > store.batch_bytes_max()
+                    || writer.wal_at >= store.options.checkpoint_bytes
                 {
                     store.close_batch()?;
                     if writer.wal_at >= store.options.checkpoint_bytes {
@@ -4438,6 +4454,55 @@ mod tests {
             n(&store, 1),
             Some(Value::from(BATCH_MEMBERS_MAX as i64 + 3))
         );
+        assert!(store.verify_digest().expect("verify"));
+    }
+
+    #[test]
+    fn a_batch_commits_once_its_records_pass_its_bytes_and_a_small_cache_makes_them_fewer() {
+        let committed = |store: &Store| lock(&store.group).committed;
+        let objects = |store: &Store| {
+            for i in 1..=5i64 {
+                store
+                    .write(|tx| tx.insert("T", i, [("b", 0)]))
+                    .expect("insert");
+            }
+            assert_eq!(store.count("T").expect("count"), 5);
+        };
+        // ~300 KB a record (an update's value is in it once): the fourth passes 1 MiB.
+        let big = |store: &Store, i: i64| {
+            store
+                .write(|tx| tx.set("T", i, "b", Value::Bytes(vec![i as u8; 300_000])))
+                .expect("set")
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(&dir);
+        objects(&store);
+        let before = committed(&store);
+        for i in 1..=3 {
+            big(&store, i);
+        }
+        assert_eq!(committed(&store) - before, 0);
+        big(&store, 4);
+        assert_eq!(committed(&store) - before, 1);
+        big(&store, 5);
+        assert_eq!(committed(&store) - before, 1);
+        let read = store.get_field("T", 5, "b").expect("get").map(|(v, _)| v);
+        assert_eq!(read, Some(Value::Bytes(vec![5; 300_000])));
+        assert_eq!(committed(&store) - before, 2);
+        assert!(store.verify_digest().expect("verify"));
+
+        // A 16 MiB cache: a batch is committed past 128 KiB, here by each member.
+        let dir = tempfile::tempdir().expect("dir");
+        let options = Options {
+            cache_bytes: 16 << 20,
+            ..Options::default()
+        };
+        let store = Store::open_with(dir.path().join("s.redb"), options).expect("open");
+        objects(&store);
+        let before = committed(&store);
+        big(&store, 1);
+        big(&store, 2);
+        assert_eq!(committed(&store) - before, 2);
         assert!(store.verify_digest().expect("verify"));
     }
 
