@@ -172,8 +172,8 @@ fn sizes() -> Sizes {
     }
 }
 
-/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|concurrent|merge|read|recovery|sync` runs only
-/// fieldlog's part, with the measured work inside `profiled` (e.g. valgrind's
+/// For a profiler: `FIELDLOG_BENCH_PROFILE=batch|durable|concurrent|merge|read|mixed|recovery|sync`
+/// runs only fieldlog's part, with the measured work inside `profiled` (e.g. valgrind's
 /// `--collect-atstart=no --toggle-collect='*profiled*'`). `FIELDLOG_BENCH_PROFILE_N` sets
 /// the number of writes (default 20,000; durable: 300), `FIELDLOG_BENCH_PROFILE_OBJECTS` the
 /// number of objects loaded first (default 10,000). `read` first runs what the full bench
@@ -251,7 +251,8 @@ fn profile(what: &str) {
                 eprintln!("read: set up in {:.2?}", t.elapsed());
             }
             let reads: Vec<u32> = (0..count).map(|_| rng.random_range(0..objects)).collect();
-            profiled(&mut || match what {
+            profiled(&mut || {
+                match what {
                 "batch" => {
                     update_all(&e, &ups, 1_000);
                 }
@@ -277,13 +278,51 @@ fn profile(what: &str) {
                         std::hint::black_box(e.read(o));
                     }
                 }
+                "mixed" => mixed(&e, &ups, &reads),
                 _ => panic!(
-                    "FIELDLOG_BENCH_PROFILE: batch, durable, concurrent, merge, read or recovery"
+                    "FIELDLOG_BENCH_PROFILE: batch, durable, concurrent, merge, read, mixed, recovery or sync"
                 ),
+            }
             });
         }
     }
     eprintln!("{what}: {count} in {:.2?}", t.elapsed());
+}
+
+/// One reader reading random objects, one at a time, while a writer commits the batched
+/// updates: how long a read waits behind the writer (it commits the open batch, or waits
+/// for a member being put into it).
+fn mixed(e: &Fieldlog, ups: &[Upd], reads: &[u32]) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (took, mut waits) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut waits = Vec::new();
+            for &o in reads.iter().cycle() {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let t = Instant::now();
+                std::hint::black_box(e.read(o));
+                waits.push(t.elapsed());
+            }
+            waits
+        });
+        let took = update_all(e, ups, 1_000);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (took, reader.join().expect("reader"))
+    });
+    waits.sort_unstable();
+    let at = |q: f64| waits[((waits.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "mixed: {:.0} writes/s beside {} reads ({:.0}/s); read p50 {:.1?}, p99 {:.1?}, p99.9 {:.1?}, max {:.1?}",
+        rate(ups.len() as u32, took),
+        waits.len(),
+        waits.len() as f64 / took.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        at(1.0)
+    );
 }
 
 /// Rounds each workload is cut into; the engines take turns within a round (in a rotating
