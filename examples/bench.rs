@@ -251,8 +251,7 @@ fn profile(what: &str) {
                 eprintln!("read: set up in {:.2?}", t.elapsed());
             }
             let reads: Vec<u32> = (0..count).map(|_| rng.random_range(0..objects)).collect();
-            profiled(&mut || {
-                match what {
+            profiled(&mut || match what {
                 "batch" => {
                     update_all(&e, &ups, 1_000);
                 }
@@ -279,10 +278,7 @@ fn profile(what: &str) {
                     }
                 }
                 "mixed" => mixed(&e, &ups, &reads),
-                _ => panic!(
-                    "FIELDLOG_BENCH_PROFILE: batch, durable, concurrent, merge, read, mixed, recovery or sync"
-                ),
-            }
+                _ => panic!("FIELDLOG_BENCH_PROFILE: one of the parts `profile` lists"),
             });
         }
     }
@@ -293,22 +289,24 @@ fn profile(what: &str) {
 /// updates: how long a read waits behind the writer (it commits the open batch, or waits
 /// for a member being put into it).
 fn mixed(e: &Fieldlog, ups: &[Upd], reads: &[u32]) {
-    let done = std::sync::atomic::AtomicBool::new(false);
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
     let (took, mut waits) = std::thread::scope(|s| {
         let reader = s.spawn(|| {
             let mut waits = Vec::new();
+            // At least one read, so that the percentiles below have one to take.
             for &o in reads.iter().cycle() {
-                if done.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
                 let t = Instant::now();
                 std::hint::black_box(e.read(o));
                 waits.push(t.elapsed());
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             waits
         });
         let took = update_all(e, ups, 1_000);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        done.store(true, Ordering::Relaxed);
         (took, reader.join().expect("reader"))
     });
     waits.sort_unstable();

@@ -2789,15 +2789,13 @@ impl<'s> WriteTx<'s> {
                 });
                 members.count += 1;
                 members.bytes += record_len;
-                let batch_bytes = members.bytes;
+                let full = members.bytes > store.batch_bytes_max();
                 members.head = p.head.take();
                 members.visible = writer.visible();
                 let seq = writer.wal_seq;
                 taken.taken = false;
                 store.put_back_batch(Batch { txn, members });
-                if batch_bytes > store.batch_bytes_max()
-                    || writer.wal_at >= store.options.checkpoint_bytes
-                {
+                if full || writer.wal_at >= store.options.checkpoint_bytes {
                     store.close_batch()?;
                     if writer.wal_at >= store.options.checkpoint_bytes {
                         store.checkpoint_with(&mut writer, false)?;
