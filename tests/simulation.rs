@@ -47,13 +47,23 @@
 //! and no refused write is on the server or in its history; the oracle leaves refused
 //! writes out; each client converges to the server's objects of its user.
 //!
+//! A hostile client (user `mallory`, a device of its own, a random stream of its own so a
+//! seed's honest world is the same with it) attacks at a per-seed rate, each time on a
+//! fresh session: it claims the device id of a client that has synced (ids are in every
+//! stamp), uploads on its own device at a position past the next one (2, 3, 1,000 or
+//! 1,000,000), replays a transaction from an honest client's log, or subscribes to another
+//! user's objects. Checks: nothing of another user (object or refused write) reaches it,
+//! every attack is refused (no Welcome on a forged device, no acknowledgement of a forged
+//! upload), and the server's version and digest do not move.
+//!
 //! `FIELDLOG_SIM_SEEDS=N` runs seeds 0..N (default 256; `FIELDLOG_SIM_FIRST` moves the
 //! start); `FIELDLOG_SIM_SEED=n` replays one seed exactly; `FIELDLOG_SIM_TRACE=1` prints its
 //! events; `FIELDLOG_SIM_SCALE=k` makes every seed k times longer (soak). A failure prints
 //! `SEED=<n>`. The suite steers around known bugs (`Knobs`); `FIELDLOG_SIM_KNOWN_BUGS=1`
 //! stops that, and the `seed_*` regression tests (ignored while the bugs are open) replay
 //! the seeds that found them. Last line: `simulation: seeds=N client_ops=M
-//! convergence_failures=F max_rounds=R resets=X refused=N leaks=0`.
+//! convergence_failures=F max_rounds=R resets=X refused=N leaks=0 hostile_attacks=A
+//! hostile_accepted=0`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -64,10 +74,12 @@ use std::time::Instant;
 use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport, UnsyncedWrite};
 use fieldlog::rules::Rules;
 use fieldlog::sync::client::{self as sync_client, ClientConfig, ClientSession};
-use fieldlog::sync::protocol::{ClientMsg, RefusedWrite, ServerMsg};
+use fieldlog::sync::protocol::{ClientMsg, ErrorCode, RefusedWrite, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
-use fieldlog::{Error, LogEntry, ManualTimeSource, Op, Options, Pk, Stamp, Store, Value, WriteTx};
+use fieldlog::{
+    Error, LogEntry, ManualTimeSource, Op, Options, Pk, ReplicaId, Stamp, Store, Value, WriteTx,
+};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -342,6 +354,9 @@ struct Stats {
     forbidden: u64,
     refused: u64,
     leaks: u64,
+    /// Attacks of the hostile client, and those the server did not refuse.
+    hostile: u64,
+    hostile_accepted: u64,
 }
 
 impl Stats {
@@ -361,6 +376,8 @@ impl Stats {
         self.forbidden += o.forbidden;
         self.refused += o.refused;
         self.leaks += o.leaks;
+        self.hostile += o.hostile;
+        self.hostile_accepted += o.hostile_accepted;
     }
 }
 
@@ -461,6 +478,78 @@ fn join_piece(joined: &mut LogEntry, next: LogEntry) {
     }
 }
 
+/// The user of the hostile client: no honest client is theirs.
+const HOSTILE_USER: &str = "mallory";
+
+/// A signed-in user who attacks: forges device ids, uploads with gaps and far-ahead
+/// positions, replays other devices' transactions, and subscribes outside its rules. It
+/// draws from a stream of its own, so the honest world of a seed is the same with it.
+struct Hostile {
+    rng: StdRng,
+    /// Attacks per safety step.
+    rate: f64,
+    device: ReplicaId,
+    token: String,
+}
+
+impl Hostile {
+    fn new(seed: u64, secret: &Secret) -> Hostile {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_6c6c_6f72_7900);
+        Hostile {
+            rate: maybe(&mut rng, 0.10),
+            rng,
+            device: ReplicaId(0x6d61_6c6c_6f72_7901),
+            token: token_for(secret, HOSTILE_USER),
+        }
+    }
+}
+
+/// An upload of one insert of the attacker's own object at `seq`.
+fn hostile_upload(replica: ReplicaId, seq: u64, now_ms: u64) -> ClientMsg {
+    ClientMsg::Upload {
+        changeset: fieldlog::Changeset {
+            origin: replica,
+            entries: vec![LogEntry {
+                seq,
+                stamp: Stamp {
+                    time: now_ms << 16,
+                    replica,
+                },
+                writes: vec![fieldlog::Write {
+                    collection: COLL.into(),
+                    pk: Pk::Int(0),
+                    op: Op::Insert {
+                        fields: vec![(OWNER.into(), Value::from(HOSTILE_USER))],
+                    },
+                }],
+            }],
+        },
+        more: false,
+    }
+}
+
+/// `None` when the session refused the attacker's upload: a `BadChangeset` error, or no
+/// answer to it at all (a session sending a snapshot drops uploads); otherwise what the
+/// session did instead.
+fn refused_as_bad_changeset(out: &[ServerMsg]) -> Option<String> {
+    let acked = out
+        .iter()
+        .any(|m| matches!(m, ServerMsg::UploadAck { seq, .. } if *seq > 0));
+    let refused = out.iter().any(|m| {
+        matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::BadChangeset,
+                ..
+            }
+        )
+    });
+    let snapshot = out
+        .iter()
+        .any(|m| matches!(m, ServerMsg::ResetRequired { .. }));
+    (acked || !(refused || snapshot)).then(|| format!("expected the upload refused, got {out:?}"))
+}
+
 struct Sim {
     seed: u64,
     knobs: Knobs,
@@ -478,6 +567,7 @@ struct Sim {
     stats: Stats,
     trace: bool,
     value: i64,
+    hostile: Hostile,
 }
 
 fn token_for(secret: &Secret, user: &str) -> String {
@@ -670,6 +760,7 @@ impl Sim {
             });
         }
         create_store(&tmp.path().join("server.redb"), ids[0], &server_time);
+        let hostile = Hostile::new(seed, &secret);
         let mut sim = Sim {
             seed,
             knobs,
@@ -687,6 +778,7 @@ impl Sim {
             stats: Stats::default(),
             trace: std::env::var_os("FIELDLOG_SIM_TRACE").is_some(),
             value: 0,
+            hostile,
         };
         sim.open_server();
         sim
@@ -1284,8 +1376,187 @@ impl Sim {
             self.log(|| format!("operator forces a reset of client {i}"));
         }
         // Forbidden writes are drawn in `client_write`.
+        self.hostile_step()?;
         self.network_step()?;
         self.check_holdings(false)
+    }
+
+    // -- the hostile client ------------------------------------------------------------------
+
+    /// At the hostile rate, one attack on a session of its own; the server must refuse it
+    /// without changing its state, and nothing of another user may reach the attacker.
+    fn hostile_step(&mut self) -> R {
+        if !self.hostile.rng.random_bool(self.hostile.rate) {
+            return Ok(());
+        }
+        let server = Arc::clone(self.server());
+        let before = (server.version(), server.store().digest());
+        let attack = self.hostile.rng.random_range(0..4);
+        let accepted = match attack {
+            0 => self.hostile_forged_device(&server)?,
+            1 => self.hostile_gap(&server)?,
+            2 => self.hostile_replay(&server)?,
+            _ => self.hostile_subscribe(&server)?,
+        };
+        self.stats.hostile += 1;
+        let after = (server.version(), server.store().digest());
+        if let Some(how) = accepted.or_else(|| {
+            (after != before).then(|| format!("the server's state moved: {before:?} -> {after:?}"))
+        }) {
+            self.stats.hostile_accepted += 1;
+            return Err(format!("hostile attack {attack} was not refused: {how}"));
+        }
+        Ok(())
+    }
+
+    /// Feeds `msgs` to a fresh session and returns every answer and download it gives,
+    /// failing on anything of another user.
+    fn hostile_session(
+        &mut self,
+        server: &Arc<SyncServer>,
+        msgs: Vec<ClientMsg>,
+    ) -> R<Vec<ServerMsg>> {
+        let mut session = server.session();
+        let mut out = Vec::new();
+        for m in msgs {
+            out.extend(session.on_message(m, self.now));
+            out.extend(session.poll_download());
+        }
+        self.check_hostile_received(&out)?;
+        Ok(out)
+    }
+
+    /// Nothing of another user reached the attacker: no object, no refused write.
+    fn check_hostile_received(&mut self, msgs: &[ServerMsg]) -> R {
+        for m in msgs {
+            let mut leaks = leaks_in(m, HOSTILE_USER);
+            if let ServerMsg::CompensatingWrite { refused } = m {
+                leaks.push(format!("refused writes reached the attacker: {refused:?}"));
+            }
+            if !leaks.is_empty() {
+                self.stats.leaks += 1;
+                return Err(format!("hostile client: {}", leaks.join("; ")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The attacker's own Hello (its device, nothing synced).
+    fn hostile_hello(&self, replica: ReplicaId) -> ClientMsg {
+        ClientMsg::Hello {
+            protocol: fieldlog::sync::protocol::PROTOCOL_VERSION,
+            schema_version: 0,
+            token: self.hostile.token.clone(),
+            replica,
+            download_cursor: 0,
+            last_sync: 0,
+            reset_pending: false,
+            reset_settled: None,
+            subscriptions: None,
+            subscriptions_acked: 0,
+        }
+    }
+
+    /// Claims the device of a client that has synced (its id is in its stamps).
+    fn hostile_forged_device(&mut self, server: &Arc<SyncServer>) -> R<Option<String>> {
+        let known: Vec<ReplicaId> = (0..self.clients.len())
+            .map(|i| self.store(i).replica_id())
+            .filter(|id| server.uploaded(*id).is_ok_and(|u| u > 0))
+            .collect();
+        let Some(&victim) = known.choose(&mut self.hostile.rng) else {
+            return Ok(None);
+        };
+        let mut hello = self.hostile_hello(victim);
+        if let ClientMsg::Hello { last_sync, .. } = &mut hello {
+            *last_sync = self.hostile.rng.random_range(0..3);
+        }
+        let upload = hostile_upload(victim, 1_000_000, self.now);
+        let out = self.hostile_session(server, vec![hello, upload])?;
+        self.log(|| format!("hostile: claims device {victim}"));
+        Ok(match &out[..] {
+            [ServerMsg::Error {
+                code: ErrorCode::DeviceNotOwned,
+                ..
+            }] => None,
+            other => Some(format!("a forged device got {other:?}")),
+        })
+    }
+
+    /// Uploads on its own device at a position past the next one.
+    fn hostile_gap(&mut self, server: &Arc<SyncServer>) -> R<Option<String>> {
+        let gap = *[2u64, 3, 1_000, 1_000_000]
+            .choose(&mut self.hostile.rng)
+            .unwrap();
+        let device = self.hostile.device;
+        let msgs = vec![
+            self.hostile_hello(device),
+            hostile_upload(device, gap, self.now),
+        ];
+        let out = self.hostile_session(server, msgs)?;
+        self.log(|| format!("hostile: uploads at position {gap}"));
+        Ok(refused_as_bad_changeset(&out))
+    }
+
+    /// Uploads a transaction taken from an honest client's log.
+    fn hostile_replay(&mut self, server: &Arc<SyncServer>) -> R<Option<String>> {
+        let i = self.hostile.rng.random_range(0..self.clients.len());
+        let log = self.store(i).log_after(0, 64).map_err(|e| e.to_string())?;
+        let Some(entry) = log.choose(&mut self.hostile.rng).cloned() else {
+            return Ok(None);
+        };
+        let device = self.hostile.device;
+        let origin = if self.hostile.rng.random_bool(0.5) {
+            device
+        } else {
+            entry.stamp.replica
+        };
+        let upload = ClientMsg::Upload {
+            changeset: fieldlog::Changeset {
+                origin,
+                entries: vec![entry],
+            },
+            more: false,
+        };
+        let out = self.hostile_session(server, vec![self.hostile_hello(device), upload])?;
+        self.log(|| format!("hostile: replays a transaction of client {i}"));
+        Ok(refused_as_bad_changeset(&out))
+    }
+
+    /// Subscribes to another user's objects and takes every download and snapshot chunk.
+    fn hostile_subscribe(&mut self, server: &Arc<SyncServer>) -> R<Option<String>> {
+        let victim = user_name(self.hostile.rng.random_range(0..USERS));
+        let mut hello = self.hostile_hello(self.hostile.device);
+        if let ClientMsg::Hello { subscriptions, .. } = &mut hello {
+            *subscriptions = Some(fieldlog::sync::protocol::SubscriptionSet {
+                version: 1,
+                subscriptions: vec![fieldlog::sync::protocol::Subscription {
+                    name: "theirs".into(),
+                    collection: COLL.into(),
+                    query: format!("{OWNER} == \"{victim}\""),
+                }],
+            });
+        }
+        let mut session = server.session();
+        let mut msgs = session.on_message(hello, self.now);
+        for _ in 0..256 {
+            let out = session.poll_download();
+            if out.is_empty() {
+                break;
+            }
+            for m in &out {
+                let ack = match m {
+                    ServerMsg::Snapshot { end, .. } => ClientMsg::SnapshotAck {
+                        settled: end.as_ref().map(|_| 0),
+                    },
+                    _ => ClientMsg::DownloadAck { cursor: 0 },
+                };
+                msgs.extend(session.on_message(ack, self.now));
+            }
+            msgs.extend(out);
+        }
+        self.check_hostile_received(&msgs)?;
+        self.log(|| format!("hostile: subscribes to {victim}'s objects"));
+        Ok(None)
     }
 
     // -- healing and checks ----------------------------------------------------------------
@@ -2183,14 +2454,16 @@ fn simulation() {
         }
     }
     println!(
-        "simulation: seeds={} client_ops={} convergence_failures={} max_rounds={} resets={} refused={} leaks={}",
+        "simulation: seeds={} client_ops={} convergence_failures={} max_rounds={} resets={} refused={} leaks={} hostile_attacks={} hostile_accepted={}",
         seeds.len(),
         total.client_ops,
         failures.len(),
         total.heal_rounds,
         total.resets,
         total.refused,
-        total.leaks
+        total.leaks,
+        total.hostile,
+        total.hostile_accepted
     );
     println!(
         "simulation: forbidden={} server_ops={} messages={} drops={} duplicates={} crashes={} server_restarts={} compactions={} forced_resets={} partitions={} seconds={:.1}",

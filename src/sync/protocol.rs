@@ -32,6 +32,8 @@ pub enum ErrorCode {
     TokenExpired,
     /// An uploaded changeset was refused as bad input (106).
     BadChangeset,
+    /// The device (replica id) is registered to another user (107).
+    DeviceNotOwned,
     /// The server cannot continue this client's history; it must reset (211).
     ClientReset,
     /// The server refused some writes and reverted them (231).
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 104,
             ErrorCode::TokenExpired => 105,
             ErrorCode::BadChangeset => 106,
+            ErrorCode::DeviceNotOwned => 107,
             ErrorCode::ClientReset => 211,
             ErrorCode::CompensatingWrite => 231,
             ErrorCode::Internal => 500,

@@ -49,6 +49,12 @@ const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_confli
 /// (client replica id, its log position) → postcard `Vec<RefusedWrite>`: refusals kept
 /// until the client shows (by its `last_sync`) that it received them.
 const REFUSALS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_refusals");
+/// (client replica id, its log position) → the applied entry's server version and its
+/// stamp's time (8 bytes each, big-endian): a re-sent entry is skipped only if it is the
+/// same transaction. A device never gives two transactions one stamp (its clock moves
+/// forward with every commit), and the pieces of one transaction share it, so a piece
+/// re-sent alone is recognised too.
+const UPLOADS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_uploads");
 /// `horizon` (history at or below it was compacted away), `schema_version`,
 /// `breaking_version` (the schema version of the last breaking change).
 const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
@@ -73,6 +79,42 @@ fn history_row(next: &AtomicU64, origin: ReplicaId, entry: &LogEntry) -> Result<
     };
     let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
     Ok(Aux::u64_bytes(HISTORY, v, bytes))
+}
+
+/// The `UPLOADS` row of an entry applied at `version`.
+fn upload_row(client: ReplicaId, entry: &LogEntry, version: ServerVersion) -> Aux {
+    let mut value = Vec::with_capacity(16);
+    value.extend_from_slice(&version.to_be_bytes());
+    value.extend_from_slice(&entry.stamp.time.to_be_bytes());
+    Aux::u64_pair_bytes(UPLOADS, (client.0, entry.seq), value)
+}
+
+/// Reads an `UPLOADS` value: (server version, stamp time).
+fn parse_upload_row(v: &[u8]) -> Option<(ServerVersion, u64)> {
+    let version = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let time = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((version, time))
+}
+
+/// Counters of what the server refused, for operators.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Sessions refused because the device belongs to another user.
+    device_owner: AtomicU64,
+    /// Uploads refused as protocol errors (a gap in positions, a different entry at a
+    /// known position).
+    upload_protocol: AtomicU64,
+}
+
+/// A snapshot of the server's refusal counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusalCounts {
+    /// Sessions refused because the device (replica id) belongs to another user.
+    pub device_owner: u64,
+    /// Uploads refused as protocol errors: a position that skips ahead of the last one
+    /// applied for the device, or a different entry at a position already applied.
+    pub upload_protocol: u64,
 }
 
 /// What the server remembers of a client.
@@ -139,6 +181,7 @@ pub struct SyncServer {
     /// The last conflict record's number (moved under `version`'s lock, once its upload
     /// has committed).
     last_conflict: AtomicU64,
+    refusals: Refusals,
 }
 
 impl std::fmt::Debug for SyncServer {
@@ -176,6 +219,7 @@ impl SyncServer {
             config,
             version: Mutex::new(version),
             last_conflict: AtomicU64::new(last_conflict),
+            refusals: Refusals::default(),
         })
     }
 
@@ -187,6 +231,100 @@ impl SyncServer {
     /// The newest server version.
     pub fn version(&self) -> ServerVersion {
         *self.version.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many sessions and uploads the server has refused, by reason.
+    pub fn refusal_counts(&self) -> RefusalCounts {
+        RefusalCounts {
+            device_owner: self.refusals.device_owner.load(Ordering::Relaxed),
+            upload_protocol: self.refusals.upload_protocol.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ties `client` to `user` on its first session, durably, before any state is sent or
+    /// accepted; refuses a session of any other user claiming it. Device ids are not
+    /// secret (every stamp names its device), so the id alone proves nothing.
+    fn claim_device(
+        &self,
+        client: ReplicaId,
+        user: &str,
+    ) -> Result<std::result::Result<(), String>> {
+        let _version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        if client == self.store.replica_id() {
+            return Ok(Err(format!(
+                "device {client} is the server's own replica id"
+            )));
+        }
+        let mut record = self.client_record(client)?;
+        if record.user == user {
+            return Ok(Ok(()));
+        }
+        if !record.user.is_empty() {
+            return Ok(Err(format!(
+                "device {client} belongs to another user; a device id is registered to the first user that syncs it"
+            )));
+        }
+        record.user = user.to_owned();
+        self.put_client_record(client, &record)?;
+        Ok(Ok(()))
+    }
+
+    /// The stamp time of `client`'s entry at `seq` as applied here, if the server knows it.
+    fn applied_stamp(&self, client: ReplicaId, seq: LogPos) -> Result<Option<u64>> {
+        let rtx = self.store.read_txn()?;
+        let table = match rtx.open_table(UPLOADS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let row = table.get((client.0, seq))?;
+        match row.map(|v| parse_upload_row(v.value())) {
+            None => Ok(None),
+            Some(Some((_, time))) => Ok(Some(time)),
+            Some(None) => Err(corrupt(format!("upload row of {client} at {seq}"))),
+        }
+    }
+
+    /// The entries of an upload not yet applied. A re-sent entry must be the transaction
+    /// applied at its position (the same stamp); fresh entries must continue the
+    /// client's positions without a gap. Anything else is a protocol error: acknowledging
+    /// it would drop a write (a gap would make the skipped positions look applied).
+    fn fresh_entries(
+        &self,
+        client: ReplicaId,
+        uploaded: LogPos,
+        entries: Vec<LogEntry>,
+    ) -> Result<Vec<LogEntry>> {
+        let mut fresh: Vec<LogEntry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            let refuse = |reason: String| {
+                self.refusals
+                    .upload_protocol
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Error::BadChangeset { reason })
+            };
+            if e.seq <= uploaded {
+                if self
+                    .applied_stamp(client, e.seq)?
+                    .is_some_and(|t| t != e.stamp.time)
+                {
+                    return refuse(format!(
+                        "entry {} differs from the entry applied at that position",
+                        e.seq
+                    ));
+                }
+                continue;
+            }
+            let expected = fresh.last().map_or(uploaded, |f| f.seq) + 1;
+            if e.seq != expected {
+                return refuse(format!(
+                    "entry {} skips ahead: the next position of this device is {expected}",
+                    e.seq
+                ));
+            }
+            fresh.push(e);
+        }
+        Ok(fresh)
     }
 
     /// A session for a new connection.
@@ -222,10 +360,7 @@ impl SyncServer {
         let user = view.user().id.as_str();
         let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
         let mut record = self.client_record(client)?;
-        let mut fresh: Vec<LogEntry> = entries
-            .into_iter()
-            .filter(|e| e.seq > record.uploaded)
-            .collect();
+        let mut fresh = self.fresh_entries(client, record.uploaded, entries)?;
         let Some(last) = fresh.last().map(|e| e.seq) else {
             return Ok((record.uploaded, *version, Vec::new()));
         };
@@ -264,9 +399,11 @@ impl SyncServer {
         let mut records = Vec::new();
         let server_replica = self.store.replica_id();
         self.store.import_with(&cs, |tx, _| {
-            // History and the client's position go in the upload's write-ahead record.
+            // History, the entries' stamps and the client's position go in the upload's
+            // write-ahead record.
             for e in &cs.entries {
                 tx.put_aux(history_row(&next, client, e)?);
+                tx.put_aux(upload_row(client, e, next.load(Ordering::SeqCst)));
             }
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
@@ -581,6 +718,10 @@ impl SyncServer {
                 removed += 1;
                 false
             })?;
+            // Stamps of compacted entries go with them: a re-sent entry from before the
+            // horizon is skipped unchecked, as it was applied.
+            txn.open_table(UPLOADS)?
+                .retain(|_, v| parse_upload_row(v).is_none_or(|(version, _)| version > upto))?;
         }
         tx.commit()?;
         Ok(removed)
@@ -845,6 +986,13 @@ impl ServerSession {
                     }
                     Err(e) => return Ok(self.fail(ErrorCode::Unauthorized, e.to_string())),
                 };
+                if let Err(message) = self.server.claim_device(replica, &claims.user_id)? {
+                    self.server
+                        .refusals
+                        .device_owner
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(self.fail(ErrorCode::DeviceNotOwned, message));
+                }
                 let server_schema = self.server.schema_version()?;
                 if schema_version > server_schema {
                     return Ok(self.fail(
