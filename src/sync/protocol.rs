@@ -38,6 +38,12 @@ pub enum ErrorCode {
     CompensatingWrite,
     /// The server failed; try again later (500).
     Internal,
+    /// A server limit was passed (a transaction larger than the server takes); retrying
+    /// the same cannot help (107).
+    LimitExceeded,
+    /// The server is at a limit of its own (connections, buffered transactions); try again
+    /// later (503).
+    Busy,
 }
 
 impl ErrorCode {
@@ -54,12 +60,17 @@ impl ErrorCode {
             ErrorCode::ClientReset => 211,
             ErrorCode::CompensatingWrite => 231,
             ErrorCode::Internal => 500,
+            ErrorCode::LimitExceeded => 107,
+            ErrorCode::Busy => 503,
         }
     }
 
     /// Whether the client may reconnect and carry on (as opposed to needing a fix).
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorCode::Internal | ErrorCode::BadFrame)
+        matches!(
+            self,
+            ErrorCode::Internal | ErrorCode::BadFrame | ErrorCode::Busy
+        )
     }
 }
 
