@@ -304,10 +304,10 @@ async fn demo(clients: usize, writes: u64, objects: u64, seed: u64) -> Result<()
 
     let converge = Instant::now();
     for (_, c) in &replicas {
-        c.wait_for_upload().await;
+        c.wait_for_upload().await?;
     }
     for (_, c) in &replicas {
-        c.wait_for_download().await;
+        c.wait_for_download().await?;
     }
     let converged_in = converge.elapsed();
     let want = server_store.digest();

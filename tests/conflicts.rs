@@ -64,10 +64,10 @@ impl World {
     async fn sync(&self) {
         tokio::time::timeout(Duration::from_secs(20), async {
             for (_, c) in &self.clients {
-                c.wait_for_upload().await;
+                c.wait_for_upload().await.expect("upload");
             }
             for (_, c) in &self.clients {
-                c.wait_for_download().await;
+                c.wait_for_download().await.expect("download");
             }
         })
         .await

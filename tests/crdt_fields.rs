@@ -57,8 +57,8 @@ async fn setup(
 
 async fn sync(c: &SyncClient) {
     tokio::time::timeout(Duration::from_secs(20), async {
-        c.wait_for_upload().await;
-        c.wait_for_download().await;
+        c.wait_for_upload().await.expect("upload");
+        c.wait_for_download().await.expect("download");
     })
     .await
     .expect("sync timed out");

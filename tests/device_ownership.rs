@@ -75,7 +75,8 @@ impl World {
 async fn synced(client: &SyncClient) {
     timeout(WAIT, client.wait_for_upload())
         .await
-        .expect("uploads in time");
+        .expect("uploads in time")
+        .expect("the client runs");
 }
 
 fn item(owner: &str) -> [(&'static str, Value); 1] {

@@ -178,8 +178,8 @@ async fn no_object_of_another_user_ever_crosses_the_wire() {
     }
     for (_, _, c, _) in &clients {
         tokio::time::timeout(Duration::from_secs(30), async {
-            c.wait_for_upload().await;
-            c.wait_for_download().await;
+            c.wait_for_upload().await.expect("upload");
+            c.wait_for_download().await.expect("download");
         })
         .await
         .unwrap();

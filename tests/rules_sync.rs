@@ -111,8 +111,8 @@ impl World {
 
 async fn synced(c: &Client) {
     tokio::time::timeout(Duration::from_secs(20), async {
-        c.sync.wait_for_upload().await;
-        c.sync.wait_for_download().await;
+        c.sync.wait_for_upload().await.expect("upload");
+        c.sync.wait_for_download().await.expect("download");
     })
     .await
     .expect("sync timed out");
@@ -363,7 +363,7 @@ async fn subscription_changes_bring_objects_in_and_take_them_out() {
         .await
         .unwrap()
         .unwrap_err();
-    assert!(err.contains("itemName"), "{err}");
+    assert!(err.to_string().contains("itemName"), "{err}");
     assert_eq!(pks(&alice.store), ["c1"]);
     assert!(!pks(&alice.store).contains(&"b1".to_string()));
 

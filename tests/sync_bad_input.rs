@@ -248,9 +248,11 @@ impl Fixture {
     async fn sync_good(&self) {
         timeout(WAIT, self.client.wait_for_upload())
             .await
+            .expect("good client uploads")
             .expect("good client uploads");
         timeout(WAIT, self.client.wait_for_download())
             .await
+            .expect("good client downloads")
             .expect("good client downloads");
         assert_eq!(self.client.fatal_error(), None);
         assert_eq!(self.good.last_sync(), self.good.log_head());

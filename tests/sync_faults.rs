@@ -273,14 +273,16 @@ async fn converge(server: &Store, clients: &[(&Arc<Store>, &SyncClient)]) {
     for (i, (store, c)) in clients.iter().enumerate() {
         timeout(SYNC_TIMEOUT, c.wait_for_upload())
             .await
-            .unwrap_or_else(|_| panic!("client {i}: upload did not finish"));
+            .unwrap_or_else(|_| panic!("client {i}: upload did not finish"))
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
         assert_eq!(c.fatal_error(), None, "client {i}");
         assert_eq!(store.last_sync(), store.log_head(), "client {i} upload");
     }
     for (i, (_, c)) in clients.iter().enumerate() {
         timeout(SYNC_TIMEOUT, c.wait_for_download())
             .await
-            .unwrap_or_else(|_| panic!("client {i}: download did not finish"));
+            .unwrap_or_else(|_| panic!("client {i}: download did not finish"))
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
     }
     let want = server.digest();
     for (i, (store, c)) in clients.iter().enumerate() {
@@ -944,6 +946,7 @@ async fn client_process_killed_mid_upload() {
         .expect("seed");
     timeout(SYNC_TIMEOUT, other_client.wait_for_upload())
         .await
+        .expect("seed upload")
         .expect("seed upload");
 
     let exe = std::env::current_exe().expect("current_exe");
@@ -1278,6 +1281,7 @@ async fn offline_writes_sync_when_back_online() {
     // B's writes are uploaded while A is offline; none of A's are.
     timeout(SYNC_TIMEOUT, cb.wait_for_upload())
         .await
+        .expect("B uploads")
         .expect("B uploads");
     assert_eq!(
         server.sync.uploaded(a.replica_id()).expect("uploaded"),

@@ -60,10 +60,10 @@ async fn five_clients_converge_to_the_server() {
             .unwrap();
     }
     for (_, c) in &clients {
-        c.wait_for_upload().await;
+        c.wait_for_upload().await.expect("upload");
     }
     for (_, c) in &clients {
-        c.wait_for_download().await;
+        c.wait_for_download().await.expect("download");
     }
     for round in 0..20 {
         for (store, _) in &clients {
@@ -81,11 +81,13 @@ async fn five_clients_converge_to_the_server() {
     for (_, c) in &clients {
         tokio::time::timeout(Duration::from_secs(30), c.wait_for_upload())
             .await
+            .expect("upload")
             .expect("upload");
     }
     for (_, c) in &clients {
         tokio::time::timeout(Duration::from_secs(30), c.wait_for_download())
             .await
+            .expect("download")
             .expect("download");
     }
     let want = server_store.digest();
@@ -151,6 +153,7 @@ async fn a_client_that_keeps_nothing_acknowledged_loses_nothing() {
         }
         tokio::time::timeout(within, writer_sync.wait_for_upload())
             .await
+            .expect("upload")
             .expect("upload");
         assert_eq!(writer.last_sync(), writer.log_head());
         assert!(
@@ -161,6 +164,7 @@ async fn a_client_that_keeps_nothing_acknowledged_loses_nothing() {
     }
     tokio::time::timeout(within, reader_sync.wait_for_download())
         .await
+        .expect("download")
         .expect("download");
     assert_eq!(writer.log_head(), 150);
     assert_eq!(server_store.count("Item").expect("count"), 150);

@@ -863,8 +863,8 @@ impl SyncRig {
                 fieldlog_load(&a, &rows(lo..hi, &mut rng), Durability::Deferred);
                 lo = hi;
             }
-            ca.wait_for_upload().await;
-            cb.wait_for_download().await;
+            ca.wait_for_upload().await.expect("upload");
+            cb.wait_for_download().await.expect("download");
             (handle, ca, cb)
         });
         SyncRig {
@@ -895,8 +895,8 @@ impl SyncRig {
             for c in ups.chunks(batch as usize) {
                 fieldlog_update(a, c, Durability::Immediate);
             }
-            ca.wait_for_upload().await;
-            cb.wait_for_download().await;
+            ca.wait_for_upload().await.expect("upload");
+            cb.wait_for_download().await.expect("download");
             t.elapsed()
         })
     }

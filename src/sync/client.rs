@@ -60,6 +60,21 @@ pub enum SyncError {
         /// The refused writes.
         refused: Vec<RefusedWrite>,
     },
+    /// The same upload failed this many times in a row; the client keeps retrying, with
+    /// backoff, and reports it once (see `SyncClient::status`).
+    #[error("the upload after log position {after} failed {failures} times in a row: {message}")]
+    UploadStuck {
+        /// The client's acknowledged log position: the upload after it fails.
+        after: LogPos,
+        /// Failed attempts in a row.
+        failures: u32,
+        /// The last failure, as the server (or the connection) gave it.
+        message: String,
+    },
+    /// The session's token expired and the application's token provider failed to give a
+    /// new one; the client asks again after a backoff.
+    #[error("token refresh failed: {0}")]
+    TokenRefresh(String),
 }
 
 impl SyncError {
@@ -70,7 +85,9 @@ impl SyncError {
             SyncError::Server { code, .. } => code.is_transient(),
             SyncError::Store(Error::Storage(_)) | SyncError::Io(_) | SyncError::Protocol(_) => true,
             SyncError::Store(_) => false,
-            SyncError::CompensatingWrite { .. } => true,
+            SyncError::CompensatingWrite { .. }
+            | SyncError::UploadStuck { .. }
+            | SyncError::TokenRefresh(_) => true,
         }
     }
 }

@@ -101,6 +101,22 @@ pub fn decode_frame<M: DeserializeOwned + Serialize>(
     Ok(Some((msg, FRAME_HEADER_LEN + body_len)))
 }
 
+/// Accounting of the bytes a frame reader holds: the reader reserves each piece of a body
+/// before reading it, so a peer can make it hold no more than the budget allows (a budget
+/// that has no room makes the reader wait, which stops reading from the peer).
+pub trait ReadBudget {
+    /// Returns once `bytes` more may be held.
+    fn reserve(&mut self, bytes: usize) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// A budget without bounds: only `frame_len_max` limits what one read holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unbounded;
+
+impl ReadBudget for Unbounded {
+    async fn reserve(&mut self, _bytes: usize) {}
+}
+
 /// Reads one frame from `r`.
 ///
 /// Returns `Ok(None)` on end of stream at a frame boundary, [`FrameError::Truncated`] on
@@ -110,6 +126,22 @@ pub async fn read_frame<M, R>(r: &mut R, frame_len_max: usize) -> Result<Option<
 where
     M: DeserializeOwned + Serialize,
     R: AsyncRead + Unpin,
+{
+    read_frame_within(r, frame_len_max, &mut Unbounded).await
+}
+
+/// As [`read_frame`], reserving every chunk of the body (at most 64 KiB) in `budget` before
+/// reading it. The reservations stay with the caller's budget: the caller releases them once
+/// the message is handled.
+pub async fn read_frame_within<M, R, B>(
+    r: &mut R,
+    frame_len_max: usize,
+    budget: &mut B,
+) -> Result<Option<M>, FrameError>
+where
+    M: DeserializeOwned + Serialize,
+    R: AsyncRead + Unpin,
+    B: ReadBudget,
 {
     let mut header = [0u8; FRAME_HEADER_LEN];
     let mut filled = 0;
@@ -125,10 +157,15 @@ where
     }
     let (body_len, sum) = parse_header(&header, frame_len_max)?;
     let mut body = Vec::with_capacity(body_len.min(READ_CHUNK_LEN));
-    // body_len <= u32::MAX, so the widening is lossless.
-    r.take(body_len as u64).read_to_end(&mut body).await?;
-    if body.len() < body_len {
-        return Err(FrameError::Truncated);
+    while body.len() < body_len {
+        let chunk = (body_len - body.len()).min(READ_CHUNK_LEN);
+        budget.reserve(chunk).await;
+        let before = body.len();
+        // chunk <= READ_CHUNK_LEN, so the widening is lossless.
+        r.take(chunk as u64).read_to_end(&mut body).await?;
+        if body.len() - before < chunk {
+            return Err(FrameError::Truncated);
+        }
     }
     decode_body(&body, sum).map(Some)
 }
@@ -517,6 +554,39 @@ mod tests {
         let got = write_frame(&mut out, &TestMsg::Data(vec![0; 100]), 10).await;
         assert!(matches!(got, Err(FrameError::TooLarge { .. })), "{got:?}");
         assert!(out.is_empty());
+    }
+
+    /// A budget that records every reservation.
+    #[derive(Default)]
+    struct Recording(Vec<usize>);
+
+    impl ReadBudget for Recording {
+        async fn reserve(&mut self, bytes: usize) {
+            self.0.push(bytes);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_reserved_chunk_by_chunk_before_it_is_read() {
+        let msg = TestMsg::Data(vec![5; 150_000]);
+        let f = encode_frame(&msg, FRAME_LEN_MAX_DEFAULT).unwrap();
+        let mut budget = Recording::default();
+        let got =
+            read_frame_within::<TestMsg, _, _>(&mut &f[..], FRAME_LEN_MAX_DEFAULT, &mut budget)
+                .await
+                .unwrap();
+        assert_eq!(got, Some(msg));
+        assert_eq!(budget.0.iter().sum::<usize>(), f.len() - FRAME_HEADER_LEN);
+        assert!(
+            budget.0.iter().all(|&n| n <= READ_CHUNK_LEN),
+            "{:?}",
+            budget.0
+        );
+        // A frame refused from its header reserves nothing.
+        let mut budget = Recording::default();
+        let got = read_frame_within::<TestMsg, _, _>(&mut &f[..], 1_000, &mut budget).await;
+        assert!(matches!(got, Err(FrameError::TooLarge { .. })), "{got:?}");
+        assert!(budget.0.is_empty());
     }
 
     struct FailingReader;

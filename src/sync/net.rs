@@ -2,44 +2,120 @@
 //! timers and tasks; it moves frames between the sans-IO sessions and the network.
 //!
 //! Each connection has a reader task that drains the socket into a channel, so a side
-//! blocked on writing never stops reading: two peers writing at once cannot deadlock.
+//! blocked on writing never stops reading: two peers writing at once cannot deadlock. On the
+//! server the channel and the bytes it holds are bounded ([`Limits`]): a peer that sends
+//! faster than its session handles is read no further until the session catches up, and a
+//! session that cannot write a reply within the idle deadline ends.
+
+mod budget;
+mod sync_client;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::clock::{SystemTimeSource, TimeSource};
-use crate::reset::ResetReport;
-use crate::store::Store;
-use crate::sync::client::{
-    subscriptions, subscriptions_acked, update_subscriptions, ClientConfig, ClientSession,
-    SyncError,
+use crate::sync::frame::{
+    encode_frame, read_frame_within, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT,
 };
-use crate::sync::frame::{read_frame, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
-use crate::sync::protocol::Subscription;
-use crate::sync::protocol::{ClientMsg, ServerMsg};
-use crate::sync::server::SyncServer;
+use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg};
+use crate::sync::server::{Limits, ServerSession, SyncServer};
+use budget::{Budgets, ConnBuffer, PiecesHeld, Ticket};
+
+pub use budget::ServerStats;
+pub use sync_client::{
+    ClientHooks, ConnectionState, ErrorCallback, ResetCallback, SetOnline, StateCallback,
+    StuckUpload, SyncClient, SyncStatus, TokenFuture, TokenProvider, WaitError, KEEPALIVE_DEFAULT,
+    UPLOAD_FAILURES_REPORTED,
+};
 
 /// A byte stream a session can run over.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
-/// Spawns a task that reads frames into a channel until EOF or an error.
-fn spawn_reader<M, R>(mut rd: R) -> mpsc::UnboundedReceiver<Result<M, FrameError>>
+/// Messages a server connection's reader may queue ahead of its session (each also holds
+/// its bytes in the connection's buffer budget).
+const INBOX_MESSAGES: usize = 64;
+
+/// Runs store work that may take long (an upload's commit, a download's import) so that
+/// it does not hold up the runtime's other tasks: on a multi-threaded runtime the worker
+/// hands its other tasks to another thread first.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// A task aborted when this is dropped: a reader never outlives its connection (and never
+/// keeps its socket open after the session ended).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Inbox = mpsc::Receiver<Result<(ClientMsg, Ticket), FrameError>>;
+
+/// Spawns the reader of a server connection: frames of at most `frame_max` bytes (the
+/// handshake's limit until the session raises it), each reserved in `conn` until handled.
+/// After the first frame it waits for the session's verdict on it: nothing more is read
+/// from a peer that has not authenticated.
+fn spawn_server_reader<R>(
+    mut rd: R,
+    conn: Arc<ConnBuffer>,
+    mut frame_max: watch::Receiver<usize>,
+) -> (AbortOnDrop, Inbox)
+where
+    R: AsyncRead + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::channel(INBOX_MESSAGES);
+    let task = tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let max = *frame_max.borrow_and_update();
+            let mut ticket = conn.ticket();
+            match read_frame_within::<ClientMsg, _, _>(&mut rd, max, &mut ticket).await {
+                Ok(Some(m)) => {
+                    if tx.send(Ok((m, ticket))).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+            if std::mem::take(&mut first) && frame_max.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    (AbortOnDrop(task), rx)
+}
+
+/// Spawns a task that reads frames into a channel until EOF or an error (the client's
+/// side: it trusts its server, whose sends are bounded by the protocol's windows).
+fn spawn_reader<M, R>(mut rd: R) -> (AbortOnDrop, mpsc::UnboundedReceiver<Result<M, FrameError>>)
 where
     M: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
     R: AsyncRead + Send + Unpin + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
-            match read_frame::<M, _>(&mut rd, FRAME_LEN_MAX_DEFAULT).await {
+            match crate::sync::frame::read_frame::<M, _>(&mut rd, FRAME_LEN_MAX_DEFAULT).await {
                 Ok(Some(m)) => {
                     if tx.send(Ok(m)).is_err() {
                         break;
@@ -53,7 +129,7 @@ where
             }
         }
     });
-    rx
+    (AbortOnDrop(task), rx)
 }
 
 /// A running sync server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -65,29 +141,35 @@ pub struct ServerHandle {
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
     connections: Arc<AtomicU64>,
+    budgets: Arc<Budgets>,
     /// Cloned into every connection task; [`ServerHandle::shutdown`] waits until the last
     /// clone is dropped, i.e. every connection has ended and released the server.
     alive: mpsc::Sender<()>,
     alive_rx: mpsc::Receiver<()>,
 }
 
+/// What every connection of one server shares.
+#[derive(Clone)]
+struct Ctx {
+    server: Arc<SyncServer>,
+    versions: watch::Sender<u64>,
+    stop: watch::Receiver<bool>,
+    budgets: Arc<Budgets>,
+    /// Held, never used: see [`ServerHandle::shutdown`].
+    _alive: mpsc::Sender<()>,
+}
+
 impl ServerHandle {
-    /// Serves `server` on `addr` (use port 0 for a free port).
+    /// Serves `server` on `addr` (use port 0 for a free port), within the server's
+    /// [`Limits`].
     pub async fn bind(server: Arc<SyncServer>, addr: &str) -> std::io::Result<ServerHandle> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let mut handle = ServerHandle::in_process(server);
         handle.addr = Some(local);
-        let (server, versions, stop, conns, alive) = (
-            Arc::clone(&handle.server),
-            handle.versions.clone(),
-            handle.stop.subscribe(),
-            Arc::clone(&handle.connections),
-            handle.alive.clone(),
-        );
-        handle.accept = Some(tokio::spawn(accept_loop(
-            listener, server, versions, stop, conns, alive,
-        )));
+        let ctx = handle.ctx();
+        let conns = Arc::clone(&handle.connections);
+        handle.accept = Some(tokio::spawn(accept_loop(listener, ctx, conns)));
         Ok(handle)
     }
 
@@ -96,6 +178,7 @@ impl ServerHandle {
         let (versions, _) = watch::channel(server.version());
         let (stop, _) = watch::channel(false);
         let (alive, alive_rx) = mpsc::channel(1);
+        let budgets = Budgets::new(server.limits().clone());
         ServerHandle {
             server,
             addr: None,
@@ -103,8 +186,19 @@ impl ServerHandle {
             stop,
             accept: None,
             connections: Arc::new(AtomicU64::new(0)),
+            budgets,
             alive,
             alive_rx,
+        }
+    }
+
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            server: Arc::clone(&self.server),
+            versions: self.versions.clone(),
+            stop: self.stop.subscribe(),
+            budgets: Arc::clone(&self.budgets),
+            _alive: self.alive.clone(),
         }
     }
 
@@ -118,22 +212,32 @@ impl ServerHandle {
         &self.server
     }
 
-    /// Connections accepted so far.
+    /// Connections accepted so far (those refused at the connection limit included).
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// What the transport holds and has refused, by its own accounting.
+    pub fn stats(&self) -> ServerStats {
+        self.budgets.stats()
     }
 
     /// A connection through an in-memory pipe, served like a TCP one.
     pub fn connect_in_process(&self) -> tokio::io::DuplexStream {
         let (a, b) = tokio::io::duplex(1 << 20);
         self.connections.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(serve_connection(
-            Arc::clone(&self.server),
-            b,
-            self.versions.clone(),
-            self.stop.subscribe(),
-            self.alive.clone(),
-        ));
+        let ctx = self.ctx();
+        match self.budgets.slot() {
+            Some(slot) => {
+                tokio::spawn(serve_connection(ctx, b, slot));
+            }
+            None => {
+                tokio::spawn(async move {
+                    let mut b = b;
+                    let _ = b.write_all(&refusal(&ctx.budgets)).await;
+                });
+            }
+        }
         a
     }
 
@@ -159,31 +263,33 @@ impl ServerHandle {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    server: Arc<SyncServer>,
-    versions: watch::Sender<u64>,
-    mut stop: watch::Receiver<bool>,
-    connections: Arc<AtomicU64>,
-    alive: mpsc::Sender<()>,
-) {
+/// Pause after a failed accept (out of file descriptors, say): the pending connection
+/// stays in the backlog, so retrying at once would fail again at once.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+async fn accept_loop(listener: TcpListener, ctx: Ctx, connections: Arc<AtomicU64>) {
+    let mut stop = ctx.stop.clone();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
+                Ok((stream, peer)) => {
                     connections.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(serve_connection(
-                        Arc::clone(&server),
-                        stream,
-                        versions.clone(),
-                        stop.clone(),
-                        alive.clone(),
-                    ));
+                    match ctx.budgets.slot() {
+                        Some(slot) => {
+                            let _ = stream.set_nodelay(true);
+                            tokio::spawn(serve_connection(ctx.clone(), stream, slot));
+                        }
+                        None => refuse(stream, peer, &ctx.budgets),
+                    }
                 }
                 Err(e) => {
-                    tracing_warn(&format!("accept failed: {e}"));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(n) = ctx.budgets.accept_log.hit() {
+                        tracing::warn!(error = %e, failures = n, "accept failed; retrying");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_RETRY) => {}
+                        _ = stop.changed() => break,
+                    }
                 }
             },
             _ = stop.changed() => break,
@@ -191,85 +297,236 @@ async fn accept_loop(
     }
 }
 
-fn tracing_warn(msg: &str) {
-    eprintln!("fieldlog: {msg}");
+/// The frame sent to a connection refused at the connection limit.
+fn refusal(budgets: &Budgets) -> Vec<u8> {
+    budgets
+        .counters
+        .connections_refused
+        .fetch_add(1, Ordering::SeqCst);
+    let max = budgets.limits.connections_max;
+    let msg = ServerMsg::Error {
+        code: ErrorCode::Busy,
+        message: format!(
+            "the server has {max} connections open, its limit (Limits::connections_max); \
+             try again later"
+        ),
+    };
+    encode_frame(&msg, FRAME_LEN_MAX_DEFAULT).unwrap_or_default()
 }
 
-/// Serves one connection until it ends or the server stops. `_alive` is dropped when it
-/// returns, which is what [`ServerHandle::shutdown`] waits for.
-async fn serve_connection<S: Stream>(
-    server: Arc<SyncServer>,
-    stream: S,
-    versions: watch::Sender<u64>,
-    stop: watch::Receiver<bool>,
-    _alive: mpsc::Sender<()>,
-) {
-    let mut stopped = stop.clone();
+/// Refuses a connection over the limit: one typed error if the socket takes it at once,
+/// then closed. Logged at most once per period, with the count.
+fn refuse(stream: TcpStream, peer: SocketAddr, budgets: &Budgets) {
+    let frame = refusal(budgets);
+    // A new socket's send buffer is empty: the frame fits or the peer does without.
+    let _ = stream.try_write(&frame);
+    if let Some(n) = budgets.refusal_log.hit() {
+        tracing::warn!(
+            %peer,
+            refused = n,
+            connections_max = budgets.limits.connections_max,
+            "connection limit reached; refusing connections"
+        );
+    }
+}
+
+/// Serves one connection until it ends or the server stops. The slot and `ctx.alive` are
+/// dropped when it returns, which is what [`ServerHandle::shutdown`] waits for.
+async fn serve_connection<S: Stream>(ctx: Ctx, stream: S, _slot: OwnedSemaphorePermit) {
+    let mut stopped = ctx.stop.clone();
     tokio::select! {
         biased;
-        () = serve_session(server, stream, versions, stop) => {}
+        () = serve_session(&ctx, stream) => {}
         // A session blocked writing to a peer that does not read is dropped on stop, so
         // shutdown never waits on a client.
         _ = stopped.wait_for(|s| *s) => {}
     }
 }
 
-async fn serve_session<S: Stream>(
-    server: Arc<SyncServer>,
-    stream: S,
-    versions: watch::Sender<u64>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut inbox = spawn_reader::<ClientMsg, _>(rd);
-    let mut session = server.session();
-    let mut version_rx = versions.subscribe();
-    let time = SystemTimeSource;
+fn now_ms() -> u64 {
+    SystemTimeSource.now_ms()
+}
+
+/// Why a session ended early.
+#[derive(Debug)]
+struct Ended;
+
+/// One server connection's session and what bounds it.
+struct Conn<'a, W> {
+    ctx: &'a Ctx,
+    wr: W,
+    session: ServerSession,
+    /// Set once the handshake succeeded: the reader may read full-size frames.
+    frame_max: watch::Sender<usize>,
+    handshook: bool,
+    pieces: PiecesHeld,
+}
+
+impl<W: AsyncWrite + Unpin> Conn<'_, W> {
+    fn limits(&self) -> &Limits {
+        &self.ctx.budgets.limits
+    }
+
+    /// Writes messages, each within the idle deadline (a peer that does not read cannot
+    /// hold the session).
+    async fn send(&mut self, out: Vec<ServerMsg>) -> Result<(), Ended> {
+        let deadline = Duration::from_millis(self.limits().idle_timeout_ms);
+        for m in out {
+            if let ServerMsg::Error { code, message } = &m {
+                tracing::debug!(code = code.number(), %message, "session error");
+                if *code == ErrorCode::TokenExpired && self.handshook {
+                    let c = &self.ctx.budgets.counters;
+                    c.tokens_expired.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            match tokio::time::timeout(
+                deadline,
+                write_frame(&mut self.wr, &m, FRAME_LEN_MAX_DEFAULT),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Ended),
+                Err(_) => {
+                    let c = &self.ctx.budgets.counters;
+                    c.write_timeouts.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!("closing a session whose peer does not read its replies");
+                    return Err(Ended);
+                }
+            }
+        }
+        if self.session.is_closed() {
+            return Err(Ended);
+        }
+        Ok(())
+    }
+
+    /// Handles one message (its bytes are released once handled), then the bounds that
+    /// depend on the session's state.
+    async fn on_message(&mut self, msg: ClientMsg, ticket: Ticket) -> Result<(), Ended> {
+        let is_upload = matches!(msg, ClientMsg::Upload { .. });
+        let out = if is_upload {
+            blocking(|| self.session.on_message(msg, now_ms()))
+        } else {
+            self.session.on_message(msg, now_ms())
+        };
+        drop(ticket);
+        if is_upload {
+            self.ctx.versions.send_replace(self.ctx.server.version());
+        }
+        if !self.handshook && self.session.user().is_some() {
+            self.handshook = true;
+            self.frame_max.send_replace(self.limits().frame_bytes_max);
+        }
+        if !self.pieces.set(self.session.partial_upload_bytes()) {
+            self.ctx
+                .budgets
+                .counters
+                .transactions_refused
+                .fetch_add(1, Ordering::SeqCst);
+            let max = self.limits().server_transaction_bytes_max;
+            if let Some(n) = self.ctx.budgets.busy_log.hit() {
+                tracing::warn!(
+                    max,
+                    refused = n,
+                    "unfinished upload transactions at the limit"
+                );
+            }
+            let busy = ServerMsg::Error {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "the server holds {max} bytes of unfinished upload transactions, its \
+                     limit (Limits::server_transaction_bytes_max); try again later"
+                ),
+            };
+            let _ = self.send(vec![busy]).await;
+            return Err(Ended);
+        }
+        self.send(out).await
+    }
+}
+
+/// A deadline noticed this late means the process itself did not run; see
+/// [`serve_session`].
+const STARVED: Duration = Duration::from_secs(1);
+
+/// The delay until `at_ms` on the wall clock (capped: the timer is re-armed each turn).
+fn until_ms(at_ms: u64) -> Duration {
+    Duration::from_millis(at_ms.saturating_sub(now_ms()).min(3_600_000))
+}
+
+async fn serve_session<S: Stream>(ctx: &Ctx, stream: S) {
+    let limits = ctx.budgets.limits.clone();
+    let (rd, wr) = tokio::io::split(stream);
+    let (frame_max, frame_max_rx) = watch::channel(limits.hello_frame_bytes_max);
+    let (_reader, mut inbox) = spawn_server_reader(rd, ConnBuffer::new(&ctx.budgets), frame_max_rx);
+    let mut conn = Conn {
+        ctx,
+        wr,
+        session: ctx.server.session(),
+        frame_max,
+        handshook: false,
+        pieces: PiecesHeld::new(&ctx.budgets),
+    };
+    let mut stop = ctx.stop.clone();
+    let mut version_rx = ctx.versions.subscribe();
+    let mut deadline = Instant::now() + Duration::from_millis(limits.handshake_timeout_ms);
     // Writes made on the server itself (not uploads) do not pass through the version
     // channel; a slow tick picks them up.
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    'conn: loop {
-        for m in session.poll_download() {
-            if write_frame(&mut wr, &m, FRAME_LEN_MAX_DEFAULT)
-                .await
-                .is_err()
-            {
-                break 'conn;
-            }
-        }
-        if session.is_closed() {
+    loop {
+        let downloads = conn.session.poll_download();
+        if conn.send(downloads).await.is_err() {
             break;
         }
+        let expires = conn.session.expires_at_ms();
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            m = inbox.recv() => {
-                let out = match m {
-                    None => break,
-                    Some(Ok(msg)) => {
-                        let is_upload = matches!(msg, ClientMsg::Upload { .. });
-                        let out = session.on_message(msg, time.now_ms());
-                        if is_upload {
-                            versions.send_replace(server.version());
-                        }
-                        out
-                    }
-                    Some(Err(e)) => session.on_bad_frame(&e.to_string()),
-                };
-                for m in out {
-                    if write_frame(&mut wr, &m, FRAME_LEN_MAX_DEFAULT).await.is_err() {
-                        break 'conn;
-                    }
-                }
-                if session.is_closed() {
+            () = tokio::time::sleep(until_ms(expires.unwrap_or(0))), if expires.is_some() => {
+                let out = conn.session.on_time(now_ms());
+                if conn.send(out).await.is_err() {
                     break;
                 }
             }
+            m = inbox.recv() => {
+                deadline = Instant::now() + Duration::from_millis(limits.idle_timeout_ms);
+                let r = match m {
+                    None => break,
+                    Some(Ok((msg, ticket))) => conn.on_message(msg, ticket).await,
+                    Some(Err(e)) => {
+                        let out = conn.session.on_bad_frame(&e.to_string());
+                        conn.send(out).await
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let late = Instant::now().saturating_duration_since(deadline);
+                if late > STARVED {
+                    // The process did not run (its runtime was blocked): the peer's bytes
+                    // may be waiting unread. Give it a moment of the time it was denied.
+                    deadline = Instant::now() + STARVED;
+                    continue;
+                }
+                let c = &ctx.budgets.counters;
+                if conn.handshook {
+                    c.idle_timeouts.fetch_add(1, Ordering::SeqCst);
+                    tracing::debug!("closing an idle session");
+                } else {
+                    c.handshake_timeouts.fetch_add(1, Ordering::SeqCst);
+                    tracing::debug!("closing a connection that sent no Hello in time");
+                }
+                break;
+            }
             _ = version_rx.changed() => {}
-            _ = tick.tick() => {}
+            _ = tick.tick(), if conn.handshook => {}
         }
     }
-    let _ = wr.shutdown().await;
+    // The peer may not read: closing must not wait on it.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.wr.shutdown()).await;
 }
 
 /// Where a client connects.
@@ -309,354 +566,3 @@ async fn connect(t: &Transport) -> std::io::Result<Box<dyn StreamBox>> {
 
 trait StreamBox: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> StreamBox for T {}
-
-/// The client's connection state, reported to the state callback.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectionState {
-    /// Not connected (paused, or waiting to retry).
-    Disconnected,
-    /// Connecting and handshaking.
-    Connecting,
-    /// Handshake done; syncing.
-    Connected,
-}
-
-/// A callback for connection state changes.
-pub type StateCallback = Arc<dyn Fn(ConnectionState) + Send + Sync>;
-/// A callback for sync errors.
-pub type ErrorCallback = Arc<dyn Fn(&SyncError) + Send + Sync>;
-/// A callback for finished client resets.
-pub type ResetCallback = Arc<dyn Fn(&ResetReport) + Send + Sync>;
-
-struct Shared {
-    store: Arc<Store>,
-    state: Mutex<ConnectionState>,
-    online: AtomicBool,
-    stopped: AtomicBool,
-    wake: Notify,
-    ping_wanted: AtomicU64,
-    pong: AtomicU64,
-    server_version: AtomicU64,
-    /// The session's [`ClientSession::downloaded`].
-    downloaded: AtomicU64,
-    fatal: Mutex<Option<String>>,
-    on_state: Option<StateCallback>,
-    on_error: Option<ErrorCallback>,
-    on_reset: Option<ResetCallback>,
-    reports: Mutex<Vec<ResetReport>>,
-    subscription_errors: Mutex<Vec<(u64, String)>>,
-}
-
-impl Shared {
-    fn set_state(&self, s: ConnectionState) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = s;
-        if let Some(cb) = &self.on_state {
-            cb(s);
-        }
-    }
-}
-
-/// Options of a [`SyncClient`] beyond the session's.
-#[derive(Clone, Default)]
-pub struct ClientHooks {
-    /// Called on every connection state change.
-    pub on_state: Option<StateCallback>,
-    /// Called on every error (transient ones too, before the retry).
-    pub on_error: Option<ErrorCallback>,
-    /// Called when a client reset finishes, with its report.
-    pub on_reset: Option<ResetCallback>,
-}
-
-/// A client that keeps a store in sync with a server, in the background on tokio.
-pub struct SyncClient {
-    shared: Arc<Shared>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for SyncClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncClient")
-            .field("state", &self.state())
-            .finish_non_exhaustive()
-    }
-}
-
-impl SyncClient {
-    /// Starts syncing `store` with the server at `transport`. Must be called inside a
-    /// tokio runtime.
-    pub fn start(
-        store: Arc<Store>,
-        transport: Transport,
-        config: ClientConfig,
-        hooks: ClientHooks,
-    ) -> SyncClient {
-        let shared = Arc::new(Shared {
-            store,
-            state: Mutex::new(ConnectionState::Disconnected),
-            online: AtomicBool::new(true),
-            stopped: AtomicBool::new(false),
-            wake: Notify::new(),
-            ping_wanted: AtomicU64::new(0),
-            pong: AtomicU64::new(0),
-            server_version: AtomicU64::new(0),
-            downloaded: AtomicU64::new(0),
-            fatal: Mutex::new(None),
-            on_state: hooks.on_state,
-            on_error: hooks.on_error,
-            on_reset: hooks.on_reset,
-            reports: Mutex::new(Vec::new()),
-            subscription_errors: Mutex::new(Vec::new()),
-        });
-        let task = tokio::spawn(run(Arc::clone(&shared), transport, config));
-        SyncClient {
-            shared,
-            task: Some(task),
-        }
-    }
-
-    /// The current connection state.
-    pub fn state(&self) -> ConnectionState {
-        *self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The error that stopped the client for good, if one did (a bad token, say).
-    pub fn fatal_error(&self) -> Option<String> {
-        self.shared
-            .fatal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Reports of client resets finished since the last call.
-    pub fn take_reset_reports(&self) -> Vec<ResetReport> {
-        std::mem::take(
-            &mut *self
-                .shared
-                .reports
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-    }
-
-    /// Changes the subscriptions in one call (add, remove, replace) and sends them; returns
-    /// the new set's version. Objects entering the view are downloaded, objects leaving it
-    /// are removed locally (not deleted).
-    pub fn update_subscriptions(
-        &self,
-        change: impl FnOnce(&mut Vec<Subscription>),
-    ) -> crate::error::Result<u64> {
-        let v = update_subscriptions(&self.shared.store, change)?;
-        self.shared.wake.notify_waiters();
-        Ok(v)
-    }
-
-    /// Waits until the server has confirmed the current subscription set and the client
-    /// holds its view; an error if the server refused the set.
-    pub async fn wait_for_subscriptions(&self) -> Result<(), String> {
-        let want = match subscriptions(&self.shared.store) {
-            Ok(Some(s)) => s.version,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        loop {
-            if let Some((_, m)) = self
-                .shared
-                .subscription_errors
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .find(|(v, _)| *v >= want)
-            {
-                return Err(m.clone());
-            }
-            match subscriptions_acked(&self.shared.store) {
-                Ok(acked) if acked >= want => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            if self.is_dead() {
-                return Err(self.fatal_error().unwrap_or_else(|| "stopped".into()));
-            }
-            self.shared.wake.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Goes offline (closes the connection) or back online. Writes keep working offline.
-    pub fn set_online(&self, online: bool) {
-        self.shared.online.store(online, Ordering::SeqCst);
-        self.shared.wake.notify_waiters();
-    }
-
-    /// Waits until every local write committed before the call is acknowledged by the
-    /// server.
-    pub async fn wait_for_upload(&self) {
-        let target = self.shared.store.log_head();
-        while self.shared.store.last_sync() < target && !self.is_dead() {
-            self.shared.wake.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Waits until every change the server had accepted when the call was made is applied
-    /// locally.
-    pub async fn wait_for_download(&self) {
-        let id = self.shared.ping_wanted.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.wake.notify_waiters();
-        while self.shared.pong.load(Ordering::SeqCst) < id && !self.is_dead() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let target = self.shared.server_version.load(Ordering::SeqCst);
-        // Not the cursor in the database: a reader may see it before its commit returns.
-        while self.shared.downloaded.load(Ordering::SeqCst) < target && !self.is_dead() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn is_dead(&self) -> bool {
-        self.shared.stopped.load(Ordering::SeqCst)
-            || self.task.as_ref().is_none_or(|t| t.is_finished())
-    }
-
-    /// Stops syncing and waits for the background task to end.
-    pub async fn stop(mut self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        self.shared.wake.notify_waiters();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for SyncClient {
-    fn drop(&mut self) {
-        self.shared.stopped.store(true, Ordering::SeqCst);
-        self.shared.wake.notify_waiters();
-    }
-}
-
-const BACKOFF_MIN_MS: u64 = 20;
-const BACKOFF_MAX_MS: u64 = 2_000;
-
-async fn run(shared: Arc<Shared>, transport: Transport, config: ClientConfig) {
-    let mut backoff = BACKOFF_MIN_MS;
-    while !shared.stopped.load(Ordering::SeqCst) {
-        if !shared.online.load(Ordering::SeqCst) {
-            shared.set_state(ConnectionState::Disconnected);
-            let _ = tokio::time::timeout(Duration::from_millis(50), shared.wake.notified()).await;
-            continue;
-        }
-        shared.set_state(ConnectionState::Connecting);
-        let r = match connect(&transport).await {
-            Ok(stream) => {
-                let r = run_connection(&shared, stream, &config, &mut backoff).await;
-                r.err()
-            }
-            Err(e) => Some(SyncError::Io(e.to_string())),
-        };
-        shared.set_state(ConnectionState::Disconnected);
-        if let Some(e) = r {
-            if let Some(cb) = &shared.on_error {
-                cb(&e);
-            }
-            if !e.is_transient() {
-                *shared.fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
-                shared.stopped.store(true, Ordering::SeqCst);
-                break;
-            }
-            let jitter = rand::random::<u64>() % (backoff / 2 + 1);
-            let _ = tokio::time::timeout(
-                Duration::from_millis(backoff + jitter),
-                shared.wake.notified(),
-            )
-            .await;
-            backoff = (backoff * 2).min(BACKOFF_MAX_MS);
-        }
-    }
-}
-
-/// Runs one connection until it fails, the client goes offline, or it is stopped.
-async fn run_connection(
-    shared: &Arc<Shared>,
-    stream: Box<dyn StreamBox>,
-    config: &ClientConfig,
-    backoff: &mut u64,
-) -> Result<(), SyncError> {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut inbox = spawn_reader::<ServerMsg, _>(rd);
-    let mut session = ClientSession::new(Arc::clone(&shared.store), config.clone());
-    let io = |e: FrameError| SyncError::Io(e.to_string());
-    write_frame(&mut wr, &session.hello()?, FRAME_LEN_MAX_DEFAULT)
-        .await
-        .map_err(io)?;
-    let mut pinged = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    loop {
-        if shared.stopped.load(Ordering::SeqCst) || !shared.online.load(Ordering::SeqCst) {
-            let _ = wr.shutdown().await;
-            return Ok(());
-        }
-        while let Some(m) = session.poll_upload()? {
-            write_frame(&mut wr, &m, FRAME_LEN_MAX_DEFAULT)
-                .await
-                .map_err(io)?;
-        }
-        let wanted = shared.ping_wanted.load(Ordering::SeqCst);
-        if wanted > pinged && session.server_version() != (0, u64::MAX) {
-            pinged = wanted;
-            write_frame(
-                &mut wr,
-                &ClientMsg::Ping { id: wanted },
-                FRAME_LEN_MAX_DEFAULT,
-            )
-            .await
-            .map_err(io)?;
-        }
-        tokio::select! {
-            m = inbox.recv() => {
-                let msg = match m {
-                    None => return Err(SyncError::Io("server closed the connection".into())),
-                    Some(Err(e)) => return Err(io(e)),
-                    Some(Ok(msg)) => msg,
-                };
-                let welcome = matches!(msg, ServerMsg::Welcome { .. });
-                let replies = session.on_message(msg)?;
-                let refused = session.take_refused_writes();
-                if !refused.is_empty() {
-                    if let Some(cb) = &shared.on_error {
-                        cb(&SyncError::CompensatingWrite { refused });
-                    }
-                }
-                shared
-                    .subscription_errors
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend(session.take_subscription_errors());
-                for report in session.take_reset_reports() {
-                    if let Some(cb) = &shared.on_reset {
-                        cb(&report);
-                    }
-                    shared.reports.lock().unwrap_or_else(PoisonError::into_inner).push(report);
-                }
-                if welcome {
-                    *backoff = BACKOFF_MIN_MS;
-                    shared.set_state(ConnectionState::Connected);
-                }
-                let (version, pong) = session.server_version();
-                shared.server_version.fetch_max(version, Ordering::SeqCst);
-                shared.pong.fetch_max(pong, Ordering::SeqCst);
-                shared.downloaded.store(session.downloaded(), Ordering::SeqCst);
-                for r in replies {
-                    write_frame(&mut wr, &r, FRAME_LEN_MAX_DEFAULT).await.map_err(io)?;
-                }
-            }
-            _ = tick.tick() => {}
-            _ = shared.wake.notified() => {}
-        }
-    }
-}

@@ -34,12 +34,18 @@ pub enum ErrorCode {
     BadChangeset,
     /// The device (replica id) is registered to another user (107).
     DeviceNotOwned,
+    /// A server limit was passed (a transaction larger than the server takes); retrying
+    /// the same cannot help (108).
+    LimitExceeded,
     /// The server cannot continue this client's history; it must reset (211).
     ClientReset,
     /// The server refused some writes and reverted them (231).
     CompensatingWrite,
     /// The server failed; try again later (500).
     Internal,
+    /// The server is at a limit of its own (connections, buffered transactions); try again
+    /// later (503).
+    Busy,
 }
 
 impl ErrorCode {
@@ -54,15 +60,20 @@ impl ErrorCode {
             ErrorCode::TokenExpired => 105,
             ErrorCode::BadChangeset => 106,
             ErrorCode::DeviceNotOwned => 107,
+            ErrorCode::LimitExceeded => 108,
             ErrorCode::ClientReset => 211,
             ErrorCode::CompensatingWrite => 231,
             ErrorCode::Internal => 500,
+            ErrorCode::Busy => 503,
         }
     }
 
     /// Whether the client may reconnect and carry on (as opposed to needing a fix).
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorCode::Internal | ErrorCode::BadFrame)
+        matches!(
+            self,
+            ErrorCode::Internal | ErrorCode::BadFrame | ErrorCode::Busy
+        )
     }
 }
 

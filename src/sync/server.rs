@@ -144,6 +144,66 @@ pub struct ServerConfig {
     pub on_conflict: Option<ConflictObserver>,
     /// Who may read and write what (`None`: every user may read and write everything).
     pub rules: Option<Arc<Rules>>,
+    /// Bounds on connections, deadlines and buffered bytes.
+    pub limits: Limits,
+}
+
+/// Bounds on what peers can make the server hold or wait for: connections, deadlines and
+/// buffered bytes. Honest clients stay far below every one of them; a slow, idle or hostile
+/// peer meets them and is refused, throttled or disconnected. Worst-case buffer memory is
+/// `server_buffer_bytes_max + connections_max × hello_frame_bytes_max +
+/// server_transaction_bytes_max`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; one more is refused at accept with a `Busy` error and
+    /// closed (default 1,000: below the usual open-file limit of 1,024).
+    pub connections_max: usize,
+    /// Time from accept until the handshake's `Hello` has arrived, in milliseconds; then
+    /// the connection is closed (default 10,000).
+    pub handshake_timeout_ms: u64,
+    /// Time a session may go without a complete message from its client, and time one
+    /// reply may take to be written, in milliseconds; then the connection is closed
+    /// (default 60,000). Clients send a `Ping` after 15 s without sending anything.
+    pub idle_timeout_ms: u64,
+    /// Largest frame body read before the handshake, in bytes (default 64 KiB): an
+    /// unauthenticated peer cannot make the server hold more. It is also every
+    /// connection's allowance of buffered bytes outside `server_buffer_bytes_max`, so
+    /// small messages always flow.
+    pub hello_frame_bytes_max: usize,
+    /// Largest frame body read after the handshake, in bytes (default 16 MiB).
+    pub frame_bytes_max: usize,
+    /// Bytes of frames one connection may have read and not yet handled, in bytes
+    /// (default 32 MiB, and never below `frame_bytes_max`); past it the server stops
+    /// reading that connection until it catches up.
+    pub connection_buffer_bytes_max: usize,
+    /// Bytes of frames all connections together may have read and not yet handled, beyond
+    /// each connection's `hello_frame_bytes_max` allowance (default 256 MiB); past it,
+    /// connections wait before reading more.
+    pub server_buffer_bytes_max: usize,
+    /// Bytes of one upload transaction sent in pieces (as estimated by the sender's
+    /// splitter), in bytes (default 256 MiB); a larger one is refused with
+    /// `LimitExceeded`.
+    pub transaction_bytes_max: usize,
+    /// Bytes of unfinished upload transactions all connections together may hold, in bytes
+    /// (default 512 MiB); past it, the upload's session ends with `Busy` and its client
+    /// retries after a backoff.
+    pub server_transaction_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_max: 1_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            hello_frame_bytes_max: 64 << 10,
+            frame_bytes_max: crate::sync::frame::FRAME_LEN_MAX_DEFAULT,
+            connection_buffer_bytes_max: 32 << 20,
+            server_buffer_bytes_max: 256 << 20,
+            transaction_bytes_max: 256 << 20,
+            server_transaction_bytes_max: 512 << 20,
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -164,6 +224,7 @@ impl ServerConfig {
             conflicts: Policies::default(),
             on_conflict: None,
             rules: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -221,6 +282,11 @@ impl SyncServer {
             last_conflict: AtomicU64::new(last_conflict),
             refusals: Refusals::default(),
         })
+    }
+
+    /// The limits it was configured with.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
     }
 
     /// The server's store.
@@ -332,6 +398,8 @@ impl SyncServer {
         ServerSession {
             server: Arc::clone(self),
             state: State::AwaitHello,
+            expires_at_ms: u64::MAX,
+            partial_bytes: 0,
         }
     }
 
@@ -902,6 +970,12 @@ enum State {
 pub struct ServerSession {
     server: Arc<SyncServer>,
     state: State,
+    /// When the handshake's token expires (`u64::MAX` before the handshake): the session
+    /// ends then, as new connections with the token are refused.
+    expires_at_ms: u64,
+    /// Estimated bytes of the unfinished upload transaction (`partial` in
+    /// [`State::Ready`]), bounded by [`Limits::transaction_bytes_max`].
+    partial_bytes: usize,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
@@ -938,8 +1012,40 @@ impl ServerSession {
         vec![error(code, message)]
     }
 
+    /// When the session's token expires, once the handshake is done.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        (self.expires_at_ms != u64::MAX && !self.is_closed()).then_some(self.expires_at_ms)
+    }
+
+    /// Ends the session if its token has expired at `now_ms` (call it when the time from
+    /// [`ServerSession::expires_at_ms`] comes); returns the error to send.
+    pub fn on_time(&mut self, now_ms: u64) -> Vec<ServerMsg> {
+        if self.is_closed() || now_ms < self.expires_at_ms {
+            return Vec::new();
+        }
+        let at = self.expires_at_ms;
+        self.fail(
+            ErrorCode::TokenExpired,
+            format!("the session's token expired at {at} ms (now {now_ms} ms)"),
+        )
+    }
+
+    /// Estimated bytes of the upload transaction whose pieces are still arriving.
+    pub fn partial_upload_bytes(&self) -> usize {
+        match &self.state {
+            State::Ready {
+                partial: Some(_), ..
+            } => self.partial_bytes,
+            _ => 0,
+        }
+    }
+
     /// Handles one client message at time `now_ms`.
     pub fn on_message(&mut self, msg: ClientMsg, now_ms: u64) -> Vec<ServerMsg> {
+        let expiry = self.on_time(now_ms);
+        if !expiry.is_empty() {
+            return expiry;
+        }
         match self.handle(msg, now_ms) {
             Ok(out) => out,
             Err(Error::BadChangeset { reason }) => self.fail(ErrorCode::BadChangeset, reason),
@@ -993,6 +1099,7 @@ impl ServerSession {
                         .fetch_add(1, Ordering::Relaxed);
                     return Ok(self.fail(ErrorCode::DeviceNotOwned, message));
                 }
+                self.expires_at_ms = claims.expires_at_ms;
                 let server_schema = self.server.schema_version()?;
                 if schema_version > server_schema {
                     return Ok(self.fail(
@@ -1129,11 +1236,16 @@ impl ServerSession {
                     });
                 }
                 let mut entries = changeset.entries;
+                // Pieces are counted as they arrive, before they are joined.
+                let first_bytes = entries.first().map_or(0, approx_size);
+                let last_bytes = entries.last().map_or(0, approx_size);
+                let mut carried = 0;
                 if let Some(p) = partial.take() {
                     match entries.first_mut() {
                         Some(first) if first.seq == p.seq => {
                             let rest = std::mem::replace(first, p);
                             join_piece(first, rest);
+                            carried = self.partial_bytes;
                         }
                         _ => {
                             return Ok(self.fail(
@@ -1143,8 +1255,29 @@ impl ServerSession {
                         }
                     }
                 }
+                self.partial_bytes = 0;
+                let first_total = carried + first_bytes;
+                let max = self.server.config.limits.transaction_bytes_max;
+                if first_total > max {
+                    let seq = entries.first().map_or(0, |e| e.seq);
+                    tracing::warn!(
+                        seq,
+                        bytes = first_total,
+                        max,
+                        "upload transaction too large"
+                    );
+                    return Ok(self.fail(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "transaction {seq} is over {first_total} bytes, more than the \
+                             server's limit of {max} bytes (Limits::transaction_bytes_max)"
+                        ),
+                    ));
+                }
                 if more {
+                    let continued = entries.len() == 1;
                     *partial = entries.pop();
+                    self.partial_bytes = if continued { first_total } else { last_bytes };
                 }
                 let (client, view) = (*client, Arc::clone(view));
                 if entries.is_empty() {
