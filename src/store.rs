@@ -33,6 +33,8 @@ use crate::snapshot::{Snapshot, Snapshots};
 use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
+mod served;
+
 /// (collection id, encoded pk) → postcard `ObjectState<u32>`.
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 /// log position → postcard `LogEntry<u32>`.
@@ -2388,17 +2390,6 @@ impl<'s> WriteTx<'s> {
     {
         let fields = user_fields(fields)?;
         self.insert_fields(collection, pk.into(), fields)
-    }
-
-    /// An insert whose fields may include counter and text parts (the server re-writing
-    /// objects as they were); names are checked as they are for imported writes.
-    pub(crate) fn insert_engine(
-        &mut self,
-        collection: &str,
-        pk: Pk,
-        fields: Vec<(String, Value)>,
-    ) -> Result<()> {
-        self.insert_fields(collection, pk, fields)
     }
 
     fn insert_fields(&mut self, coll: &str, pk: Pk, fields: Vec<(String, Value)>) -> Result<()> {

@@ -17,6 +17,8 @@ struct World {
     handle: ServerHandle,
     clients: Vec<(Arc<Store>, SyncClient)>,
     seen: Arc<Mutex<Vec<ConflictRecord>>>,
+    /// Every error a client reported.
+    errors: Arc<Mutex<Vec<String>>>,
 }
 
 async fn world(policies: Policies, n: usize) -> World {
@@ -31,6 +33,7 @@ async fn world(policies: Policies, n: usize) -> World {
     }));
     let store = Arc::new(Store::open(dir.path().join("server.redb")).unwrap());
     let server = Arc::new(SyncServer::open(store, config).unwrap());
+    let errors = Arc::new(Mutex::new(Vec::new()));
     let handle = ServerHandle::bind(server.clone(), "127.0.0.1:0")
         .await
         .unwrap();
@@ -43,11 +46,16 @@ async fn world(policies: Policies, n: usize) -> World {
             expires_at_ms: u64::MAX,
             extra: Default::default(),
         };
+        let sink = Arc::clone(&errors);
+        let hooks = ClientHooks {
+            on_error: Some(Arc::new(move |e| sink.lock().unwrap().push(format!("{e}")))),
+            ..ClientHooks::default()
+        };
         let client = SyncClient::start(
             store.clone(),
             Transport::Tcp(addr.clone()),
             ClientConfig::new(token::issue(&secret, &claims).unwrap()),
-            ClientHooks::default(),
+            hooks,
         );
         clients.push((store, client));
     }
@@ -57,21 +65,35 @@ async fn world(policies: Policies, n: usize) -> World {
         handle,
         clients,
         seen,
+        errors,
     }
 }
 
 impl World {
+    /// Waits until every client has uploaded and downloaded everything; fails on the first
+    /// error a client reports.
     async fn sync(&self) {
-        tokio::time::timeout(Duration::from_secs(20), async {
+        let synced = async {
             for (_, c) in &self.clients {
                 c.wait_for_upload().await;
             }
             for (_, c) in &self.clients {
                 c.wait_for_download().await;
             }
-        })
-        .await
-        .expect("sync timed out");
+        };
+        let failed = async {
+            loop {
+                if let Some(e) = self.errors.lock().unwrap().first() {
+                    return e.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            () = synced => {}
+            e = failed => panic!("a client failed to sync: {e}"),
+            () = tokio::time::sleep(Duration::from_secs(20)) => panic!("sync timed out"),
+        }
     }
 
     fn replicas(&self) -> Vec<&Store> {
@@ -321,6 +343,114 @@ async fn update_vs_delete_both_directions_under_each_policy() {
             Policy::ServerWins => w.assert_everywhere(17, "Phone", Some(Value::from("changed"))),
             _ => w.assert_everywhere(17, "Phone", None),
         }
+        w.stop().await;
+    }
+}
+
+/// The client changes row 17's phone while the server changes it too, then deletes row 17
+/// in a later transaction of the same upload. Every policy decides without failing the
+/// upload, every replica converges, and the conflict records say what the replicas show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decided_field_of_an_object_the_upload_then_deletes_fails_nothing() {
+    use ConflictKind::{
+        ClientDeleteServerUpdate as DeleteUpdate, ClientUpdateServerUpdate as Both,
+    };
+    let merge = Policy::Custom(Arc::new(|c| match (&c.client.value, &c.server.value) {
+        (Some(Value::String(a)), Some(Value::String(b))) => {
+            Resolution::Merged(Value::from(format!("{b} / {a}")))
+        }
+        _ => Resolution::KeepServer,
+    }));
+    let cases = [
+        // The merged phone (or the server's) stays: deleting the row would destroy a change
+        // the client never saw, a delete/update conflict the server's side wins.
+        (
+            merge,
+            Some("server / client"),
+            vec![(Both, Decision::Merged), (DeleteUpdate, Decision::Server)],
+        ),
+        (
+            Policy::ServerWins,
+            Some("server"),
+            vec![(Both, Decision::Server), (DeleteUpdate, Decision::Server)],
+        ),
+        // The client's phone won: nothing the client had not seen is left, and its delete
+        // stands.
+        (Policy::LastWriterWins, None, vec![(Both, Decision::Client)]),
+        (Policy::ClientWins, None, vec![(Both, Decision::Client)]),
+    ];
+    for (policy, phone, want) in cases {
+        let w = seeded(Policies::new(policy.clone())).await;
+        w.offline(0, false).await;
+        w.server
+            .write(|tx| tx.set("Customer", 17, "Phone", "server"))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let device = &w.clients[0].0;
+        device
+            .write(|tx| tx.set("Customer", 17, "Phone", "client"))
+            .unwrap();
+        device.write(|tx| tx.delete("Customer", 17)).unwrap();
+        w.offline(0, true).await;
+        w.sync().await;
+        w.sync().await;
+        w.assert_everywhere(17, "Phone", phone.map(Value::from));
+        let first = phone.map(|_| Value::from("Bob"));
+        w.assert_everywhere(17, "FirstName", first);
+        let records = w.server.conflicts(0, 10).unwrap();
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.conflict.kind, r.decision))
+            .collect();
+        assert_eq!(got, want, "{policy:?}");
+        assert_eq!(*w.seen.lock().unwrap(), records, "{policy:?}");
+        w.stop().await;
+    }
+}
+
+/// `ClientWins` on update-versus-delete brings the object back whole: every field the
+/// client held, with the client's written value, on its device and everywhere else;
+/// whether the server deleted the object itself or another client's upload did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_wins_on_update_vs_delete_brings_back_every_field_the_client_held() {
+    for server_deletes in [true, false] {
+        let policies = Policies::new(Policy::LastWriterWins).kind(
+            "Customer",
+            ConflictKind::ClientUpdateServerDelete,
+            Policy::ClientWins,
+        );
+        let w = seeded(policies).await;
+        // The client's own earlier change is among the fields it holds.
+        w.clients[0]
+            .0
+            .write(|tx| tx.set("Customer", 2, "FavoriteNumber", 7))
+            .unwrap();
+        w.sync().await;
+        w.offline(0, false).await;
+        w.clients[0]
+            .0
+            .write(|tx| tx.set("Customer", 2, "Phone", "new"))
+            .unwrap();
+        if server_deletes {
+            w.server.write(|tx| tx.delete("Customer", 2)).unwrap();
+        } else {
+            w.clients[1].0.write(|tx| tx.delete("Customer", 2)).unwrap();
+            tokio::time::timeout(Duration::from_secs(20), w.clients[1].1.wait_for_upload())
+                .await
+                .expect("client 1 uploads its delete");
+        }
+        w.offline(0, true).await;
+        w.sync().await;
+        w.sync().await;
+        w.assert_everywhere(2, "Phone", Some(Value::from("new")));
+        w.assert_everywhere(2, "FirstName", Some(Value::from("Ann")));
+        w.assert_everywhere(2, "FavoriteNumber", Some(Value::from(7)));
+        let records = w.server.conflicts(0, 10).unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            (records[0].conflict.kind, records[0].decision),
+            (ConflictKind::ClientUpdateServerDelete, Decision::Client)
+        );
         w.stop().await;
     }
 }
