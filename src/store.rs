@@ -460,6 +460,8 @@ pub struct Store {
     /// Writers waiting for the writer lock: when there are some, durable commits share
     /// one fsync instead of one each.
     waiting: AtomicUsize,
+    /// How many sync servers serve this store (see `served.rs`).
+    served: AtomicUsize,
 }
 
 /// Commits are numbered in redb order, write-ahead records by their sequence number; a
@@ -1124,6 +1126,7 @@ impl Store {
             }),
             group_done: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
         })
     }
 
@@ -1524,8 +1527,15 @@ impl Store {
         self.schema_of(collection).map(|s| (*s).clone())
     }
 
-    /// Sets (or replaces) a collection's schema. Existing objects are not re-checked.
+    /// Sets (or replaces) a collection's schema. Existing objects are not re-checked. A
+    /// served store refuses: `SyncServer::set_schema` tells the clients.
     pub fn set_schema(&self, schema: Schema) -> Result<()> {
+        self.check_unserved("set_schema")?;
+        self.put_schema(schema)
+    }
+
+    /// [`Store::set_schema`], for the sync server serving the store.
+    pub(crate) fn put_schema(&self, schema: Schema) -> Result<()> {
         schema.validate()?;
         self.check_poisoned()?;
         let _w = self.lock_writer()?;
@@ -2707,6 +2717,7 @@ impl<'s> WriteTx<'s> {
     /// Commits: one stamp for every write, state and log entry in one redb transaction.
     /// In-memory state (clock, digest, counts, names) moves only once redb has committed.
     pub fn commit(mut self) -> Result<Committed> {
+        self.check_served_commit()?;
         let store = self.store;
         let r = (move || {
             // Join the open batch (its transaction holds the members' writes), or start.

@@ -9,11 +9,13 @@ use fieldlog::sync::client::ClientConfig;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
-use fieldlog::{Store, Value};
+use fieldlog::{Error, Store, Value};
 
 struct World {
     _dir: tempfile::TempDir,
     server: Arc<SyncServer>,
+    /// The caller's own handle on the served store (the one it passed to `open`).
+    served: Arc<Store>,
     handle: ServerHandle,
     clients: Vec<(Arc<Store>, SyncClient)>,
     seen: Arc<Mutex<Vec<ConflictRecord>>>,
@@ -32,7 +34,7 @@ async fn world(policies: Policies, n: usize) -> World {
         sink.lock().unwrap().push(r.clone())
     }));
     let store = Arc::new(Store::open(dir.path().join("server.redb")).unwrap());
-    let server = Arc::new(SyncServer::open(store, config).unwrap());
+    let server = Arc::new(SyncServer::open(Arc::clone(&store), config).unwrap());
     let errors = Arc::new(Mutex::new(Vec::new()));
     let handle = ServerHandle::bind(server.clone(), "127.0.0.1:0")
         .await
@@ -62,6 +64,7 @@ async fn world(policies: Policies, n: usize) -> World {
     World {
         _dir: dir,
         server,
+        served: store,
         handle,
         clients,
         seen,
@@ -453,4 +456,81 @@ async fn client_wins_on_update_vs_delete_brings_back_every_field_the_client_held
         );
         w.stop().await;
     }
+}
+
+/// A write through any handle of the served store (the server's accessor or the caller's
+/// own clone) either reaches the clients or is refused with `Error::ServedStore`, and then
+/// changes nothing; reads go on, and `SyncServer::write` reaches every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_around_the_server_reaches_the_clients_or_is_refused() {
+    type Attempt = Box<dyn Fn(&Store, i64) -> fieldlog::Result<()>>;
+    let w = seeded(Policies::default()).await;
+    let attempts: Vec<(&str, Attempt)> = vec![
+        (
+            "write",
+            Box::new(|s, pk| {
+                s.write(|tx| tx.insert("Customer", pk, customer("direct", "d", pk)))
+                    .map(|_| ())
+            }),
+        ),
+        (
+            "begin and commit",
+            Box::new(|s, pk| {
+                let mut tx = s.begin()?;
+                tx.set("Customer", 2, "Phone", format!("direct {pk}"))?;
+                tx.commit().map(|_| ())
+            }),
+        ),
+        (
+            "import",
+            Box::new(|s, pk| {
+                let other = Store::open_in_memory()?;
+                other.write(|tx| tx.insert("Customer", pk, customer("imported", "i", pk)))?;
+                s.import(&other.export(0, 10)?).map(|_| ())
+            }),
+        ),
+    ];
+    let handles = [
+        ("SyncServer::store()", w.server.store()),
+        ("the caller's clone", &w.served),
+    ];
+    let mut pk = 100;
+    for (handle, store) in handles {
+        for (how, attempt) in &attempts {
+            pk += 1;
+            let before = store.digest();
+            match attempt(store, pk) {
+                Ok(()) => {
+                    w.sync().await;
+                    assert_eq!(
+                        w.clients[1].0.digest(),
+                        store.digest(),
+                        "{how} through {handle} was kept from the clients"
+                    );
+                }
+                Err(Error::ServedStore { through: "write" }) => {
+                    assert_eq!(store.digest(), before, "{how} through {handle} changed it");
+                }
+                Err(e) => panic!("{how} through {handle}: {e}"),
+            }
+        }
+        let schema = fieldlog::Schema::new("Customer");
+        assert!(
+            matches!(
+                store.set_schema(schema),
+                Err(Error::ServedStore {
+                    through: "set_schema"
+                })
+            ),
+            "set_schema through {handle}"
+        );
+        assert_eq!(store.schema("Customer"), None);
+        assert!(store.get("Customer", 17).unwrap().is_some(), "reads go on");
+    }
+    w.server
+        .write(|tx| tx.insert("Customer", 5, customer("Eve", "555-0005", 5)))
+        .unwrap();
+    w.sync().await;
+    w.assert_everywhere(5, "FirstName", Some(Value::from("Eve")));
+    w.stop().await;
 }

@@ -145,6 +145,12 @@ pub struct SyncServer {
     last_conflict: AtomicU64,
 }
 
+impl Drop for SyncServer {
+    fn drop(&mut self) {
+        self.store.set_served(false);
+    }
+}
+
 impl std::fmt::Debug for SyncServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncServer")
@@ -175,6 +181,7 @@ impl SyncServer {
             )
         };
         tx.commit()?;
+        store.set_served(true);
         Ok(SyncServer {
             store,
             config,
@@ -183,7 +190,9 @@ impl SyncServer {
         })
     }
 
-    /// The server's store.
+    /// The server's store, to read. While the server serves it, the store refuses writes
+    /// made around the server ([`Error::ServedStore`]): they would never reach a client.
+    /// Write with [`SyncServer::write`] and [`SyncServer::set_schema`].
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -599,7 +608,7 @@ impl SyncServer {
                 .iter()
                 .any(|(name, spec)| schema.fields.get(name).is_none_or(|new| new.ty != spec.ty))
         });
-        self.store.set_schema(schema)?;
+        self.store.put_schema(schema)?;
         let mut tx = self.store.begin()?;
         {
             let txn = tx.raw()?;
