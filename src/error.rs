@@ -126,6 +126,13 @@ pub enum Error {
     /// A query did not parse, check or bind.
     #[error("query: {0}")]
     Query(#[from] crate::rules::QueryError),
+    /// The store is served by a sync server: a change written to it directly would never
+    /// reach the clients. Nothing was written.
+    #[error("this store is served by a SyncServer: use SyncServer::{through} so that clients receive the change")]
+    ServedStore {
+        /// The `SyncServer` method to use instead (`write`, `set_schema`).
+        through: &'static str,
+    },
     /// A file system operation outside redb failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

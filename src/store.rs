@@ -33,6 +33,8 @@ use crate::snapshot::{Snapshot, Snapshots};
 use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
+mod served;
+
 /// (collection id, encoded pk) → postcard `ObjectState<u32>`.
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 /// log position → postcard `LogEntry<u32>`.
@@ -458,6 +460,8 @@ pub struct Store {
     /// Writers waiting for the writer lock: when there are some, durable commits share
     /// one fsync instead of one each.
     waiting: AtomicUsize,
+    /// How many sync servers serve this store (see `served.rs`).
+    served: AtomicUsize,
 }
 
 /// Commits are numbered in redb order, write-ahead records by their sequence number; a
@@ -1122,6 +1126,7 @@ impl Store {
             }),
             group_done: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
         })
     }
 
@@ -1522,8 +1527,15 @@ impl Store {
         self.schema_of(collection).map(|s| (*s).clone())
     }
 
-    /// Sets (or replaces) a collection's schema. Existing objects are not re-checked.
+    /// Sets (or replaces) a collection's schema. Existing objects are not re-checked. A
+    /// served store refuses: `SyncServer::set_schema` tells the clients.
     pub fn set_schema(&self, schema: Schema) -> Result<()> {
+        self.check_unserved("set_schema")?;
+        self.put_schema(schema)
+    }
+
+    /// [`Store::set_schema`], for the sync server serving the store.
+    pub(crate) fn put_schema(&self, schema: Schema) -> Result<()> {
         schema.validate()?;
         self.check_poisoned()?;
         let _w = self.lock_writer()?;
@@ -2390,17 +2402,6 @@ impl<'s> WriteTx<'s> {
         self.insert_fields(collection, pk.into(), fields)
     }
 
-    /// An insert whose fields may include counter and text parts (the server re-writing
-    /// objects as they were); names are checked as they are for imported writes.
-    pub(crate) fn insert_engine(
-        &mut self,
-        collection: &str,
-        pk: Pk,
-        fields: Vec<(String, Value)>,
-    ) -> Result<()> {
-        self.insert_fields(collection, pk, fields)
-    }
-
     fn insert_fields(&mut self, coll: &str, pk: Pk, fields: Vec<(String, Value)>) -> Result<()> {
         let mark = self.new_names.len();
         let r = self.insert_inner(coll, &pk, fields);
@@ -2716,6 +2717,7 @@ impl<'s> WriteTx<'s> {
     /// Commits: one stamp for every write, state and log entry in one redb transaction.
     /// In-memory state (clock, digest, counts, names) moves only once redb has committed.
     pub fn commit(mut self) -> Result<Committed> {
+        self.check_served_commit()?;
         let store = self.store;
         let r = (move || {
             // Join the open batch (its transaction holds the members' writes), or start.

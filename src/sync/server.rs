@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::changeset::Changeset;
 use crate::clock::ReplicaId;
 use crate::conflict::{
-    detect, Conflict, ConflictKind, ConflictRecord, Decision, Policies, Policy, Resolution,
+    apply_write, Conflict, ConflictKind, ConflictRecord, Decision, Plan, PlanSource, Planner,
+    Policies,
 };
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos, Op};
@@ -55,6 +56,9 @@ const REFUSALS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_
 /// forward with every commit), and the pieces of one transaction share it, so a piece
 /// re-sent alone is recognised too.
 const UPLOADS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_uploads");
+/// hash of (collection, primary key) → postcard [`Grave`]: a deleted object's last live
+/// fields, kept for collections where a client's update may bring it back whole.
+const GRAVEYARD: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_graveyard");
 /// `horizon` (history at or below it was compacted away), `schema_version`,
 /// `breaking_version` (the schema version of the last breaking change).
 const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
@@ -245,6 +249,12 @@ pub struct SyncServer {
     refusals: Refusals,
 }
 
+impl Drop for SyncServer {
+    fn drop(&mut self) {
+        self.store.set_served(false);
+    }
+}
+
 impl std::fmt::Debug for SyncServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncServer")
@@ -275,6 +285,7 @@ impl SyncServer {
             )
         };
         tx.commit()?;
+        store.set_served(true);
         Ok(SyncServer {
             store,
             config,
@@ -289,7 +300,9 @@ impl SyncServer {
         &self.config.limits
     }
 
-    /// The server's store.
+    /// The server's store, to read. While the server serves it, the store refuses writes
+    /// made around the server ([`Error::ServedStore`]): they would never reach a client.
+    /// Write with [`SyncServer::write`] and [`SyncServer::set_schema`].
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
@@ -457,7 +470,7 @@ impl SyncServer {
         } else {
             Vec::new()
         };
-        let detected = self.detect_conflicts(client, user, &fresh)?;
+        let plan = self.plan_conflicts(client, user, &fresh)?;
         let cs = Changeset {
             origin: client,
             entries: fresh,
@@ -520,16 +533,23 @@ impl SyncServer {
                 });
             }
             // Policy decisions become the server's own writes, stamped after the client's.
-            for (conflict, prior, write_fields) in &detected {
-                let policy = self.config.conflicts.for_conflict(conflict);
-                let decision = resolve(tx, policy, conflict, prior, write_fields)?;
-                records.push(ConflictRecord {
-                    id: 0,
-                    conflict: conflict.clone(),
-                    policy: format!("{policy:?}"),
-                    decision,
-                });
+            let Plan {
+                decided,
+                targets,
+                graves,
+            } = plan;
+            for (collection, pk, target) in targets {
+                tx.force(&collection, &pk, target)?;
             }
+            for (collection, pk, fields) in &graves {
+                tx.put_aux(grave_row(collection, pk, fields)?);
+            }
+            records.extend(decided.into_iter().map(|d| ConflictRecord {
+                id: 0,
+                conflict: d.conflict,
+                policy: d.policy,
+                decision: d.decision,
+            }));
             let mut id = self.last_conflict.load(Ordering::SeqCst);
             for r in &mut records {
                 id += 1;
@@ -687,48 +707,17 @@ impl SyncServer {
         Ok(refused)
     }
 
-    /// Conflicts of an upload's writes with the server's state. Each write is checked
-    /// against the state as the upload's earlier writes leave it, so a client never
-    /// conflicts with itself. Returns each conflict with the object's state before the
-    /// write and the write's fields.
-    fn detect_conflicts(
-        &self,
-        client: ReplicaId,
-        user: &str,
-        entries: &[LogEntry],
-    ) -> Result<Vec<Detected>> {
-        let mut overlay = Overlay::default();
-        let mut users: std::collections::HashMap<ReplicaId, Option<String>> =
-            std::collections::HashMap::new();
-        let mut out = Vec::new();
+    /// Decides the conflicts of an upload's writes with the server's state (see
+    /// [`Planner`]): the conflicts with their decisions, and the objects they change.
+    fn plan_conflicts(&self, client: ReplicaId, user: &str, entries: &[LogEntry]) -> Result<Plan> {
+        let mut planner = Planner::new(&self.config.conflicts, client, user);
+        let mut src = StoreSource { server: self };
         for e in entries {
             for w in &e.writes {
-                let state = overlay.state(&self.store, w)?;
-                for mut c in detect(w, e.stamp, client, state) {
-                    c.client.user = Some(user.to_owned());
-                    if let Some(r) = c.server.replica {
-                        c.server.user = users
-                            .entry(r)
-                            .or_insert_with(|| {
-                                let u = self.client_record(r).ok().map(|rec| rec.user);
-                                u.filter(|u| !u.is_empty())
-                            })
-                            .clone();
-                    }
-                    let fields = match &w.op {
-                        Op::Insert { fields } => fields.clone(),
-                        Op::Update { fields } => fields
-                            .iter()
-                            .map(|f| (f.field.clone(), f.value.clone()))
-                            .collect(),
-                        Op::Delete { .. } => Vec::new(),
-                    };
-                    out.push((c, state.clone(), fields));
-                }
-                apply_write(state, w, e.stamp);
+                planner.write(&mut src, w, e.stamp)?;
             }
         }
-        Ok(out)
+        Ok(planner.finish(&src))
     }
 
     /// Writes on the server, as the server: the transaction enters the history like an
@@ -738,6 +727,11 @@ impl SyncServer {
         let next = Arc::new(AtomicU64::new(*version));
         let mut tx = self.store.begin()?;
         let r = f(&mut tx)?;
+        for (collection, pk, fields) in tx.deleted_live()? {
+            if self.config.conflicts.may_revive(&collection) {
+                tx.put_aux(grave_row(&collection, &pk, &fields)?);
+            }
+        }
         let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
         tx.on_log_entry(move |entry| Ok(vec![history_row(&hook_next, origin, entry)?]));
         tx.commit()?;
@@ -823,7 +817,7 @@ impl SyncServer {
                 .iter()
                 .any(|(name, spec)| schema.fields.get(name).is_none_or(|new| new.ty != spec.ty))
         });
-        self.store.set_schema(schema)?;
+        self.store.put_schema(schema)?;
         let mut tx = self.store.begin()?;
         {
             let txn = tx.raw()?;
@@ -1610,9 +1604,6 @@ impl ServerSession {
     }
 }
 
-/// A detected conflict, the object's state before the write, and the write's fields.
-type Detected = (Conflict, ObjectState<String>, Vec<(String, Value)>);
-
 /// The conflict records kept in a server store (for the `conflicts` command).
 pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
     let rtx = store.read_txn()?;
@@ -1629,99 +1620,96 @@ pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<Confl
     Ok(out)
 }
 
-/// Carries out a policy's decision on one conflict inside the upload's transaction, after
-/// the client's writes were merged by stamp. Only decisions that differ from what the
-/// stamps already decided need a write.
-fn resolve(
-    tx: &mut WriteTx<'_>,
-    policy: &Policy,
-    c: &Conflict,
-    prior: &ObjectState<String>,
-    client_fields: &[(String, Value)],
-) -> Result<Decision> {
-    let (coll, pk) = (c.collection.as_str(), c.pk.clone());
-    let live_now = tx.get(coll, pk.clone())?.is_some();
-    // What the merge by stamp already decided. For update vs delete that is the object's
-    // existence: an update never brings a deleted object back.
-    let by_stamp = match c.kind {
-        ConflictKind::ClientUpdateServerDelete | ConflictKind::ClientDeleteServerUpdate => {
-            let deleted_side_won = !live_now;
-            match (c.kind, deleted_side_won) {
-                (ConflictKind::ClientUpdateServerDelete, true) => Decision::Server,
-                (ConflictKind::ClientDeleteServerUpdate, true) => Decision::Client,
-                (ConflictKind::ClientUpdateServerDelete, false) => Decision::Client,
-                _ => Decision::Server,
-            }
-        }
-        _ if c.stamp_winner_is_client() => Decision::Client,
-        _ => Decision::Server,
+/// A deleted object's last live fields, as the server keeps them.
+#[derive(Debug, Serialize, Deserialize)]
+struct Grave {
+    collection: String,
+    pk: crate::value::Pk,
+    fields: Vec<(String, Value)>,
+}
+
+/// The graveyard's key for an object: a hash of its collection and primary key. Two objects
+/// with the same hash share a row; the row names its object, so the other one finds none.
+fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> {
+    let bytes = postcard::to_allocvec(&(collection, pk)).map_err(|e| corrupt(e.to_string()))?;
+    let hash = blake3::hash(&bytes);
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&hash.as_bytes()[..8]);
+    Ok(u64::from_le_bytes(key))
+}
+
+fn grave_row(collection: &str, pk: &crate::value::Pk, fields: &[(String, Value)]) -> Result<Aux> {
+    let grave = Grave {
+        collection: collection.to_owned(),
+        pk: pk.clone(),
+        fields: fields.to_vec(),
     };
-    let (want, merged) = match policy {
-        // The merge rule decided; nothing to write.
-        Policy::LastWriterWins => return Ok(by_stamp),
-        Policy::ServerWins => (Decision::Server, None),
-        Policy::ClientWins => (Decision::Client, None),
-        Policy::Custom(handler) => match handler(c) {
-            Resolution::KeepServer => (Decision::Server, None),
-            Resolution::TakeClient => (Decision::Client, None),
-            Resolution::Merged(v) if c.field.is_some() => (Decision::Merged, Some(v)),
-            Resolution::Merged(_) => (Decision::Client, None),
-        },
-    };
-    let live_fields = |s: &ObjectState<String>| -> Vec<(String, Value)> {
-        s.fields
-            .iter()
-            .map(|(f, _, v)| (f.clone(), v.clone()))
-            .collect()
-    };
-    if want == by_stamp && merged.is_none() {
-        return Ok(want);
+    let bytes = postcard::to_allocvec(&grave).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Aux::u64_bytes(GRAVEYARD, grave_key(collection, pk)?, bytes))
+}
+
+/// The server's store as the conflict planner reads it.
+struct StoreSource<'a> {
+    server: &'a SyncServer,
+}
+
+impl PlanSource for StoreSource<'_> {
+    fn state(&mut self, collection: &str, pk: &crate::value::Pk) -> Result<ObjectState<String>> {
+        self.server.store.object_state_named(collection, pk)
     }
-    // Re-inserted objects may carry counter and text parts: engine fields.
-    match (c.kind, &want) {
-        (ConflictKind::ClientUpdateServerUpdate, Decision::Merged) => {
-            if let (Some(f), Some(v)) = (&c.field, merged) {
-                tx.set(coll, pk, f, v)?;
-            }
-        }
-        (ConflictKind::ClientUpdateServerUpdate, d) if *d != by_stamp => {
-            let value = match d {
-                Decision::Server => c.server.value.clone(),
-                _ => c.client.value.clone(),
-            };
-            if let (Some(f), Some(v)) = (&c.field, value) {
-                if live_now {
-                    tx.set(coll, pk, f, v)?;
-                }
-            }
-        }
-        (ConflictKind::ClientInsertServerInsert, d) if *d != by_stamp => {
-            let fields = match d {
-                Decision::Server => live_fields(prior),
-                _ => client_fields.to_vec(),
-            };
-            if live_now {
-                tx.delete(coll, pk.clone())?;
-            }
-            tx.insert_engine(coll, pk, fields)?;
-        }
-        // Forcing an update of a deleted object makes it an insert of the written fields.
-        (ConflictKind::ClientUpdateServerDelete, Decision::Client | Decision::Merged)
-            if !live_now =>
-        {
-            tx.insert_engine(coll, pk, client_fields.to_vec())?;
-        }
-        (ConflictKind::ClientDeleteServerUpdate, Decision::Server) if !live_now => {
-            tx.insert_engine(coll, pk, live_fields(prior))?;
-        }
-        (ConflictKind::ClientDeleteServerUpdate, Decision::Client | Decision::Merged)
-            if live_now =>
-        {
-            tx.delete(coll, pk)?;
-        }
-        _ => {}
+
+    fn user(&mut self, replica: ReplicaId) -> Option<String> {
+        let user = self.server.client_record(replica).ok().map(|r| r.user);
+        user.filter(|u| !u.is_empty())
     }
-    Ok(want)
+
+    fn grave(
+        &mut self,
+        collection: &str,
+        pk: &crate::value::Pk,
+    ) -> Result<Option<Vec<(String, Value)>>> {
+        let rtx = self.server.store.read_txn()?;
+        let table = match rtx.open_table(GRAVEYARD) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(row) = table.get(grave_key(collection, pk)?)? else {
+            return Ok(None);
+        };
+        let grave: Grave =
+            postcard::from_bytes(row.value()).map_err(|e| corrupt(format!("grave: {e}")))?;
+        Ok((grave.collection == collection && grave.pk == *pk).then_some(grave.fields))
+    }
+
+    fn refuses(
+        &self,
+        collection: &str,
+        pk: &crate::value::Pk,
+        field: &str,
+        value: &Value,
+    ) -> Option<String> {
+        let max = self.server.store.options().value_bytes_max;
+        if value.size_bytes() > max {
+            return Some(format!("{} bytes; the limit is {max}", value.size_bytes()));
+        }
+        let w = crate::log::Write {
+            collection: collection.to_owned(),
+            pk: pk.clone(),
+            op: Op::Update {
+                fields: vec![crate::log::FieldWrite {
+                    field: field.to_owned(),
+                    value: value.clone(),
+                    base: None,
+                }],
+            },
+        };
+        self.server
+            .store
+            .check_write_schema(&w)
+            .err()
+            .map(|e| e.to_string())
+    }
 }
 
 /// A refused write as the client is told of it.
@@ -1764,26 +1752,6 @@ impl Overlay {
                 e.insert(store.object_state_named(&w.collection, &w.pk)?)
             }
         })
-    }
-}
-
-/// Merges one write into a named object state.
-fn apply_write(state: &mut ObjectState<String>, w: &crate::log::Write, stamp: crate::clock::Stamp) {
-    match &w.op {
-        Op::Insert { fields } => {
-            state.apply_exists(stamp, true);
-            for (f, v) in fields {
-                state.apply_field(f.clone(), stamp, v.clone());
-            }
-        }
-        Op::Update { fields } => {
-            for f in fields {
-                state.apply_field(f.field.clone(), stamp, f.value.clone());
-            }
-        }
-        Op::Delete { .. } => {
-            state.apply_exists(stamp, false);
-        }
     }
 }
 
