@@ -677,6 +677,9 @@ enum State {
         schema_version: u64,
         /// Chunks sent and not yet acknowledged.
         in_flight: usize,
+        /// Acknowledgements still to come for chunks of a snapshot this one replaced (a
+        /// subscription change in the middle): they come first and count for nothing.
+        stale: usize,
         /// The last chunk was sent.
         done: bool,
     },
@@ -844,6 +847,7 @@ impl ServerSession {
                         schemas: schemas.clone(),
                         schema_version: self.server.schema_version()?,
                         in_flight: 0,
+                        stale: 0,
                         done: false,
                     };
                     let missed = self.server.pending_refusals(replica, last_sync)?;
@@ -986,11 +990,17 @@ impl ServerSession {
                 State::Snapshotting {
                     client,
                     in_flight,
+                    stale,
                     done,
                     ..
                 },
                 ClientMsg::SnapshotAck { settled },
             ) => {
+                if *stale > 0 {
+                    // Of the replaced snapshot; the new one's last acknowledgement settles.
+                    *stale -= 1;
+                    return Ok(Vec::new());
+                }
                 *in_flight = in_flight.saturating_sub(1);
                 if *done && *in_flight == 0 {
                     // The client has swapped the snapshot in; what it sends next (its
@@ -1065,8 +1075,14 @@ impl ServerSession {
 
     /// Switches a connected session to a reset (or a view rebuild).
     fn begin_reset(&mut self, client: ReplicaId, reason: ResetReason) -> Result<Option<ServerMsg>> {
-        let view = match std::mem::replace(&mut self.state, State::Closed) {
-            State::Ready { view, .. } | State::Snapshotting { view, .. } => view,
+        let (view, stale) = match std::mem::replace(&mut self.state, State::Closed) {
+            State::Ready { view, .. } => (view, 0),
+            State::Snapshotting {
+                view,
+                in_flight,
+                stale,
+                ..
+            } => (view, in_flight + stale),
             other => {
                 self.state = other;
                 return Ok(None);
@@ -1082,6 +1098,7 @@ impl ServerSession {
             schemas: schemas.clone(),
             schema_version: self.server.schema_version()?,
             in_flight: 0,
+            stale,
             done: false,
         };
         Ok(Some(ServerMsg::ResetRequired {
@@ -1595,13 +1612,18 @@ mod tests {
     use super::*;
     use crate::clock::Stamp;
     use crate::log::{Op, Write};
+    use crate::sync::protocol::Subscription;
     use crate::sync::token::Claims;
     use crate::value::{Pk, Value};
 
     fn ready_session() -> (Arc<SyncServer>, ServerSession, ReplicaId) {
-        let secret = Secret::generate();
+        ready_session_with(ServerConfig::new(Secret::generate()))
+    }
+
+    fn ready_session_with(config: ServerConfig) -> (Arc<SyncServer>, ServerSession, ReplicaId) {
+        let secret = config.secret.clone();
         let store = Arc::new(Store::open_in_memory().unwrap());
-        let server = Arc::new(SyncServer::open(store, ServerConfig::new(secret.clone())).unwrap());
+        let server = Arc::new(SyncServer::open(store, config).unwrap());
         let claims = Claims {
             user_id: "u".into(),
             expires_at_ms: u64::MAX,
@@ -1649,6 +1671,102 @@ mod tests {
             },
             more: false,
         }
+    }
+
+    /// A subscription change while a snapshot's chunks are in flight: the client still
+    /// acknowledges those chunks, after the server has begun the new snapshot. Counting
+    /// them for the new one ended it early, and the new one's own last acknowledgement
+    /// then came "outside a reset" (a fatal 101 for the client).
+    #[test]
+    fn acknowledgements_of_a_replaced_snapshot_do_not_count_for_the_next() {
+        // Small chunks, so a snapshot has many.
+        let mut config = ServerConfig::new(Secret::generate());
+        config.batch_bytes = 256;
+        let (server, mut session, _) = ready_session_with(config);
+        server
+            .write(|tx| {
+                for i in 0..40i64 {
+                    tx.insert("C", i, [("f", Value::from("x".repeat(64)))])?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let subscribe = |version: u64| ClientMsg::Subscribe {
+            set: SubscriptionSet {
+                version,
+                subscriptions: vec![Subscription::new("all", "C", "TRUEPREDICATE")],
+            },
+        };
+        let no_error = |out: &[ServerMsg]| {
+            assert!(
+                out.iter().all(|m| !matches!(m, ServerMsg::Error { .. })),
+                "{out:?}"
+            );
+        };
+        // Sends what the server has to send; returns the acknowledgements the client
+        // will make, and whether the last chunk went.
+        let drain = |session: &mut ServerSession| {
+            let mut acks = Vec::new();
+            loop {
+                match &session.poll_download()[..] {
+                    [ServerMsg::Snapshot { end, .. }] => {
+                        acks.push(ClientMsg::SnapshotAck {
+                            settled: end.as_ref().map(|_| 0),
+                        });
+                        if end.is_some() {
+                            return (acks, true);
+                        }
+                    }
+                    [] => return (acks, false),
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let out = session.on_message(subscribe(1), 0);
+        assert!(
+            matches!(out[..], [ServerMsg::ResetRequired { .. }]),
+            "{out:?}"
+        );
+        let (stale, done) = drain(&mut session);
+        assert!(!stale.is_empty() && !done, "a window of the first snapshot");
+        // The set changes again; the new snapshot's first window goes out at once.
+        let out = session.on_message(subscribe(2), 0);
+        assert!(
+            matches!(out[..], [ServerMsg::ResetRequired { .. }]),
+            "{out:?}"
+        );
+        let (acks, mut done) = drain(&mut session);
+        // Then the client's acknowledgements of the old chunks arrive, then of the new.
+        for ack in stale {
+            no_error(&session.on_message(ack, 0));
+        }
+        // As on a connection: after each message the server sends what it may.
+        let mut chunks = acks.len();
+        let mut acks: std::collections::VecDeque<ClientMsg> = acks.into();
+        let mut ended = false;
+        while let Some(ack) = acks.pop_front() {
+            let last = matches!(ack, ClientMsg::SnapshotAck { settled: Some(_) });
+            let out = session.on_message(ack, 0);
+            no_error(&out);
+            if last {
+                assert!(
+                    matches!(out[..], [ServerMsg::UploadAck { .. }]),
+                    "the last acknowledgement ends the snapshot: {out:?}"
+                );
+                ended = true;
+            } else {
+                assert_eq!(out, [], "only the last acknowledgement ends it");
+            }
+            if !done {
+                let (more, last) = drain(&mut session);
+                chunks += more.len();
+                acks.extend(more);
+                done = last;
+            }
+        }
+        assert!(done && ended, "the snapshot ended after {chunks} chunks");
+        assert!(chunks > 8, "{chunks} chunks");
+        assert!(!session.is_closed());
     }
 
     /// Atlas's spelling of each key type, from its own compensating-write tests.
