@@ -294,6 +294,8 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
                 r#"{"defaultRoles":[{"name":"admin","apply_when":{"%%user.custom_data.isAdmin":true},"document_filters":{"read":true,"write":true},"read":true,"write":true,"insert":true,"delete":true},{"name":"team","apply_when":{"%%user.team":{"$exists":true}},"document_filters":{"read":{"$or":[{"team":"%%user.team"},{"n":{"$gte":2,"$lt":5}}]},"write":{"$not":{"_id":{"$in":[1,2]}}}},"read":true,"write":true}]}"#,
                 r#"{"rules":{"Item":[]}}"#,
                 r#"{"rules":{"Item":[{"name":"x","document_filters":{"read":true}}]}}"#,
+                r#"{"defaultRoles":[{"name":"owner-read-write","apply_when":{},"document_filters":{"read":{"owner_id":"%%user.id"},"write":{"owner_id":"%%user.id"}},"read":true,"write":true}]}"#,
+                r#"{"rules":{"Item":[{"name":"staff","apply_when":{},"document_filters":{"read":true,"write":{"ownerId":"%%user.id"}},"search":true,"insert":{"ownerId":"%%user.id"},"delete":{"n":{"$lt":2}},"fields":{"n":{"read":false,"write":false},"team":{"write":true,"fields":{"inner":{"read":true}}}},"additional_fields":{"read":true}}]}}"#,
                 r#"{"rules":{}, "rules":{}}"#,
                 "not json",
             ];

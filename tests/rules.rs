@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use fieldlog::rules::{
     load, parse, Action, CmpOp, Comparison, DenialKind, Field, Operand, Param, Params, Query,
-    QueryError, RulesError, User, QUERY_DEPTH_MAX, QUERY_LEN_MAX,
+    QueryError, RoleFlags, RulesError, User, QUERY_DEPTH_MAX, QUERY_LEN_MAX,
 };
 use fieldlog::{FieldSpec, FieldType, Pk, Schema, Value};
 use proptest::prelude::*;
@@ -900,15 +900,17 @@ fn owners_read_and_write_their_own_items_only() {
 
     assert!(role.can_read(&alice, &pk, &mine));
     assert!(!role.can_read(&alice, &pk, &theirs));
-    assert!(role.can_insert(&alice, &pk, &mine).is_ok());
+    assert!(role.can_insert(&alice, &pk, &mine, &[]).is_ok());
     assert!(role.can_delete(&alice, &pk, &mine).is_ok());
     let mut edited = mine.clone();
     edited.insert("title".into(), "new".into());
-    assert!(role.can_write_update(&alice, &pk, &mine, &edited).is_ok());
+    assert!(role
+        .can_write_update(&alice, &pk, &mine, &edited, &["title"])
+        .is_ok());
 
     // Another's item: not before.
     let d = role
-        .can_write_update(&alice, &pk, &theirs, &theirs)
+        .can_write_update(&alice, &pk, &theirs, &theirs, &["title"])
         .unwrap_err();
     assert_eq!(d.kind, DenialKind::FilterBefore);
     assert_eq!(
@@ -917,7 +919,7 @@ fn owners_read_and_write_their_own_items_only() {
     );
     // Giving one's item away: not after.
     let d = role
-        .can_write_update(&alice, &pk, &mine, &theirs)
+        .can_write_update(&alice, &pk, &mine, &theirs, &["ownerId"])
         .unwrap_err();
     assert_eq!(d.kind, DenialKind::FilterAfter);
     assert_eq!(
@@ -926,12 +928,12 @@ fn owners_read_and_write_their_own_items_only() {
     );
     // Taking another's item: not before.
     assert_eq!(
-        role.can_write_update(&alice, &pk, &theirs, &mine)
+        role.can_write_update(&alice, &pk, &theirs, &mine, &["ownerId"])
             .unwrap_err()
             .kind,
         DenialKind::FilterBefore
     );
-    let d = role.can_insert(&alice, &pk, &theirs).unwrap_err();
+    let d = role.can_insert(&alice, &pk, &theirs, &[]).unwrap_err();
     assert_eq!(
         d.to_string(),
         r#"denied by write filter in role "readOwnWriteOwn" (object after the insert)"#
@@ -947,9 +949,9 @@ fn owners_read_and_write_their_own_items_only() {
     // The same through Rules.
     assert!(rules.can_read("Item", &alice, &pk, &mine));
     assert!(rules
-        .check_update("Item", &alice, &pk, &mine, &theirs)
+        .check_update("Item", &alice, &pk, &mine, &theirs, &["ownerId"])
         .is_err());
-    assert!(rules.check_insert("Item", &alice, &pk, &mine).is_ok());
+    assert!(rules.check_insert("Item", &alice, &pk, &mine, &[]).is_ok());
     assert!(rules.check_delete("Item", &alice, &pk, &theirs).is_err());
 }
 
@@ -966,7 +968,14 @@ fn the_first_matching_role_applies() {
     let pk = Pk::Int(2);
     assert!(rules.can_read("Item", &admin, &pk, &item("bob")));
     assert!(rules
-        .check_update("Item", &admin, &pk, &item("bob"), &item("alice"))
+        .check_update(
+            "Item",
+            &admin,
+            &pk,
+            &item("bob"),
+            &item("alice"),
+            &["ownerId"]
+        )
         .is_ok());
     assert!(!rules.can_read("Item", &not_admin, &pk, &item("bob")));
 }
@@ -981,10 +990,10 @@ fn default_roles_govern_collections_without_rules() {
     let note = obj(&[("ownerId", "bob".into())]);
     assert!(role.can_read(&alice, &pk, &note));
     let d = role
-        .can_write_update(&alice, &pk, &note, &note)
+        .can_write_update(&alice, &pk, &note, &note, &["ownerId"])
         .unwrap_err();
     assert_eq!(d.to_string(), r#"update not allowed by role "readAll""#);
-    let d = role.can_insert(&alice, &pk, &note).unwrap_err();
+    let d = role.can_insert(&alice, &pk, &note, &[]).unwrap_err();
     assert_eq!(d.to_string(), r#"insert not allowed by role "readAll""#);
     let d = role.can_delete(&alice, &pk, &note).unwrap_err();
     assert_eq!(d.to_string(), r#"delete not allowed by role "readAll""#);
@@ -1000,7 +1009,7 @@ fn no_role_means_no_access() {
     let pk = Pk::Int(1);
     assert!(!rules.can_read("Item", &alice, &pk, &obj(&[])));
     let d = rules
-        .check_insert("Item", &alice, &pk, &obj(&[]))
+        .check_insert("Item", &alice, &pk, &obj(&[]), &[])
         .unwrap_err();
     assert_eq!(d.to_string(), "insert denied: no role applies to the user");
     assert!(load("{}").unwrap().role_for("Any", &alice).is_none());
@@ -1051,10 +1060,22 @@ fn filters_use_user_fields_pk_and_operators() {
     assert!(!role.can_read(&u, &Pk::Int(13), &d(8, 0, true)));
     assert!(role.can_read(&u, &Pk::Int(13), &d(7, 0, false)));
     assert!(role
-        .can_write_update(&u, &Pk::Int(1), &d(7, 1, false), &d(7, 2, false))
+        .can_write_update(
+            &u,
+            &Pk::Int(1),
+            &d(7, 1, false),
+            &d(7, 2, false),
+            &["level"]
+        )
         .is_ok());
     assert!(role
-        .can_write_update(&u, &Pk::Int(1), &d(7, 1, false), &d(7, 3, false))
+        .can_write_update(
+            &u,
+            &Pk::Int(1),
+            &d(7, 1, false),
+            &d(7, 3, false),
+            &["level"]
+        )
         .is_err());
     // No team: the role does not apply, and root has no team to match.
     assert!(rules.role_for("Doc", &User::new("u2")).is_none());
@@ -1076,6 +1097,314 @@ fn rules_check_fields_against_the_schema() {
     assert_eq!(
         e.to_string(),
         r#"role "peek" in "Item": document_filters.read: field `secret` is not queryable in `Item`"#
+    );
+}
+
+/// Roles copied verbatim from the Atlas Device Sync permissions guide (default roles): they
+/// omit `insert` and `delete`, which default to true there.
+const GUIDE_OWNER_READ_WRITE: &str = r#"{ "defaultRoles": [
+    {
+      "name": "owner-read-write",
+      "apply_when": {},
+      "document_filters": {
+        "read": { "owner_id": "%%user.id" },
+        "write": { "owner_id": "%%user.id" }
+      },
+      "read": true,
+      "write": true
+    }
+] }"#;
+
+const GUIDE_OWNER_WRITE: &str = r#"{ "defaultRoles": [
+    {
+      "name": "owner-write",
+      "apply_when": {},
+      "document_filters": {
+        "read": true,
+        "write": { "owner_id": "%%user.id" }
+      },
+      "read": true,
+      "write": true
+    }
+] }"#;
+
+const GUIDE_ADMIN: &str = r#"{ "defaultRoles": [
+      {
+        "name": "admin",
+        "apply_when": {
+          "%%user.custom_data.isGlobalAdmin": true
+        },
+        "document_filters": {
+          "read": true,
+          "write": true
+        },
+        "read": true,
+        "write": true
+      },
+      {
+        "name": "user",
+        "apply_when": {},
+        "document_filters": {
+          "read": { "owner_id": "%%user.id" },
+          "write": { "owner_id": "%%user.id" }
+        },
+        "read": true,
+        "write": true
+      }
+] }"#;
+
+/// The role of the App Services CLI's collection rules template (`rules.json`), with its
+/// placeholders filled in.
+const DOCS_RULES_JSON_ROLE: &str = r#"{ "rules": { "Item": [
+    {
+      "name": "owner",
+      "apply_when": {},
+      "document_filters": {
+        "read": { "owner_id": "%%user.id" },
+        "write": { "owner_id": "%%user.id" }
+      },
+      "insert": true,
+      "delete": true,
+      "search": true,
+      "fields": {
+        "myField": { "read": true, "write": true }
+      },
+      "additional_fields": { "read": true, "write": true }
+    }
+] } }"#;
+
+fn owned(owner: &str) -> BTreeMap<String, Value> {
+    obj(&[("owner_id", owner.into()), ("title", "t".into())])
+}
+
+#[test]
+fn roles_copied_from_the_atlas_docs_behave_as_there() {
+    let pk = Pk::Int(1);
+    let (alice, bob) = (User::new("alice"), User::new("bob"));
+
+    // Users can only read and write their own data; insert and delete default to true.
+    let rules = load(GUIDE_OWNER_READ_WRITE).unwrap();
+    assert!(rules.can_read("Note", &alice, &pk, &owned("alice")));
+    assert!(!rules.can_read("Note", &alice, &pk, &owned("bob")));
+    assert!(rules
+        .check_insert("Note", &alice, &pk, &owned("alice"), &["owner_id", "title"])
+        .is_ok());
+    assert!(rules
+        .check_delete("Note", &alice, &pk, &owned("alice"))
+        .is_ok());
+    let d = rules
+        .check_insert("Note", &alice, &pk, &owned("bob"), &["owner_id", "title"])
+        .unwrap_err();
+    assert_eq!(d.kind, DenialKind::FilterAfter);
+    assert!(rules
+        .check_delete("Note", &bob, &pk, &owned("alice"))
+        .is_err());
+    let role = rules.role_for("Note", &alice).unwrap();
+    assert_eq!(
+        role.flags(),
+        RoleFlags {
+            read: true,
+            write: true,
+            insert: true,
+            delete: true,
+            search: true
+        }
+    );
+
+    // Users can read all data but only write their own.
+    let rules = load(GUIDE_OWNER_WRITE).unwrap();
+    assert!(rules.can_read("Recipe", &alice, &pk, &owned("bob")));
+    let d = rules
+        .check_update(
+            "Recipe",
+            &alice,
+            &pk,
+            &owned("bob"),
+            &owned("bob"),
+            &["title"],
+        )
+        .unwrap_err();
+    assert_eq!(d.kind, DenialKind::FilterBefore);
+    assert!(rules
+        .check_insert("Recipe", &alice, &pk, &owned("alice"), &[])
+        .is_ok());
+    assert!(rules
+        .check_delete("Recipe", &alice, &pk, &owned("alice"))
+        .is_ok());
+
+    // Admins read and write everything; users their own.
+    let rules = load(GUIDE_ADMIN).unwrap();
+    let admin = User::new("root").with("custom_data.isGlobalAdmin", "true");
+    assert_eq!(rules.role_for("Any", &admin).unwrap().name(), "admin");
+    assert!(rules
+        .check_delete("Any", &admin, &pk, &owned("bob"))
+        .is_ok());
+    assert!(rules
+        .check_insert("Any", &admin, &pk, &owned("bob"), &[])
+        .is_ok());
+    assert_eq!(rules.role_for("Any", &alice).unwrap().name(), "user");
+    assert!(rules
+        .check_delete("Any", &alice, &pk, &owned("bob"))
+        .is_err());
+    assert!(rules
+        .check_delete("Any", &alice, &pk, &owned("alice"))
+        .is_ok());
+
+    // The CLI template's role, with `search`, `fields` and `additional_fields`.
+    let rules = load(DOCS_RULES_JSON_ROLE).unwrap();
+    let role = rules.role_for("Item", &alice).unwrap();
+    assert!(role.flags().search);
+    let mine = owned("alice");
+    let access = rules.access("Item", &alice, &pk, &mine).unwrap();
+    assert!(access.can_read() && access.can_read_field("myField"));
+    assert!(access.can_write_field("title"));
+    assert!(rules
+        .check_update("Item", &alice, &pk, &mine, &mine, &["myField", "title"])
+        .is_ok());
+    assert!(!rules.can_read("Item", &alice, &pk, &owned("bob")));
+}
+
+/// The field-level templates of the Atlas role examples, placeholders filled in.
+#[test]
+fn field_level_permissions_follow_atlas() {
+    let file = |role: &str| {
+        load(&format!(
+            r#"{{"defaultRoles": [{{"name": "r", "apply_when": {{}}, "document_filters": {{"read": true, "write": {{"owner_id": "%%user.id"}}}}, {role}}}]}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{role}: {e}"))
+    };
+    let alice = User::new("alice");
+    let pk = Pk::Int(1);
+    let doc = |owner: &str| {
+        obj(&[
+            ("owner_id", owner.into()),
+            ("title", "t".into()),
+            ("status", "open".into()),
+        ])
+    };
+    let (mine, theirs) = (doc("alice"), doc("bob"));
+
+    // "The Role Can Read All Fields & Write to Specific Fields".
+    let rules = file(
+        r#""insert": true, "delete": true, "read": true, "write": false, "fields": { "status": { "write": true } }"#,
+    );
+    assert!(rules
+        .check_update("X", &alice, &pk, &mine, &mine, &["status"])
+        .is_ok());
+    let d = rules
+        .check_update("X", &alice, &pk, &mine, &mine, &["status", "title"])
+        .unwrap_err();
+    assert_eq!(
+        (d.kind, d.field.as_deref(), d.action),
+        (DenialKind::FieldNotWritable, Some("title"), Action::Update)
+    );
+    assert_eq!(
+        d.to_string(),
+        r#"update denied: field "title" is not writable in role "r""#
+    );
+    // The write filter still decides whose objects: not bob's.
+    let d = rules
+        .check_update("X", &alice, &pk, &theirs, &theirs, &["status"])
+        .unwrap_err();
+    assert_eq!(d.kind, DenialKind::FilterBefore);
+    // Inserting or deleting needs every field of the object writable.
+    let d = rules
+        .check_insert("X", &alice, &pk, &mine, &["status"])
+        .unwrap_err();
+    assert_eq!(d.kind, DenialKind::FieldNotWritable);
+    assert!(rules.check_delete("X", &alice, &pk, &mine).is_err());
+    let only_status = obj(&[("status", "open".into()), ("owner_id", "alice".into())]);
+    assert_eq!(
+        rules
+            .check_delete("X", &alice, &pk, &only_status)
+            .unwrap_err()
+            .field
+            .as_deref(),
+        Some("owner_id")
+    );
+
+    // "The Role Cannot Write to Specific Fields".
+    let rules = file(
+        r#""insert": true, "delete": true, "read": true, "fields": { "owner_id": { "read": true, "write": false } }, "additional_fields": { "write": true }"#,
+    );
+    assert!(rules
+        .check_update("X", &alice, &pk, &mine, &mine, &["title", "status"])
+        .is_ok());
+    let d = rules
+        .check_update("X", &alice, &pk, &mine, &mine, &["owner_id"])
+        .unwrap_err();
+    assert_eq!(d.field.as_deref(), Some("owner_id"));
+    let access = rules.access("X", &alice, &pk, &theirs).unwrap();
+    assert!(access.can_read_field("owner_id") && !access.can_write_field("title"));
+
+    // A hidden field: readable fields come from `additional_fields`, not `read`.
+    let rules =
+        file(r#""fields": { "status": { "read": false } }, "additional_fields": { "read": true }"#);
+    let access = rules.access("X", &alice, &pk, &theirs).unwrap();
+    assert!(access.can_read());
+    assert!(access.can_read_field("title") && !access.can_read_field("status"));
+    assert!(!rules
+        .role_for("X", &alice)
+        .unwrap()
+        .may_read_field("status"));
+    // Document-level `read` covers every field, whatever `fields` says.
+    let rules = file(r#""read": true, "fields": { "status": { "read": false } }"#);
+    let access = rules.access("X", &alice, &pk, &theirs).unwrap();
+    assert!(access.can_read_field("status"));
+    // Writing a field grants reading it, where the write filter holds.
+    let rules = file(r#""fields": { "status": { "write": true } }"#);
+    assert!(rules
+        .access("X", &alice, &pk, &mine)
+        .unwrap()
+        .can_read_field("status"));
+    let access = rules.access("X", &alice, &pk, &theirs).unwrap();
+    assert!(!access.can_read() && !access.can_read_field("status"));
+    // A role that grants no field reads no object.
+    let rules = file(r#""fields": {}, "additional_fields": {}"#);
+    assert!(!rules.can_read("X", &alice, &pk, &mine));
+    let d = rules
+        .check_insert("X", &alice, &pk, &mine, &[])
+        .unwrap_err();
+    assert_eq!(d.kind, DenialKind::NotAllowed);
+    // Embedded fields' permissions load and grant nothing (no embedded documents here).
+    let rules = file(
+        r#""fields": { "status": { "fields": { "inner": { "read": true, "write": true } } } }, "additional_fields": { "read": true }"#,
+    );
+    let access = rules.access("X", &alice, &pk, &mine).unwrap();
+    assert!(!access.can_read_field("status") && access.can_read_field("title"));
+}
+
+#[test]
+fn insert_and_delete_take_expressions() {
+    let rules = load(
+        r#"{"defaultRoles": [{"name": "r", "document_filters": {"read": true, "write": true},
+            "read": true, "write": true,
+            "insert": {"owner_id": "%%user.id"}, "delete": {"status": {"$in": ["done", "void"]}}}]}"#,
+    )
+    .unwrap();
+    let alice = User::new("alice");
+    let pk = Pk::Int(1);
+    assert!(rules
+        .check_insert("X", &alice, &pk, &owned("alice"), &[])
+        .is_ok());
+    let d = rules
+        .check_insert("X", &alice, &pk, &owned("bob"), &[])
+        .unwrap_err();
+    assert_eq!(d.to_string(), r#"insert not allowed by role "r""#);
+    let done = obj(&[("status", "done".into())]);
+    assert!(rules.check_delete("X", &alice, &pk, &done).is_ok());
+    let d = rules
+        .check_delete("X", &alice, &pk, &owned("alice"))
+        .unwrap_err();
+    assert_eq!((d.action, d.kind), (Action::Delete, DenialKind::NotAllowed));
+    let flags = rules.role_for("X", &alice).unwrap().flags();
+    assert!(flags.insert && flags.delete);
+    // Their fields must be queryable, like the document filters'.
+    let e = rules.check_schema(&item_schema()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("insert: field `owner_id` is not queryable"),
+        "{e}"
     );
 }
 
@@ -1101,8 +1430,60 @@ fn bad_rules_files_are_refused_naming_role_and_key() {
             r#"role "readOwnWriteOwn" in "Item": document_filters.read.$where: unknown operator `$where`"#,
         ),
         (
-            role(&format!(r#"{ok_filters}, "search": true"#)),
-            r#"role "readOwnWriteOwn" in "Item": unknown key "search""#,
+            role(&format!(r#"{ok_filters}, "serach": true"#)),
+            r#"role "readOwnWriteOwn" in "Item": unknown key "serach" (expected name, apply_when, document_filters, read, write, insert, delete, search, fields, additional_fields or _id)"#,
+        ),
+        (
+            role(&format!(r#"{ok_filters}, "search": "yes""#)),
+            r#"role "readOwnWriteOwn" in "Item": search: expected true or false, found a string"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "fields": {{"_id": {{"read": true}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": fields._id: the primary key takes no field-level permissions"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "fields": {{"a b": {{"read": true}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": fields.a b: bad field name "a b""#,
+        ),
+        (
+            role(&format!(r#"{ok_filters}, "fields": {{"a": true}}"#)),
+            r#"role "readOwnWriteOwn" in "Item": fields.a: expected an object with `read` and `write`, found a boolean"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "fields": {{"a": {{"read": 1}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": fields.a.read: expected true or false, found a number"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "fields": {{"a": {{"fields": {{"b": {{"delete": true}}}}}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": fields.a.fields.b: unknown key "delete" (expected read, write or fields)"#,
+        ),
+        (
+            role(&format!(r#"{ok_filters}, "fields": []"#)),
+            r#"role "readOwnWriteOwn" in "Item": fields: expected an object of field names, found an array"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "additional_fields": {{"read": true, "fields": {{}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": additional_fields: unknown key "fields" (expected read or write)"#,
+        ),
+        (
+            role(&format!(
+                r#"{ok_filters}, "insert": {{"ownerId": {{"$regex": "a"}}}}"#
+            )),
+            r#"role "readOwnWriteOwn" in "Item": insert.ownerId.$regex: unknown operator `$regex`"#,
+        ),
+        (
+            role(&format!(r#"{ok_filters}, "_id": 5"#)),
+            r#"role "readOwnWriteOwn" in "Item": _id: expected a string, found a number"#,
         ),
         (
             role(&format!(r#"{ok_filters}, "read": "yes""#)),
@@ -1186,7 +1567,7 @@ fn bad_rules_files_are_refused_naming_role_and_key() {
         ),
         (
             format!(r#"{{"defaultRoles": [{{"name": "a", {ok_filters}, "insert": null}}]}}"#),
-            r#"default role "a": insert: expected true or false, found null"#,
+            r#"default role "a": insert: expected true, false or an expression object, found null"#,
         ),
         (
             r#"{"rules": {"Item": {}}}"#.into(),
@@ -1320,8 +1701,8 @@ proptest! {
                 if let Some(role) = rules.role_for(coll, &user) {
                     let pk = Pk::Int(1);
                     let _ = role.can_read(&user, &pk, &fields);
-                    let _ = role.can_write_update(&user, &pk, &fields, &fields);
-                    let _ = role.can_insert(&user, &pk, &fields);
+                    let _ = role.can_write_update(&user, &pk, &fields, &fields, &["a"]);
+                    let _ = role.can_insert(&user, &pk, &fields, &[]);
                     let _ = role.can_delete(&user, &pk, &fields);
                 }
             }
@@ -1343,7 +1724,7 @@ proptest! {
             if let Some(role) = rules.role_for("Item", &user) {
                 let fields = obj(&[("ownerId", "alice".into())]);
                 let _ = role.can_read(&user, &Pk::Str("k".into()), &fields);
-                let _ = role.can_write_update(&user, &Pk::Str("k".into()), &fields, &obj(&[]));
+                let _ = role.can_write_update(&user, &Pk::Str("k".into()), &fields, &obj(&[]), &[]);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fieldlog::rules::Rules;
 use fieldlog::sync::client::{self, ClientConfig, SyncError};
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
-use fieldlog::sync::protocol::{RefusedWrite, Subscription};
+use fieldlog::sync::protocol::{ErrorCode, RefusedWrite, Subscription};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{FieldSpec, FieldType, Schema, Store, Value};
@@ -33,6 +33,8 @@ struct Client {
     store: Arc<Store>,
     sync: SyncClient,
     refused: Arc<Mutex<Vec<RefusedWrite>>>,
+    /// Every compensating write error as the error callback displayed it.
+    shown: Arc<Mutex<Vec<String>>>,
 }
 
 struct World {
@@ -43,28 +45,35 @@ struct World {
     addr: String,
 }
 
+fn item_schema() -> Schema {
+    Schema::new("Item")
+        .field(
+            "ownerId",
+            FieldSpec::required(FieldType::String).queryable(),
+        )
+        .field("itemName", FieldSpec::optional(FieldType::String))
+        .field(
+            "complexity",
+            FieldSpec::optional(FieldType::Int).queryable(),
+        )
+}
+
 impl World {
     async fn new() -> World {
+        World::with(RULES, [item_schema()]).await
+    }
+
+    /// A server with these rules and schemas on loopback.
+    async fn with(rules: &str, schemas: impl IntoIterator<Item = Schema>) -> World {
         let dir = tempfile::tempdir().unwrap();
         let secret = Secret::generate();
         let store = Arc::new(Store::open(dir.path().join("server.redb")).unwrap());
         let mut config = ServerConfig::new(secret.clone());
-        config.rules = Some(Arc::new(Rules::load(RULES).unwrap()));
+        config.rules = Some(Arc::new(Rules::load(rules).unwrap()));
         let server = Arc::new(SyncServer::open(store, config).unwrap());
-        server
-            .set_schema(
-                Schema::new("Item")
-                    .field(
-                        "ownerId",
-                        FieldSpec::required(FieldType::String).queryable(),
-                    )
-                    .field("itemName", FieldSpec::optional(FieldType::String))
-                    .field(
-                        "complexity",
-                        FieldSpec::optional(FieldType::Int).queryable(),
-                    ),
-            )
-            .unwrap();
+        for schema in schemas {
+            server.set_schema(schema).unwrap();
+        }
         let handle = ServerHandle::bind(server.clone(), "127.0.0.1:0")
             .await
             .unwrap();
@@ -86,11 +95,13 @@ impl World {
             extra: Default::default(),
         };
         let refused = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&refused);
+        let shown = Arc::new(Mutex::new(Vec::new()));
+        let (sink, shown_sink) = (Arc::clone(&refused), Arc::clone(&shown));
         let hooks = ClientHooks {
             on_error: Some(Arc::new(move |e: &SyncError| {
                 if let SyncError::CompensatingWrite { refused } = e {
                     sink.lock().unwrap().extend(refused.iter().cloned());
+                    shown_sink.lock().unwrap().push(e.to_string());
                 }
             })),
             ..ClientHooks::default()
@@ -105,6 +116,7 @@ impl World {
             store,
             sync,
             refused,
+            shown,
         }
     }
 }
@@ -131,11 +143,7 @@ async fn subscribe(c: &Client, query: &str) {
     c.sync
         .update_subscriptions(|subs| {
             subs.clear();
-            subs.push(Subscription {
-                name: "items".into(),
-                collection: "Item".into(),
-                query: query.into(),
-            });
+            subs.push(Subscription::new("items", "Item", query));
         })
         .unwrap();
     tokio::time::timeout(Duration::from_secs(20), c.sync.wait_for_subscriptions())
@@ -221,13 +229,32 @@ async fn own_items_sync_and_refused_writes_are_compensated() {
     assert!(w.server.store().get("Item", "a4").unwrap().is_none());
 
     let rejected = client::rejected_writes(&alice.store).unwrap();
-    let reasons: Vec<&str> = rejected.iter().map(|(_, r)| r.reason.as_str()).collect();
+    // Atlas's reason, word for word; which check refused it is the detail.
+    let reasons: Vec<(&str, Option<&str>)> = rejected
+        .iter()
+        .map(|(_, r)| (r.reason.as_str(), r.detail.as_deref()))
+        .collect();
     assert_eq!(
         reasons,
         [
-            r#"write to "a2" in table "Item" not allowed; object is outside of the current query view"#,
-            r#"write to "a4" in table "Item" was denied by write filter in role "readOwnWriteOwn" (object after the insert)"#,
+            (
+                r#"write to "a2" in table "Item" not allowed; object is outside of the current query view"#,
+                None
+            ),
+            (
+                r#"write to "a4" in table "Item" not allowed"#,
+                Some(
+                    r#"denied by write filter in role "readOwnWriteOwn" (object after the insert)"#
+                )
+            ),
         ]
+    );
+    assert!(rejected
+        .iter()
+        .all(|(_, r)| r.code == ErrorCode::CompensatingWrite && r.code.number() == 231));
+    assert_eq!(
+        rejected[1].1.to_string(),
+        r#"write to "a4" in table "Item" not allowed: denied by write filter in role "readOwnWriteOwn" (object after the insert)"#
     );
     assert_eq!(rejected[0].1.collection, "Item");
     assert!(
@@ -376,5 +403,299 @@ async fn subscription_changes_bring_objects_in_and_take_them_out() {
     assert!(matches!(e, fieldlog::Error::Query(_)), "{e}");
 
     alice.sync.stop().await;
+    w.handle.shutdown().await;
+}
+
+/// The "Users can only read and write their own data" role of the Atlas Device Sync
+/// permissions guide, verbatim: it omits `insert` and `delete`, which Atlas defaults to true.
+const GUIDE_RULES: &str = r#"{ "defaultRoles": [
+    {
+      "name": "owner-read-write",
+      "apply_when": {},
+      "document_filters": {
+        "read": { "owner_id": "%%user.id" },
+        "write": { "owner_id": "%%user.id" }
+      },
+      "read": true,
+      "write": true
+    }
+] }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_copied_from_the_atlas_guide_inserts_and_deletes_own_objects() {
+    let schema = Schema::new("Note")
+        .field(
+            "owner_id",
+            FieldSpec::required(FieldType::String).queryable(),
+        )
+        .field("text", FieldSpec::optional(FieldType::String));
+    let w = World::with(GUIDE_RULES, [schema]).await;
+    let alice = w.client("alice");
+    alice
+        .store
+        .write(|tx| {
+            tx.insert(
+                "Note",
+                "n1",
+                [("owner_id", Value::from("alice")), ("text", "hi".into())],
+            )?;
+            tx.insert(
+                "Note",
+                "n2",
+                [("owner_id", Value::from("alice")), ("text", "bye".into())],
+            )
+        })
+        .unwrap();
+    synced(&alice).await;
+    alice.store.write(|tx| tx.delete("Note", "n2")).unwrap();
+    synced(&alice).await;
+    synced(&alice).await;
+    assert_eq!(
+        client::rejected_writes(&alice.store).unwrap(),
+        [],
+        "nothing refused"
+    );
+    let server_notes: Vec<String> = w
+        .server
+        .store()
+        .scan("Note")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.pk.to_string())
+        .collect();
+    assert_eq!(
+        server_notes,
+        ["n1"],
+        "the insert and the delete were applied"
+    );
+    assert_eq!(alice.store.scan("Note").unwrap().len(), 1);
+    alice.sync.stop().await;
+    w.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_bind_parameter_values() {
+    let w = World::new().await;
+    w.server
+        .write(|tx| {
+            for c in [1i64, 3, 6, 9] {
+                tx.insert("Item", format!("c{c}"), item("alice", "x", c))?;
+            }
+            tx.insert("Item", "b1", item("bob", "y", 1))
+        })
+        .unwrap();
+    let alice = w.client("alice");
+    let set = |subs: Vec<Subscription>| {
+        alice.sync.update_subscriptions(move |s| *s = subs).unwrap();
+    };
+    let confirmed = || async {
+        tokio::time::timeout(Duration::from_secs(20), alice.sync.wait_for_subscriptions())
+            .await
+            .expect("subscription timed out")
+    };
+
+    set(vec![
+        Subscription::new("easy", "Item", "complexity <= $0").arg(4)
+    ]);
+    confirmed().await.expect("subscription refused");
+    synced(&alice).await;
+    assert_eq!(pks(&alice.store), ["c1", "c3"]);
+
+    // Positional values beside `$user`.
+    set(vec![Subscription::new(
+        "band",
+        "Item",
+        "ownerId == $user AND complexity >= $0 AND complexity < $1",
+    )
+    .arg(3)
+    .arg(9)]);
+    confirmed().await.expect("subscription refused");
+    synced(&alice).await;
+    assert_eq!(pks(&alice.store), ["c3", "c6"]);
+
+    // The view follows the bound values: a write outside them is refused.
+    alice
+        .store
+        .write(|tx| tx.insert("Item", "a9", item("alice", "far", 9)))
+        .unwrap();
+    synced(&alice).await;
+    synced(&alice).await;
+    assert!(w.server.store().get("Item", "a9").unwrap().is_none());
+    assert_eq!(pks(&alice.store), ["c3", "c6"]);
+
+    // A parameter without a value is refused, naming it; the view stays.
+    set(vec![Subscription::new(
+        "band",
+        "Item",
+        "complexity >= $0 AND complexity < $1",
+    )
+    .arg(1)]);
+    let err = confirmed().await.unwrap_err();
+    assert!(err.to_string().contains("missing parameter `$1`"), "{err}");
+    assert_eq!(pks(&alice.store), ["c3", "c6"]);
+
+    alice.sync.stop().await;
+    w.handle.shutdown().await;
+}
+
+/// Everyone reads every staff record and writes their own, but no one reads or writes
+/// `salary`.
+const STAFF_RULES: &str = r#"{ "rules": { "Staff": [
+    {
+      "name": "colleague",
+      "apply_when": {},
+      "document_filters": { "read": true, "write": { "ownerId": "%%user.id" } },
+      "fields": { "salary": { "read": false, "write": false } },
+      "additional_fields": { "read": true, "write": true }
+    }
+] } }"#;
+
+fn staff_schema() -> Schema {
+    Schema::new("Staff")
+        .field(
+            "ownerId",
+            FieldSpec::required(FieldType::String).queryable(),
+        )
+        .field("name", FieldSpec::optional(FieldType::String))
+        .field("salary", FieldSpec::optional(FieldType::Int).queryable())
+}
+
+fn field(s: &Store, pk: i64, name: &str) -> Option<Value> {
+    s.get_field("Staff", pk, name).unwrap().map(|v| v.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_permissions_hide_fields_and_refuse_writes_to_them() {
+    let w = World::with(STAFF_RULES, [staff_schema()]).await;
+    w.server
+        .write(|tx| {
+            for (pk, owner, salary) in [(1i64, "alice", 100i64), (2, "bob", 200)] {
+                tx.insert(
+                    "Staff",
+                    pk,
+                    [
+                        ("ownerId", Value::from(owner)),
+                        ("name", Value::from(owner)),
+                        ("salary", Value::from(salary)),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let alice = w.client("alice");
+    synced(&alice).await;
+    // Every record arrives, without the salary.
+    assert_eq!(alice.store.count("Staff").unwrap(), 2);
+    assert_eq!(field(&alice.store, 2, "name"), Some(Value::from("bob")));
+    assert_eq!(field(&alice.store, 1, "salary"), None);
+    assert_eq!(field(&alice.store, 2, "salary"), None);
+
+    // Her own record's other fields are hers to write.
+    alice
+        .store
+        .write(|tx| tx.set("Staff", 1, "name", "Alice"))
+        .unwrap();
+    synced(&alice).await;
+    assert_eq!(
+        field(w.server.store(), 1, "name"),
+        Some(Value::from("Alice"))
+    );
+
+    // Her salary is not: refused, reverted on her device, kept on the server.
+    alice
+        .store
+        .write(|tx| tx.set("Staff", 1, "salary", 1_000_000))
+        .unwrap();
+    synced(&alice).await;
+    synced(&alice).await;
+    assert_eq!(field(w.server.store(), 1, "salary"), Some(Value::from(100)));
+    assert_eq!(
+        field(&alice.store, 1, "salary"),
+        None,
+        "the refused value is reverted"
+    );
+    assert_eq!(field(&alice.store, 1, "name"), Some(Value::from("Alice")));
+    // Nor may she insert a record with a salary; without one she may.
+    alice
+        .store
+        .write(|tx| {
+            tx.insert(
+                "Staff",
+                3,
+                [
+                    ("ownerId", Value::from("alice")),
+                    ("salary", Value::from(5)),
+                ],
+            )?;
+            tx.insert("Staff", 4, [("ownerId", Value::from("alice"))])
+        })
+        .unwrap();
+    synced(&alice).await;
+    synced(&alice).await;
+    assert!(w.server.store().get("Staff", 3).unwrap().is_none());
+    assert!(alice.store.get("Staff", 3).unwrap().is_none());
+    assert!(w.server.store().get("Staff", 4).unwrap().is_some());
+
+    let rejected: Vec<RefusedWrite> = client::rejected_writes(&alice.store)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let got: Vec<(&str, Option<&str>, ErrorCode)> = rejected
+        .iter()
+        .map(|r| (r.reason.as_str(), r.detail.as_deref(), r.code))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                r#"write to 1 in table "Staff" not allowed"#,
+                Some(r#"update denied: field "salary" is not writable in role "colleague""#),
+                ErrorCode::CompensatingWrite
+            ),
+            (
+                r#"write to 3 in table "Staff" not allowed"#,
+                Some(r#"insert denied: field "salary" is not writable in role "colleague""#),
+                ErrorCode::CompensatingWrite
+            ),
+        ]
+    );
+    assert_eq!(
+        rejected[0].fields,
+        [("salary".to_string(), Value::from(1_000_000))],
+        "the refused value is kept for the application"
+    );
+    assert!(
+        alice.shown.lock().unwrap().iter().any(|e| e
+            == r#"compensating write (231): write to 1 in table "Staff" not allowed: update denied: field "salary" is not writable in role "colleague""#),
+        "{:?}",
+        alice.shown.lock().unwrap()
+    );
+
+    // A query on the hidden field would tell its values: refused, naming it.
+    alice
+        .sync
+        .update_subscriptions(|s| {
+            s.push(Subscription::new("rich", "Staff", "salary > $0").arg(150));
+        })
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), alice.sync.wait_for_subscriptions())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("field `salary` is not readable"),
+        "{err}"
+    );
+
+    let bob = w.client("bob");
+    synced(&bob).await;
+    assert_eq!(bob.store.count("Staff").unwrap(), 3);
+    assert_eq!(field(&bob.store, 2, "salary"), None);
+    assert_eq!(field(&bob.store, 1, "name"), Some(Value::from("Alice")));
+
+    alice.sync.stop().await;
+    bob.sync.stop().await;
     w.handle.shutdown().await;
 }

@@ -1529,11 +1529,11 @@ impl Sim {
         if let ClientMsg::Hello { subscriptions, .. } = &mut hello {
             *subscriptions = Some(fieldlog::sync::protocol::SubscriptionSet {
                 version: 1,
-                subscriptions: vec![fieldlog::sync::protocol::Subscription {
-                    name: "theirs".into(),
-                    collection: COLL.into(),
-                    query: format!("{OWNER} == \"{victim}\""),
-                }],
+                subscriptions: vec![fieldlog::sync::protocol::Subscription::new(
+                    "theirs",
+                    COLL,
+                    format!("{OWNER} == \"{victim}\""),
+                )],
             });
         }
         let mut session = server.session();

@@ -577,7 +577,17 @@ async fn invalid_uploads_are_refused() {
             Ok(Some(ServerMsg::CompensatingWrite { refused })) => {
                 assert_eq!(refused.len(), 1, "{case}");
                 assert!(
-                    refused[0].reason.contains("failed validation"),
+                    refused[0]
+                        .detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("failed validation")),
+                    "{case}: {}",
+                    refused[0]
+                );
+                assert!(
+                    refused[0]
+                        .reason
+                        .ends_with(r#" in table "Strict" not allowed"#),
                     "{case}: {}",
                     refused[0].reason
                 );

@@ -857,11 +857,11 @@ async fn waits_fail_when_the_client_stops() {
     let client = rig.client(&local, "c", ClientHooks::default());
     client
         .update_subscriptions(|s| {
-            s.push(fieldlog::sync::protocol::Subscription {
-                name: "notes".into(),
-                collection: "Note".into(),
-                query: "TRUEPREDICATE".into(),
-            })
+            s.push(fieldlog::sync::protocol::Subscription::new(
+                "notes",
+                "Note",
+                "TRUEPREDICATE",
+            ))
         })
         .expect("subscribe");
     let waits = [

@@ -7,7 +7,11 @@
 //! - the role that applies is the first whose `apply_when` matches;
 //! - each check's answer follows from the role: no role ⇒ `NoRole` denials and no reads;
 //!   an allowed update ⇒ the object is readable before and after (a role reads what it
-//!   may write); every denial names the applying role;
+//!   may write) and every field written is writable; an allowed insert or delete ⇒ every
+//!   field of the object is writable; every denial names the applying role (and the field,
+//!   exactly when a field is not writable);
+//! - field by field: writable ⇒ readable ⇒ the object is readable and the role may read
+//!   the field somewhere;
 //! - `check_schema` returns (typed error or `Ok`) for schemas built from the input.
 
 use std::collections::BTreeMap;
@@ -76,11 +80,28 @@ fn check_user(rules: &Rules, coll: &str, user: &User, input: &mut Input<'_>) {
     let pk = input.pk();
     let before = gen_object(input, user);
     let after = gen_object(input, user);
+    let written: Vec<&str> = FIELDS
+        .iter()
+        .copied()
+        .filter(|f| *f != "_id" && input.bool())
+        .collect();
     let read = rules.can_read(coll, user, &pk, &before);
     assert_eq!(read, role.is_some_and(|r| r.can_read(user, &pk, &before)));
+    if let Some(access) = rules.access(coll, user, &pk, &before) {
+        assert_eq!(access.can_read(), read);
+        for f in FIELDS {
+            if access.can_write_field(f) {
+                assert!(access.can_read_field(f), "{f} is writable, not readable");
+            }
+            if access.can_read_field(f) {
+                assert!(read, "{f} is readable in an object that is not");
+                assert!(access.role().may_read_field(f));
+            }
+        }
+    }
     let results = [
-        rules.check_update(coll, user, &pk, &before, &after),
-        rules.check_insert(coll, user, &pk, &after),
+        rules.check_update(coll, user, &pk, &before, &after, &written),
+        rules.check_insert(coll, user, &pk, &after, &written),
         rules.check_delete(coll, user, &pk, &before),
     ];
     for r in &results {
@@ -95,8 +116,13 @@ fn check_user(rules: &Rules, coll: &str, user: &User, input: &mut Input<'_>) {
         }
         if let Err(d) = r {
             assert!(!d.reason().is_empty());
+            assert_eq!(d.field.is_some(), d.kind == DenialKind::FieldNotWritable);
         }
     }
+    let writable = |fields: &BTreeMap<String, Value>, names: &[&str]| {
+        let access = rules.access(coll, user, &pk, fields).expect("a role");
+        names.iter().all(|f| access.can_write_field(f))
+    };
     if results[0].is_ok() {
         assert!(
             read,
@@ -105,6 +131,28 @@ fn check_user(rules: &Rules, coll: &str, user: &User, input: &mut Input<'_>) {
         assert!(
             rules.can_read(coll, user, &pk, &after),
             "an update was allowed into an object the user may not read"
+        );
+        assert!(
+            writable(&before, &written),
+            "an update wrote a field that is not writable"
+        );
+    }
+    if results[1].is_ok() {
+        assert!(
+            writable(
+                &after,
+                &after.keys().map(String::as_str).collect::<Vec<_>>()
+            ),
+            "an insert has a field that is not writable"
+        );
+    }
+    if results[2].is_ok() {
+        assert!(
+            writable(
+                &before,
+                &before.keys().map(String::as_str).collect::<Vec<_>>()
+            ),
+            "a delete of an object with a field that is not writable"
         );
     }
 }
@@ -196,12 +244,46 @@ fn gen_role(input: &mut Input<'_>, i: usize) -> Json {
         filters.insert("write".into(), filter(input));
     }
     role.insert("document_filters".into(), Json::Object(filters));
-    for flag in ["read", "write", "insert", "delete"] {
+    for flag in ["read", "write", "insert", "delete", "search"] {
         if input.bool() {
-            role.insert(flag.into(), json!(input.bool()));
+            let v = if (flag == "insert" || flag == "delete") && input.one_in(3) {
+                gen_expr(input, 0, false)
+            } else {
+                json!(input.bool())
+            };
+            role.insert(flag.into(), v);
         }
     }
+    if input.bool() {
+        let mut fields = Map::new();
+        for _ in 0..input.below(3) {
+            let f = *input.choose(&FIELDS);
+            fields.insert(f.to_owned(), gen_field_perms(input, true));
+        }
+        role.insert("fields".into(), Json::Object(fields));
+    }
+    if input.bool() {
+        role.insert("additional_fields".into(), gen_field_perms(input, false));
+    }
     Json::Object(role)
+}
+
+/// `{ "read": bool, "write": bool }`, each present or not, with embedded `fields` when
+/// `nested`.
+fn gen_field_perms(input: &mut Input<'_>, nested: bool) -> Json {
+    let mut perms = Map::new();
+    for key in ["read", "write"] {
+        if input.bool() {
+            perms.insert(key.into(), json!(input.bool()));
+        }
+    }
+    if nested && input.one_in(8) {
+        perms.insert(
+            "fields".into(),
+            json!({ "inner": { "read": input.bool() } }),
+        );
+    }
+    Json::Object(perms)
 }
 
 fn gen_key(input: &mut Input<'_>, user_only: bool) -> String {

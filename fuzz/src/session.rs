@@ -43,8 +43,9 @@ const REPLICAS: [u64; 3] = [0x11, 0x22, 0x33];
 const COLLS: [&str; 3] = ["Item", "Dog", "bad name"];
 const FIELDS: [&str; 5] = ["name", "n", "ownerId", "__c.n.0000000000000011", "_id"];
 const USERS: [&str; 2] = ["u", "other"];
-const QUERIES: [&str; 7] = [
+const QUERIES: [&str; 8] = [
     "TRUEPREDICATE",
+    "n > $0 OR name == $1",
     "n > 1",
     "ownerId == $user",
     "name BEGINSWITH 'a'",
@@ -325,14 +326,18 @@ impl Harness {
             conn.version
         };
         let subscriptions = (0..input.below(3))
-            .map(|i| Subscription {
-                name: format!("s{i}"),
-                collection: (*input.choose(&COLLS)).to_owned(),
-                query: if input.one_in(8) {
+            .map(|i| {
+                let collection = *input.choose(&COLLS);
+                let query = if input.one_in(8) {
                     input.text(24)
                 } else {
                     (*input.choose(&QUERIES)).to_owned()
-                },
+                };
+                let mut s = Subscription::new(format!("s{i}"), collection, query);
+                for _ in 0..input.below(3) {
+                    s = s.arg(input.value());
+                }
+                s
             })
             .collect();
         SubscriptionSet {

@@ -3,14 +3,14 @@
 //!
 //! Pure logic: no I/O, no store, no network. The sync server binds a subscription's query
 //! with the user's parameters, picks the user's role per collection, and asks these types
-//! whether an object is visible and whether a write is allowed.
+//! which objects and fields are visible and whether a write is allowed.
 
 pub mod permissions;
 pub mod query;
 
 pub use permissions::{
-    load, Action, Denial, DenialKind, Role, RoleFlags, Rules, RulesError, User, FILTER_DEPTH_MAX,
-    RULES_LEN_MAX,
+    load, Access, Action, Denial, DenialKind, FieldPerms, Role, RoleFlags, Rules, RulesError, User,
+    FILTER_DEPTH_MAX, RULES_LEN_MAX,
 };
 pub use query::{
     compare, parse, pk_value, BoundQuery, CmpOp, Comparison, Field, Operand, Param, Params, Query,

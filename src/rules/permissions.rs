@@ -1,20 +1,23 @@
-//! Permissions: a rules file of roles, in the JSON shape Atlas Device Sync rules use.
+//! Permissions: a rules file of roles, in the JSON shape Atlas Device Sync rules use. A role
+//! copied from the Atlas documentation loads as it is and means what it means there.
 //!
 //! ```json
 //! {
 //!   "rules": {
 //!     "Item": [
-//!       { "name": "readOwnWriteOwn",
+//!       { "name": "owner-read-write",
 //!         "apply_when": {},
 //!         "document_filters": { "read": { "ownerId": "%%user.id" },
 //!                               "write": { "ownerId": "%%user.id" } },
-//!         "read": true, "write": true, "insert": true, "delete": true }
+//!         "read": true, "write": true }
 //!     ]
 //!   },
 //!   "defaultRoles": [
 //!     { "name": "readAll", "apply_when": {},
 //!       "document_filters": { "read": true, "write": false },
-//!       "read": true, "write": false }
+//!       "read": true, "write": false,
+//!       "fields": { "salary": { "read": false } },
+//!       "additional_fields": { "read": true } }
 //!   ]
 //! }
 //! ```
@@ -24,16 +27,36 @@
 //! - Top level: `rules` (collection name → ordered array of roles) and `defaultRoles` (the
 //!   roles of every collection that has no entry in `rules`); both optional. A collection
 //!   listed with an empty array has no roles: nobody may read or write it.
-//! - A role: `name` (required, unique in its array), `apply_when` (optional, default `{}`),
-//!   `document_filters` (required, with both `read` and `write`), and the flags `read`,
-//!   `write`, `insert`, `delete` (optional, default `false`).
+//! - A role has the keys of an Atlas role, with Atlas's defaults:
+//!
+//!   | key | value | default |
+//!   | --- | --- | --- |
+//!   | `name` | a string, unique in its array | required |
+//!   | `apply_when` | an expression over the user | `{}` (always) |
+//!   | `document_filters` | `{ "read": F, "write": F }`, each `true`, `false` or an expression | required (Device Sync needs both) |
+//!   | `read` | `true` or `false` | `false` |
+//!   | `write` | `true` or `false` | `false` |
+//!   | `insert` | `true`, `false` or an expression over the new object | `true` |
+//!   | `delete` | `true`, `false` or an expression over the object | `true` |
+//!   | `search` | `true` or `false` (Atlas Search; fieldlog has none, so it changes nothing) | `true` |
+//!   | `fields` | `{ "<field>": { "read": bool, "write": bool, "fields": {…} } }` | `{}` |
+//!   | `additional_fields` | `{ "read": bool, "write": bool }`, for fields not in `fields` | `{}` |
+//!   | `_id` | a string (the role's id in an Atlas export; ignored) | none |
+//!
+//!   In `fields` and `additional_fields`, `read` and `write` default to `false`. A field
+//!   entry's own `fields` (permissions of an embedded document's fields) is checked like the
+//!   outer one and grants nothing: fieldlog values hold no embedded documents, and Atlas
+//!   applies a field's permissions to everything inside it. `fields` may not name `_id`
+//!   (Atlas Device Sync refuses such a role too): the primary key is readable wherever the
+//!   object is.
 //! - Any other key, at any level, is an error, as is a duplicate key, a value of the wrong
 //!   type or a file over [`RULES_LEN_MAX`] bytes. Errors name the collection, the role (by
 //!   name, or by index when it has none) and the path of the key.
 //!
 //! # Expressions
 //!
-//! `apply_when` and the document filters are match expressions, as in MongoDB:
+//! `apply_when`, the document filters and the `insert` / `delete` expressions are match
+//! expressions, as in MongoDB:
 //!
 //! - `{}` matches everything; several keys in one object must all match.
 //! - `{ "key": value }` is equality; `{ "key": { "$op": … } }` applies operators (several
@@ -41,12 +64,11 @@
 //!   `$nin` (arrays of values), `$exists` (a boolean), `$not` (an object of operators).
 //! - `{ "$and": [..] }`, `{ "$or": [..] }`, `{ "$nor": [..] }` (non-empty arrays of
 //!   expressions) and `{ "$not": { … } }` (an expression).
-//! - In a document filter a key is a field name or `_id` (the primary key); in both kinds a
-//!   key may be `%%user.id` or `%%user.<key>`; `apply_when` may use only those.
+//! - In an expression over an object a key is a field name or `_id` (the primary key); in
+//!   every kind a key may be `%%user.id` or `%%user.<key>`; `apply_when` may use only those.
 //! - A value is `null`, a boolean, a number (integers become `Int`, other numbers
 //!   `Float`), a string, or the string `"%%user.id"` / `"%%user.<key>"`. JSON has no bytes,
 //!   so a bytes field (or a 12- or 16-byte `_id`) can only be tested with `$exists`.
-//! - `document_filters.read` and `.write` may also be `true` or `false`.
 //!
 //! `%%user.id` is the user's id; `%%user.<key>` is `User::fields[<key>]`, the key taken
 //! verbatim (`%%user.custom_data.isAdmin` reads the key `custom_data.isAdmin`). User values
@@ -64,15 +86,30 @@
 //! # Evaluation
 //!
 //! The first role (in file order) whose `apply_when` matches the user applies; no role means
-//! no access. With the role:
+//! no access. With the role, on an object where the read filter gives `R` and the write
+//! filter `W`, and where `perm(f)` is `fields[f]` if the role lists `f`, else
+//! `additional_fields`:
 //!
-//! - read: `(read && read filter)` or `(write && write filter)` holds on the object — a
-//!   role may read what it may write (as in Atlas), but the read filter alone grants nothing
-//!   when `read` is false.
-//! - update: `write`, and the write filter holds on the object before and after the change
-//!   (so no one can move an object out of, or into, what they may write).
-//! - insert: `insert`, and the write filter holds on the new object.
-//! - delete: `delete`, and the write filter holds on the object as it was.
+//! - a field `f` is writable when `W && (write || perm(f).write)`: document-level `write`
+//!   covers every field, field-level permissions add to it;
+//! - a field `f` is readable when `R && (read || perm(f).read)`, or when it is writable (a
+//!   role may read what it may write, as in Atlas);
+//! - the object is readable when the role grants reading some field there: `R` and
+//!   (`read`, `additional_fields.read` or some `fields.*.read`), or `W` and (`write`,
+//!   `additional_fields.write` or some `fields.*.write`). A client receives a readable
+//!   object with its readable fields only (and its primary key).
+//!
+//! Writes (a role that may write no field at all may do none of them):
+//!
+//! - update: the write filter holds on the object before and after the change (so no one
+//!   can move an object out of, or into, what they may write), and every field written is
+//!   writable;
+//! - insert: `insert` holds on the new object, the write filter holds on it, and every field
+//!   of it is writable (Atlas checks write permission on all fields of a new document);
+//! - delete: `delete` holds on the object, the write filter holds on it, and every field it
+//!   has is writable.
+//!
+//! A refused write names the role and the check that refused it ([`Denial`]).
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -89,7 +126,8 @@ use crate::value::{validate_name, Pk, Value};
 /// Longest rules file [`load`] accepts, in bytes.
 pub const RULES_LEN_MAX: usize = 1 << 20;
 
-/// Deepest nesting of `$and`, `$or`, `$nor` and `$not` in one expression.
+/// Deepest nesting of `$and`, `$or`, `$nor` and `$not` in one expression, and of embedded
+/// `fields` in a role.
 pub const FILTER_DEPTH_MAX: usize = 32;
 
 /// Longest role name or `%%user.<key>` key, in bytes.
@@ -167,27 +205,78 @@ pub struct Rules {
     default_roles: Vec<Role>,
 }
 
-/// One role: who it applies to, which objects it may see and change, and how.
+/// One role: who it applies to, which objects and fields it may see and change, and how.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Role {
     name: String,
     apply_when: Filter,
     read_filter: Filter,
     write_filter: Filter,
-    flags: RoleFlags,
+    read: bool,
+    write: bool,
+    insert: Filter,
+    delete: Filter,
+    search: bool,
+    fields: BTreeMap<String, FieldPerms>,
+    additional_fields: FieldPerms,
 }
 
-/// A role's flags.
+/// A role's document-level permissions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoleFlags {
-    /// May read objects that match the read filter.
+    /// May read every field of objects that match the read filter.
     pub read: bool,
-    /// May update (and read) objects that match the write filter.
+    /// May write (and read) every field of objects that match the write filter.
     pub write: bool,
-    /// May insert objects that match the write filter.
+    /// `insert` is not `false`: inserts its expression allows may go ahead.
     pub insert: bool,
-    /// May delete objects that match the write filter.
+    /// `delete` is not `false`: deletes its expression allows may go ahead.
     pub delete: bool,
+    /// `search` (Atlas Search), kept as the file gives it; it changes nothing here.
+    pub search: bool,
+}
+
+/// A role's permissions on one field (`fields.<name>`) or on every field it does not list
+/// (`additional_fields`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldPerms {
+    /// May read the field of objects that match the read filter.
+    pub read: bool,
+    /// May write (and read) the field of objects that match the write filter.
+    pub write: bool,
+}
+
+/// What a role lets a user do with one object, field by field: see the
+/// [module documentation](self). Built by [`Role::access`] or [`Rules::access`].
+#[derive(Clone, Copy, Debug)]
+pub struct Access<'a> {
+    role: &'a Role,
+    read_filter: bool,
+    write_filter: bool,
+}
+
+impl Access<'_> {
+    /// The role that decides.
+    pub fn role(&self) -> &Role {
+        self.role
+    }
+
+    /// Whether the user may read the object (some field of it).
+    pub fn can_read(&self) -> bool {
+        (self.read_filter && self.role.reads_some())
+            || (self.write_filter && self.role.writes_some())
+    }
+
+    /// Whether the user may read `field` of the object.
+    pub fn can_read_field(&self, field: &str) -> bool {
+        (self.read_filter && (self.role.read || self.role.perms(field).read))
+            || self.can_write_field(field)
+    }
+
+    /// Whether the user may write `field` of the object.
+    pub fn can_write_field(&self, field: &str) -> bool {
+        self.write_filter && (self.role.write || self.role.perms(field).write)
+    }
 }
 
 /// What was being attempted when a [`Denial`] happened.
@@ -217,15 +306,19 @@ impl fmt::Display for Action {
 pub enum DenialKind {
     /// No role applies to the user in this collection.
     NoRole,
-    /// The role's flag for the action is false.
+    /// The role may not do this at all: it may write no field, or its `insert` / `delete`
+    /// is `false` or does not hold on the object.
     NotAllowed,
     /// The write filter does not hold on the object before the change.
     FilterBefore,
     /// The write filter does not hold on the object after the change.
     FilterAfter,
+    /// A field written (or, for an insert or delete, a field of the object) is not
+    /// writable in the role; [`Denial::field`] names it.
+    FieldNotWritable,
 }
 
-/// Why a write was refused. `Display` gives the reason for the compensating write:
+/// Why a write was refused. `Display` gives the detail of the compensating write:
 /// `denied by write filter in role "readOwnWriteOwn" (object after the update)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denial {
@@ -235,6 +328,8 @@ pub struct Denial {
     pub action: Action,
     /// Which check failed.
     pub kind: DenialKind,
+    /// The field that is not writable, for [`DenialKind::FieldNotWritable`].
+    pub field: Option<String>,
 }
 
 impl Denial {
@@ -260,6 +355,12 @@ impl fmt::Display for Denial {
                 "denied by write filter in role {role:?} (object after the {})",
                 self.action
             ),
+            DenialKind::FieldNotWritable => write!(
+                f,
+                "{} denied: field {:?} is not writable in role {role:?}",
+                self.action,
+                self.field.as_deref().unwrap_or("")
+            ),
         }
     }
 }
@@ -277,12 +378,13 @@ impl Rules {
                 apply_when: Filter::Const(true),
                 read_filter: Filter::Const(true),
                 write_filter: Filter::Const(true),
-                flags: RoleFlags {
-                    read: true,
-                    write: true,
-                    insert: true,
-                    delete: true,
-                },
+                read: true,
+                write: true,
+                insert: Filter::Const(true),
+                delete: Filter::Const(true),
+                search: true,
+                fields: BTreeMap::new(),
+                additional_fields: FieldPerms::default(),
             }],
         }
     }
@@ -310,7 +412,19 @@ impl Rules {
         self.roles(collection).iter().find(|r| r.applies_to(user))
     }
 
-    /// Whether `user` may read the object.
+    /// What `user` may do with the object, field by field; `None` when no role applies.
+    pub fn access<'a>(
+        &'a self,
+        collection: &str,
+        user: &User,
+        pk: &Pk,
+        fields: &BTreeMap<String, Value>,
+    ) -> Option<Access<'a>> {
+        self.role_for(collection, user)
+            .map(|r| r.access(user, pk, fields))
+    }
+
+    /// Whether `user` may read the object (some field of it).
     pub fn can_read(
         &self,
         collection: &str,
@@ -322,7 +436,8 @@ impl Rules {
             .is_some_and(|r| r.can_read(user, pk, fields))
     }
 
-    /// Whether `user` may change the object from `before` to `after`.
+    /// Whether `user` may change the object from `before` to `after` by writing the fields
+    /// `written`.
     pub fn check_update(
         &self,
         collection: &str,
@@ -330,21 +445,24 @@ impl Rules {
         pk: &Pk,
         before: &BTreeMap<String, Value>,
         after: &BTreeMap<String, Value>,
+        written: &[&str],
     ) -> Result<(), Denial> {
         self.role_or_denial(collection, user, Action::Update)?
-            .can_write_update(user, pk, before, after)
+            .can_write_update(user, pk, before, after, written)
     }
 
-    /// Whether `user` may insert the object.
+    /// Whether `user` may insert the object `after`, writing the fields `written` (the
+    /// object's own fields are checked too).
     pub fn check_insert(
         &self,
         collection: &str,
         user: &User,
         pk: &Pk,
         after: &BTreeMap<String, Value>,
+        written: &[&str],
     ) -> Result<(), Denial> {
         self.role_or_denial(collection, user, Action::Insert)?
-            .can_insert(user, pk, after)
+            .can_insert(user, pk, after, written)
     }
 
     /// Whether `user` may delete the object.
@@ -369,27 +487,31 @@ impl Rules {
             role: None,
             action,
             kind: DenialKind::NoRole,
+            field: None,
         })
     }
 
     /// Checks the roles that govern `schema.collection` against its schema: every field
-    /// their document filters use must be declared queryable (the server evaluates filters
-    /// over queryable fields only, like subscriptions).
+    /// their document filters and `insert` / `delete` expressions use must be declared
+    /// queryable (the server evaluates them over queryable fields only, like
+    /// subscriptions).
     pub fn check_schema(&self, schema: &Schema) -> Result<(), RulesError> {
         let own = self.collections.contains_key(&schema.collection);
         for (i, role) in self.roles(&schema.collection).iter().enumerate() {
-            for (which, filter) in [("read", &role.read_filter), ("write", &role.write_filter)] {
+            let expressions = [
+                ("document_filters.read", &role.read_filter),
+                ("document_filters.write", &role.write_filter),
+                ("insert", &role.insert),
+                ("delete", &role.delete),
+            ];
+            for (path, filter) in expressions {
                 let mut fields = BTreeSet::new();
                 filter.fields(&mut fields);
                 if let Some(field) = fields.iter().find(|f| !schema.is_queryable(f)) {
-                    let location = if own {
-                        role_location(Some(&role.name), i, Some(&schema.collection))
-                    } else {
-                        role_location(Some(&role.name), i, None)
-                    };
+                    let collection = own.then_some(schema.collection.as_str());
                     return Err(RulesError::Invalid {
-                        location,
-                        path: format!("document_filters.{which}"),
+                        location: role_location(Some(&role.name), i, collection),
+                        path: path.to_owned(),
                         message: format!(
                             "field `{field}` is not queryable in `{}`",
                             schema.collection
@@ -408,9 +530,30 @@ impl Role {
         &self.name
     }
 
-    /// The role's flags.
+    /// The role's document-level permissions.
     pub fn flags(&self) -> RoleFlags {
-        self.flags
+        RoleFlags {
+            read: self.read,
+            write: self.write,
+            insert: self.insert != Filter::Const(false),
+            delete: self.delete != Filter::Const(false),
+            search: self.search,
+        }
+    }
+
+    /// The role's permissions on `field` (`fields.<field>`, else `additional_fields`).
+    pub fn perms(&self, field: &str) -> FieldPerms {
+        self.fields
+            .get(field)
+            .copied()
+            .unwrap_or(self.additional_fields)
+    }
+
+    /// Whether the role lets anyone read `field` of some object: `read` or `write`, or
+    /// the field's own permissions. A field this is false for is never readable.
+    pub fn may_read_field(&self, field: &str) -> bool {
+        let p = self.perms(field);
+        self.read || self.write || p.read || p.write
     }
 
     /// Whether the role's `apply_when` matches `user`.
@@ -418,53 +561,91 @@ impl Role {
         self.apply_when.eval(&Subject { user, doc: None })
     }
 
-    /// Whether the role lets `user` read the object: `read` and the read filter, or
-    /// `write` and the write filter.
-    pub fn can_read(&self, user: &User, pk: &Pk, fields: &BTreeMap<String, Value>) -> bool {
+    /// What the role lets `user` do with the object.
+    pub fn access<'a>(
+        &'a self,
+        user: &User,
+        pk: &Pk,
+        fields: &BTreeMap<String, Value>,
+    ) -> Access<'a> {
         let s = Subject {
             user,
             doc: Some((pk, fields)),
         };
-        (self.flags.read && self.read_filter.eval(&s))
-            || (self.flags.write && self.write_filter.eval(&s))
+        Access {
+            role: self,
+            read_filter: self.read_filter.eval(&s),
+            write_filter: self.write_filter.eval(&s),
+        }
     }
 
-    /// Whether the role lets `user` change the object from `before` to `after`: `write`, and
-    /// the write filter holds on both.
+    /// Whether the role lets `user` read the object (some field of it).
+    pub fn can_read(&self, user: &User, pk: &Pk, fields: &BTreeMap<String, Value>) -> bool {
+        self.access(user, pk, fields).can_read()
+    }
+
+    /// Whether the role lets `user` change the object from `before` to `after` by writing
+    /// the fields `written`: the write filter holds on both, and each field is writable.
     pub fn can_write_update(
         &self,
         user: &User,
         pk: &Pk,
         before: &BTreeMap<String, Value>,
         after: &BTreeMap<String, Value>,
+        written: &[&str],
     ) -> Result<(), Denial> {
-        self.allowed(self.flags.write, Action::Update)?;
-        self.filter_holds(user, pk, before, Action::Update, DenialKind::FilterBefore)?;
-        self.filter_holds(user, pk, after, Action::Update, DenialKind::FilterAfter)
+        let action = Action::Update;
+        self.writes_anything(action)?;
+        self.filter_holds(user, pk, before, action, DenialKind::FilterBefore)?;
+        self.fields_writable(written.iter().copied(), action)?;
+        self.filter_holds(user, pk, after, action, DenialKind::FilterAfter)
     }
 
-    /// Whether the role lets `user` insert the object: `insert`, and the write filter holds
-    /// on it.
+    /// Whether the role lets `user` insert the object `after`, writing `written`: `insert`
+    /// and the write filter hold on it, and each of its fields (and of `written`) is
+    /// writable.
     pub fn can_insert(
         &self,
         user: &User,
         pk: &Pk,
         after: &BTreeMap<String, Value>,
+        written: &[&str],
     ) -> Result<(), Denial> {
-        self.allowed(self.flags.insert, Action::Insert)?;
-        self.filter_holds(user, pk, after, Action::Insert, DenialKind::FilterAfter)
+        let action = Action::Insert;
+        self.writes_anything(action)?;
+        self.expression_holds(&self.insert, user, pk, after, action)?;
+        self.filter_holds(user, pk, after, action, DenialKind::FilterAfter)?;
+        let fields: BTreeSet<&str> = after
+            .keys()
+            .map(String::as_str)
+            .chain(written.iter().copied())
+            .collect();
+        self.fields_writable(fields.into_iter(), action)
     }
 
-    /// Whether the role lets `user` delete the object: `delete`, and the write filter holds
-    /// on it as it was.
+    /// Whether the role lets `user` delete the object: `delete` and the write filter hold
+    /// on it as it was, and each of its fields is writable.
     pub fn can_delete(
         &self,
         user: &User,
         pk: &Pk,
         before: &BTreeMap<String, Value>,
     ) -> Result<(), Denial> {
-        self.allowed(self.flags.delete, Action::Delete)?;
-        self.filter_holds(user, pk, before, Action::Delete, DenialKind::FilterBefore)
+        let action = Action::Delete;
+        self.writes_anything(action)?;
+        self.expression_holds(&self.delete, user, pk, before, action)?;
+        self.filter_holds(user, pk, before, action, DenialKind::FilterBefore)?;
+        self.fields_writable(before.keys().map(String::as_str), action)
+    }
+
+    /// The role grants reading some field somewhere.
+    fn reads_some(&self) -> bool {
+        self.read || self.additional_fields.read || self.fields.values().any(|p| p.read)
+    }
+
+    /// The role grants writing some field somewhere.
+    fn writes_some(&self) -> bool {
+        self.write || self.additional_fields.write || self.fields.values().any(|p| p.write)
     }
 
     fn denial(&self, action: Action, kind: DenialKind) -> Denial {
@@ -472,14 +653,49 @@ impl Role {
             role: Some(self.name.clone()),
             action,
             kind,
+            field: None,
         }
     }
 
-    fn allowed(&self, flag: bool, action: Action) -> Result<(), Denial> {
-        if flag {
+    fn writes_anything(&self, action: Action) -> Result<(), Denial> {
+        if self.writes_some() {
             Ok(())
         } else {
             Err(self.denial(action, DenialKind::NotAllowed))
+        }
+    }
+
+    fn expression_holds(
+        &self,
+        expression: &Filter,
+        user: &User,
+        pk: &Pk,
+        fields: &BTreeMap<String, Value>,
+        action: Action,
+    ) -> Result<(), Denial> {
+        let s = Subject {
+            user,
+            doc: Some((pk, fields)),
+        };
+        if expression.eval(&s) {
+            Ok(())
+        } else {
+            Err(self.denial(action, DenialKind::NotAllowed))
+        }
+    }
+
+    /// Each field is writable where the write filter holds (the caller checked it does).
+    fn fields_writable<'f>(
+        &self,
+        mut fields: impl Iterator<Item = &'f str>,
+        action: Action,
+    ) -> Result<(), Denial> {
+        match fields.find(|f| !(self.write || self.perms(f).write)) {
+            None => Ok(()),
+            Some(f) => Err(Denial {
+                field: Some(f.to_owned()),
+                ..self.denial(action, DenialKind::FieldNotWritable)
+            }),
         }
     }
 
@@ -900,9 +1116,20 @@ fn load_role(
     });
     let location = role_location(name.as_deref(), index, collection);
     let at = At::new(&location);
-    let mut apply_when = Filter::Const(true);
+    let mut role = Role {
+        name: String::new(),
+        apply_when: Filter::Const(true),
+        read_filter: Filter::Const(false),
+        write_filter: Filter::Const(false),
+        read: false,
+        write: false,
+        insert: Filter::Const(true),
+        delete: Filter::Const(true),
+        search: true,
+        fields: BTreeMap::new(),
+        additional_fields: FieldPerms::default(),
+    };
     let mut filters = None;
-    let mut flags = RoleFlags::default();
     for (k, v) in entries {
         let kat = at.key(&k);
         match k.as_str() {
@@ -914,21 +1141,30 @@ fn load_role(
                 Json::Str(_) => {}
                 _ => return Err(kat.expected("a string", &v)),
             },
+            "_id" => {
+                if !matches!(v, Json::Str(_)) {
+                    return Err(kat.expected("a string", &v));
+                }
+            }
             "apply_when" => {
                 if !matches!(v, Json::Obj(_)) {
                     return Err(kat.expected("an expression object", &v));
                 }
-                apply_when = filter(v, &kat, Scope::User, 0)?;
+                role.apply_when = filter(v, &kat, Scope::User, 0)?;
             }
             "document_filters" => filters = Some(document_filters(v, &kat)?),
-            "read" => flags.read = flag(&v, &kat)?,
-            "write" => flags.write = flag(&v, &kat)?,
-            "insert" => flags.insert = flag(&v, &kat)?,
-            "delete" => flags.delete = flag(&v, &kat)?,
+            "read" => role.read = flag(&v, &kat)?,
+            "write" => role.write = flag(&v, &kat)?,
+            "insert" => role.insert = flag_or_expression(v, &kat)?,
+            "delete" => role.delete = flag_or_expression(v, &kat)?,
+            "search" => role.search = flag(&v, &kat)?,
+            "fields" => role.fields = field_perms_map(v, &kat, 0)?,
+            "additional_fields" => role.additional_fields = field_perms(v, &kat, None)?,
             _ => {
                 return Err(at.unknown_key(
                     &k,
-                    "name, apply_when, document_filters, read, write, insert or delete",
+                    "name, apply_when, document_filters, read, write, insert, delete, search, \
+                     fields, additional_fields or _id",
                 ))
             }
         }
@@ -941,13 +1177,10 @@ fn load_role(
             .key("document_filters")
             .err("missing (give both `read` and `write`, each `true`, `false` or an expression)"));
     };
-    Ok(Role {
-        name,
-        apply_when,
-        read_filter,
-        write_filter,
-        flags,
-    })
+    role.name = name;
+    role.read_filter = read_filter;
+    role.write_filter = write_filter;
+    Ok(role)
 }
 
 fn flag(v: &Json, at: &At<'_>) -> Result<bool, RulesError> {
@@ -955,6 +1188,67 @@ fn flag(v: &Json, at: &At<'_>) -> Result<bool, RulesError> {
         Json::Bool(b) => Ok(*b),
         _ => Err(at.expected("true or false", v)),
     }
+}
+
+/// `insert` and `delete`: a boolean, or an expression over the object.
+fn flag_or_expression(v: Json, at: &At<'_>) -> Result<Filter, RulesError> {
+    match v {
+        Json::Bool(b) => Ok(Filter::Const(b)),
+        Json::Obj(_) => filter(v, at, Scope::Document, 0),
+        _ => Err(at.expected("true, false or an expression object", &v)),
+    }
+}
+
+/// `fields`: field name → permissions. Nested (embedded) `fields` are checked and dropped:
+/// values here hold no embedded documents.
+fn field_perms_map(
+    v: Json,
+    at: &At<'_>,
+    depth: usize,
+) -> Result<BTreeMap<String, FieldPerms>, RulesError> {
+    let Json::Obj(entries) = v else {
+        return Err(at.expected("an object of field names", &v));
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in entries {
+        let kat = at.key(&k);
+        if depth == 0 && k == "_id" {
+            return Err(kat.err(
+                "the primary key takes no field-level permissions (it is readable wherever \
+                 the object is; Atlas Device Sync refuses such a role too)",
+            ));
+        }
+        validate_name(NameKind::Field, &k).map_err(|e| kat.err(e.to_string()))?;
+        out.insert(k, field_perms(v, &kat, Some(depth))?);
+    }
+    Ok(out)
+}
+
+/// A field's permissions: `read` and `write` (default `false`) and, for an entry of
+/// `fields` (`depth` given), embedded `fields`.
+fn field_perms(v: Json, at: &At<'_>, depth: Option<usize>) -> Result<FieldPerms, RulesError> {
+    let Json::Obj(entries) = v else {
+        return Err(at.expected("an object with `read` and `write`", &v));
+    };
+    let mut perms = FieldPerms::default();
+    for (k, v) in entries {
+        let kat = at.key(&k);
+        match (k.as_str(), depth) {
+            ("read", _) => perms.read = flag(&v, &kat)?,
+            ("write", _) => perms.write = flag(&v, &kat)?,
+            ("fields", Some(depth)) => {
+                if depth >= FILTER_DEPTH_MAX {
+                    return Err(kat.err(format!(
+                        "embedded `fields` nest deeper than {FILTER_DEPTH_MAX} levels"
+                    )));
+                }
+                field_perms_map(v, &kat, depth + 1)?;
+            }
+            (_, Some(_)) => return Err(at.unknown_key(&k, "read, write or fields")),
+            (_, None) => return Err(at.unknown_key(&k, "read or write")),
+        }
+    }
+    Ok(perms)
 }
 
 fn document_filters(v: Json, at: &At<'_>) -> Result<(Filter, Filter), RulesError> {
@@ -1284,8 +1578,8 @@ mod tests {
         let u = User::new("u");
         let d = doc(&[]);
         assert!(r.can_read("X", &u, &Pk::Int(1), &d));
-        assert!(r.check_update("X", &u, &Pk::Int(1), &d, &d).is_ok());
-        assert!(r.check_insert("X", &u, &Pk::Int(1), &d).is_ok());
+        assert!(r.check_update("X", &u, &Pk::Int(1), &d, &d, &["f"]).is_ok());
+        assert!(r.check_insert("X", &u, &Pk::Int(1), &d, &["f"]).is_ok());
         assert!(r.check_delete("X", &u, &Pk::Int(1), &d).is_ok());
     }
 }

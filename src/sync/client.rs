@@ -55,7 +55,7 @@ pub enum SyncError {
     Io(String),
     /// The server refused some writes and reverted them (error code 231). Not fatal: the
     /// client carries on; the refused values stay in [`rejected_writes`].
-    #[error("compensating write (231): {}", refused.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join("; "))]
+    #[error("compensating write ({}): {}", refused.first().map_or(231, |r| r.code.number()), refused.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     CompensatingWrite {
         /// The refused writes.
         refused: Vec<RefusedWrite>,

@@ -1,5 +1,7 @@
 //! Sync messages. Only `frame` knows how they travel; this module says what they mean.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::changeset::Changeset;
@@ -7,6 +9,7 @@ use crate::clock::ReplicaId;
 use crate::log::LogPos;
 use crate::reset::{ObjectSnapshot, ResetReason};
 use crate::schema::Schema;
+use crate::value::{Pk, Value};
 
 /// The protocol version this build speaks; a handshake with another is refused.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -77,15 +80,48 @@ impl ErrorCode {
     }
 }
 
-/// A named subscription: a query over one collection.
+/// A named subscription: a query over one collection, with values for its positional
+/// parameters.
+///
+/// ```
+/// use fieldlog::sync::protocol::Subscription;
+/// let near = Subscription::new("near", "Trip", "miles <= $0 AND ownerId == $user").arg(25);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Subscription {
     /// The name the application gave it.
     pub name: String,
     /// The collection it selects from.
     pub collection: String,
-    /// The query (see `rules::query`); `$user` is the user's id.
+    /// The query (see `rules::query`); `$0`, `$1`, … are `params`, `$user` is the user's
+    /// id.
     pub query: String,
+    /// The values of `$0`, `$1`, … in order. Values the query does not use are ignored; a
+    /// parameter without a value makes the server refuse the set.
+    pub params: Vec<Value>,
+}
+
+impl Subscription {
+    /// A subscription without parameter values.
+    pub fn new(
+        name: impl Into<String>,
+        collection: impl Into<String>,
+        query: impl Into<String>,
+    ) -> Self {
+        Subscription {
+            name: name.into(),
+            collection: collection.into(),
+            query: query.into(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Adds the value of the next positional parameter (`$0` first).
+    pub fn arg(mut self, value: impl Into<Value>) -> Self {
+        self.params.push(value.into());
+        self
+    }
 }
 
 /// A client's whole subscription set, versioned: every change raises the version.
@@ -103,17 +139,35 @@ pub struct RefusedWrite {
     /// Object type (collection).
     pub collection: String,
     /// Primary key.
-    pub pk: crate::value::Pk,
-    /// Why, in the form users of sync services know: `write to "PK" in table "Item" not
-    /// allowed; object is outside of the current query view`, or `... was denied by write
-    /// filter in role "NAME"`.
+    pub pk: Pk,
+    /// The error code: [`ErrorCode::CompensatingWrite`] (231).
+    pub code: ErrorCode,
+    /// Why, in Atlas Device Sync's words: `write to "PK" in table "Item" not allowed`
+    /// (refused by the user's role), `write to "PK" in table "Item" not allowed; object is
+    /// outside of the current query view` (refused by the subscriptions). The key is written
+    /// as Atlas writes it: `7`, `"a2"`, `ObjectID("…")`, `UUID(…)`.
     pub reason: String,
+    /// Which check refused it, when the server knows more than `reason` says: `denied by
+    /// write filter in role "NAME" (object after the insert)`, `update denied: field
+    /// "salary" is not writable in role "NAME"`.
+    pub detail: Option<String>,
     /// What the write was: the fields and values it set (empty for a delete).
-    pub fields: Vec<(String, crate::value::Value)>,
+    pub fields: Vec<(String, Value)>,
     /// Whether it was a delete.
     pub delete: bool,
     /// The write's stamp.
     pub stamp: crate::clock::Stamp,
+}
+
+impl fmt::Display for RefusedWrite {
+    /// `reason`, then `: detail` when there is one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)?;
+        match &self.detail {
+            Some(d) => write!(f, ": {d}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Client to server.
@@ -226,7 +280,7 @@ pub enum ServerMsg {
         /// Objects, whole.
         objects: Vec<ObjectSnapshot>,
         /// Objects that are no longer in the view.
-        removed: Vec<(String, crate::value::Pk)>,
+        removed: Vec<(String, Pk)>,
         /// The client's download cursor once this is applied.
         cursor: ServerVersion,
     },

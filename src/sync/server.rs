@@ -456,10 +456,8 @@ impl SyncServer {
                     invalid.push(refused_write(
                         w,
                         stamp,
-                        format!(
-                            "write to \"{}\" in table \"{}\" failed validation: {err}",
-                            w.pk, w.collection
-                        ),
+                        not_allowed(w),
+                        Some(format!("failed validation: {err}")),
                     ));
                     false
                 }
@@ -528,7 +526,7 @@ impl SyncServer {
                         },
                         field,
                     },
-                    policy: r.reason.clone(),
+                    policy: r.to_string(),
                     decision: Decision::Server,
                 });
             }
@@ -627,78 +625,21 @@ impl SyncServer {
     fn enforce(&self, view: &View, entries: &mut [LogEntry]) -> Result<Vec<RefusedWrite>> {
         let mut overlay = Overlay::default();
         let mut refused = Vec::new();
-        let live =
-            |s: &ObjectState<String>| -> Result<Option<std::collections::BTreeMap<String, Value>>> {
-                if !s.is_live() {
-                    return Ok(None);
-                }
-                let fields = s
-                    .fields
-                    .iter()
-                    .map(|(f, _, v)| (f.clone(), v.clone()))
-                    .collect();
-                crate::crdt::fold(fields).map(Some)
-            };
         for e in entries.iter_mut() {
             let mut kept = Vec::with_capacity(e.writes.len());
             for w in std::mem::take(&mut e.writes) {
                 let state = overlay.state(&self.store, &w)?;
                 let mut after = state.clone();
                 apply_write(&mut after, &w, e.stamp);
-                let (before_fields, after_fields) = (live(state)?, live(&after)?);
-                let (coll, pk) = (&w.collection, &w.pk);
-                let empty = std::collections::BTreeMap::new();
-                let denial = match (view.rules(), &w.op, &before_fields) {
-                    (None, ..) => None,
-                    (Some(r), Op::Delete { .. }, Some(b)) => {
-                        r.check_delete(coll, view.user(), pk, b).err()
-                    }
-                    (Some(_), Op::Delete { .. }, None) => None,
-                    (Some(r), _, None) => r
-                        .check_insert(
-                            coll,
-                            view.user(),
-                            pk,
-                            after_fields.as_ref().unwrap_or(&empty),
-                        )
-                        .err(),
-                    (Some(r), _, Some(b)) => r
-                        .check_update(
-                            coll,
-                            view.user(),
-                            pk,
-                            b,
-                            after_fields.as_ref().unwrap_or(&empty),
-                        )
-                        .err(),
-                };
-                let reason = if let Some(d) = denial {
-                    let why = d.reason();
-                    Some(if why.starts_with("denied") {
-                        format!("write to \"{pk}\" in table \"{coll}\" was {why}")
-                    } else {
-                        format!("write to \"{pk}\" in table \"{coll}\" not allowed: {why}")
-                    })
-                } else {
-                    // The object must be in the view: as it will be, or (a delete) as it was.
-                    let judged = match w.op {
-                        Op::Delete { .. } => before_fields.as_ref(),
-                        _ => after_fields.as_ref(),
-                    };
-                    let in_view = judged.is_none_or(|f| view.subscribed(coll, pk, f));
-                    (!in_view).then(|| {
-                        format!(
-                            "write to \"{pk}\" in table \"{coll}\" not allowed; object is outside of the current query view"
-                        )
-                    })
-                };
-                match reason {
+                let (before_fields, after_fields) = (live_fields(state)?, live_fields(&after)?);
+                let denial = judge(view, &w, before_fields.as_ref(), after_fields.as_ref());
+                match denial {
                     None => {
                         *state = after;
                         kept.push(w);
                     }
-                    Some(reason) => {
-                        refused.push(refused_write(&w, e.stamp, reason));
+                    Some((reason, detail)) => {
+                        refused.push(refused_write(&w, e.stamp, reason, detail));
                     }
                 }
             }
@@ -939,6 +880,9 @@ enum State {
         schema_version: u64,
         /// Chunks sent and not yet acknowledged.
         in_flight: usize,
+        /// Acknowledgements still to come for chunks of a snapshot this one replaced (a
+        /// subscription change in the middle): they come first and count for nothing.
+        stale: usize,
         /// The last chunk was sent.
         done: bool,
     },
@@ -1152,6 +1096,7 @@ impl ServerSession {
                         schemas: schemas.clone(),
                         schema_version: self.server.schema_version()?,
                         in_flight: 0,
+                        stale: 0,
                         done: false,
                     };
                     let missed = self.server.pending_refusals(replica, last_sync)?;
@@ -1320,11 +1265,17 @@ impl ServerSession {
                 State::Snapshotting {
                     client,
                     in_flight,
+                    stale,
                     done,
                     ..
                 },
                 ClientMsg::SnapshotAck { settled },
             ) => {
+                if *stale > 0 {
+                    // Of the replaced snapshot; the new one's last acknowledgement settles.
+                    *stale -= 1;
+                    return Ok(Vec::new());
+                }
                 *in_flight = in_flight.saturating_sub(1);
                 if *done && *in_flight == 0 {
                     // The client has swapped the snapshot in; what it sends next (its
@@ -1399,8 +1350,14 @@ impl ServerSession {
 
     /// Switches a connected session to a reset (or a view rebuild).
     fn begin_reset(&mut self, client: ReplicaId, reason: ResetReason) -> Result<Option<ServerMsg>> {
-        let view = match std::mem::replace(&mut self.state, State::Closed) {
-            State::Ready { view, .. } | State::Snapshotting { view, .. } => view,
+        let (view, stale) = match std::mem::replace(&mut self.state, State::Closed) {
+            State::Ready { view, .. } => (view, 0),
+            State::Snapshotting {
+                view,
+                in_flight,
+                stale,
+                ..
+            } => (view, in_flight + stale),
             other => {
                 self.state = other;
                 return Ok(None);
@@ -1416,6 +1373,7 @@ impl ServerSession {
             schemas: schemas.clone(),
             schema_version: self.server.schema_version()?,
             in_flight: 0,
+            stale,
             done: false,
         };
         Ok(Some(ServerMsg::ResetRequired {
@@ -1448,7 +1406,7 @@ impl ServerSession {
             .snapshot_chunk(next_key.as_deref(), self.server.config.batch_bytes)?;
         if view.filtered() {
             // Only what this client may see, and no tombstones of what it may not.
-            objects.retain(|o| visible_snapshot(view, o));
+            objects.retain_mut(|o| visible_snapshot(view, o));
         }
         *in_flight += 1;
         let end = match next {
@@ -1490,8 +1448,8 @@ impl ServerSession {
                 if !seen.insert((w.collection.clone(), w.pk.clone())) {
                     continue;
                 }
-                let snap = self.server.store.object_snapshot(&w.collection, &w.pk)?;
-                if visible_snapshot(view, &snap) {
+                let mut snap = self.server.store.object_snapshot(&w.collection, &w.pk)?;
+                if visible_snapshot(view, &mut snap) {
                     objects.push(snap);
                 } else {
                     removed.push((w.collection, w.pk));
@@ -1717,6 +1675,7 @@ fn refused_write(
     w: &crate::log::Write,
     stamp: crate::clock::Stamp,
     reason: String,
+    detail: Option<String>,
 ) -> RefusedWrite {
     let (fields, delete) = match &w.op {
         Op::Insert { fields } => (fields.clone(), false),
@@ -1732,10 +1691,116 @@ fn refused_write(
     RefusedWrite {
         collection: w.collection.clone(),
         pk: w.pk.clone(),
+        code: ErrorCode::CompensatingWrite,
         reason,
+        detail,
         fields,
         delete,
         stamp,
+    }
+}
+
+/// An object's live fields with their values folded (`None`: it does not exist).
+fn live_fields(
+    s: &ObjectState<String>,
+) -> Result<Option<std::collections::BTreeMap<String, Value>>> {
+    if !s.is_live() {
+        return Ok(None);
+    }
+    let fields = s
+        .fields
+        .iter()
+        .map(|(f, _, v)| (f.clone(), v.clone()))
+        .collect();
+    crate::crdt::fold(fields).map(Some)
+}
+
+/// The user-level fields a write sets: a part of a counter or text field counts as the
+/// field itself.
+fn written_fields(w: &crate::log::Write) -> Vec<&str> {
+    let names: Vec<&str> = match &w.op {
+        Op::Insert { fields } => fields.iter().map(|(f, _)| f.as_str()).collect(),
+        Op::Update { fields } => fields.iter().map(|f| f.field.as_str()).collect(),
+        Op::Delete { .. } => Vec::new(),
+    };
+    let mut out: Vec<&str> = names
+        .into_iter()
+        .map(|n| crate::crdt::parse_sub(n).map_or(n, |(_, parent, _)| parent))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether the view lets the write through; if not, the reason (Atlas's words) and our
+/// detail. `before` and `after` are the object's live fields around the write.
+fn judge(
+    view: &View,
+    w: &crate::log::Write,
+    before: Option<&std::collections::BTreeMap<String, Value>>,
+    after: Option<&std::collections::BTreeMap<String, Value>>,
+) -> Option<(String, Option<String>)> {
+    let (coll, pk) = (&w.collection, &w.pk);
+    let empty = std::collections::BTreeMap::new();
+    let written = written_fields(w);
+    let denial = match (view.rules(), &w.op, before) {
+        (None, ..) => None,
+        (Some(r), Op::Delete { .. }, Some(b)) => r.check_delete(coll, view.user(), pk, b).err(),
+        (Some(_), Op::Delete { .. }, None) => None,
+        (Some(r), _, None) => r
+            .check_insert(coll, view.user(), pk, after.unwrap_or(&empty), &written)
+            .err(),
+        (Some(r), _, Some(b)) => r
+            .check_update(coll, view.user(), pk, b, after.unwrap_or(&empty), &written)
+            .err(),
+    };
+    if let Some(d) = denial {
+        return Some((not_allowed(w), Some(d.reason())));
+    }
+    // The object must be in the view: as it will be, or (a delete) as it was.
+    let judged = match w.op {
+        Op::Delete { .. } => before,
+        _ => after,
+    };
+    let in_view = judged.is_none_or(|f| view.subscribed(coll, pk, f));
+    (!in_view).then(|| {
+        (
+            format!(
+                "{}; object is outside of the current query view",
+                not_allowed(w)
+            ),
+            None,
+        )
+    })
+}
+
+/// Atlas Device Sync's reason for a refused write: `write to "a2" in table "Item" not
+/// allowed`.
+fn not_allowed(w: &crate::log::Write) -> String {
+    format!(
+        "write to {} in table \"{}\" not allowed",
+        atlas_pk(&w.pk),
+        w.collection
+    )
+}
+
+/// A primary key as Atlas Device Sync writes it in a compensating write's reason: `7`,
+/// `"a2"`, `ObjectID("5f…")`, `UUID(0123…-…)`.
+fn atlas_pk(pk: &crate::value::Pk) -> String {
+    use crate::value::Pk;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    match pk {
+        Pk::Int(i) => i.to_string(),
+        Pk::Str(s) => format!("\"{s}\""),
+        Pk::Id12(b) => format!("ObjectID(\"{}\")", hex(b)),
+        Pk::Id16(b) => format!(
+            "UUID({}-{}-{}-{}-{})",
+            hex(&b[..4]),
+            hex(&b[4..6]),
+            hex(&b[6..8]),
+            hex(&b[8..10]),
+            hex(&b[10..])
+        ),
     }
 }
 
@@ -1755,8 +1820,9 @@ impl Overlay {
     }
 }
 
-/// Whether a client with this view may hold the object: live, readable, subscribed.
-fn visible_snapshot(view: &View, o: &ObjectSnapshot) -> bool {
+/// Whether a client with this view may hold the object (live, readable, subscribed); if
+/// so, drops the fields it may not read from it.
+fn visible_snapshot(view: &View, o: &mut ObjectSnapshot) -> bool {
     if !matches!(o.exists, Some((_, true))) {
         return false;
     }
@@ -1765,10 +1831,14 @@ fn visible_snapshot(view: &View, o: &ObjectSnapshot) -> bool {
         .iter()
         .map(|(f, _, v)| (f.clone(), v.clone()))
         .collect();
-    match crate::crdt::fold(fields) {
-        Ok(fields) => view.visible(&o.collection, &o.pk, &fields),
-        Err(_) => false,
-    }
+    let Ok(fields) = crate::crdt::fold(fields) else {
+        return false;
+    };
+    let Some(readable) = view.readable(&o.collection, &o.pk, &fields) else {
+        return false;
+    };
+    o.fields.retain(|(f, _, _)| readable.field(f));
+    true
 }
 
 fn kind(m: &ClientMsg) -> &'static str {
@@ -1791,13 +1861,18 @@ mod tests {
     use super::*;
     use crate::clock::Stamp;
     use crate::log::{Op, Write};
+    use crate::sync::protocol::Subscription;
     use crate::sync::token::Claims;
     use crate::value::{Pk, Value};
 
     fn ready_session() -> (Arc<SyncServer>, ServerSession, ReplicaId) {
-        let secret = Secret::generate();
+        ready_session_with(ServerConfig::new(Secret::generate()))
+    }
+
+    fn ready_session_with(config: ServerConfig) -> (Arc<SyncServer>, ServerSession, ReplicaId) {
+        let secret = config.secret.clone();
         let store = Arc::new(Store::open_in_memory().unwrap());
-        let server = Arc::new(SyncServer::open(store, ServerConfig::new(secret.clone())).unwrap());
+        let server = Arc::new(SyncServer::open(store, config).unwrap());
         let claims = Claims {
             user_id: "u".into(),
             expires_at_ms: u64::MAX,
@@ -1845,6 +1920,124 @@ mod tests {
             },
             more: false,
         }
+    }
+
+    /// A subscription change while a snapshot's chunks are in flight: the client still
+    /// acknowledges those chunks, after the server has begun the new snapshot. Counting
+    /// them for the new one ended it early, and the new one's own last acknowledgement
+    /// then came "outside a reset" (a fatal 101 for the client).
+    #[test]
+    fn acknowledgements_of_a_replaced_snapshot_do_not_count_for_the_next() {
+        // Small chunks, so a snapshot has many.
+        let mut config = ServerConfig::new(Secret::generate());
+        config.batch_bytes = 256;
+        let (server, mut session, _) = ready_session_with(config);
+        server
+            .write(|tx| {
+                for i in 0..40i64 {
+                    tx.insert("C", i, [("f", Value::from("x".repeat(64)))])?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let subscribe = |version: u64| ClientMsg::Subscribe {
+            set: SubscriptionSet {
+                version,
+                subscriptions: vec![Subscription::new("all", "C", "TRUEPREDICATE")],
+            },
+        };
+        let no_error = |out: &[ServerMsg]| {
+            assert!(
+                out.iter().all(|m| !matches!(m, ServerMsg::Error { .. })),
+                "{out:?}"
+            );
+        };
+        // Sends what the server has to send; returns the acknowledgements the client
+        // will make, and whether the last chunk went.
+        let drain = |session: &mut ServerSession| {
+            let mut acks = Vec::new();
+            loop {
+                match &session.poll_download()[..] {
+                    [ServerMsg::Snapshot { end, .. }] => {
+                        acks.push(ClientMsg::SnapshotAck {
+                            settled: end.as_ref().map(|_| 0),
+                        });
+                        if end.is_some() {
+                            return (acks, true);
+                        }
+                    }
+                    [] => return (acks, false),
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let out = session.on_message(subscribe(1), 0);
+        assert!(
+            matches!(out[..], [ServerMsg::ResetRequired { .. }]),
+            "{out:?}"
+        );
+        let (stale, done) = drain(&mut session);
+        assert!(!stale.is_empty() && !done, "a window of the first snapshot");
+        // The set changes again; the new snapshot's first window goes out at once.
+        let out = session.on_message(subscribe(2), 0);
+        assert!(
+            matches!(out[..], [ServerMsg::ResetRequired { .. }]),
+            "{out:?}"
+        );
+        let (acks, mut done) = drain(&mut session);
+        // Then the client's acknowledgements of the old chunks arrive, then of the new.
+        for ack in stale {
+            no_error(&session.on_message(ack, 0));
+        }
+        // As on a connection: after each message the server sends what it may.
+        let mut chunks = acks.len();
+        let mut acks: std::collections::VecDeque<ClientMsg> = acks.into();
+        let mut ended = false;
+        while let Some(ack) = acks.pop_front() {
+            let last = matches!(ack, ClientMsg::SnapshotAck { settled: Some(_) });
+            let out = session.on_message(ack, 0);
+            no_error(&out);
+            if last {
+                assert!(
+                    matches!(out[..], [ServerMsg::UploadAck { .. }]),
+                    "the last acknowledgement ends the snapshot: {out:?}"
+                );
+                ended = true;
+            } else {
+                assert_eq!(out, [], "only the last acknowledgement ends it");
+            }
+            if !done {
+                let (more, last) = drain(&mut session);
+                chunks += more.len();
+                acks.extend(more);
+                done = last;
+            }
+        }
+        assert!(done && ended, "the snapshot ended after {chunks} chunks");
+        assert!(chunks > 8, "{chunks} chunks");
+        assert!(!session.is_closed());
+    }
+
+    /// Atlas's spelling of each key type, from its own compensating-write tests.
+    #[test]
+    fn keys_are_written_as_atlas_writes_them() {
+        let mut id12 = [0u8; 12];
+        id12[11] = 0xab;
+        let id16: [u8; 16] = [
+            0x01, 0x23, 0x45, 0x67, 0x9a, 0xbc, 0x4d, 0xef, 0x90, 0x12, 0x34, 0x56, 0x78, 0x9a,
+            0xbc, 0xde,
+        ];
+        assert_eq!(atlas_pk(&Pk::Int(123456)), "123456");
+        assert_eq!(atlas_pk(&Pk::Int(-1)), "-1");
+        assert_eq!(atlas_pk(&Pk::Str("short".into())), r#""short""#);
+        assert_eq!(
+            atlas_pk(&Pk::Id12(id12)),
+            r#"ObjectID("0000000000000000000000ab")"#
+        );
+        assert_eq!(
+            atlas_pk(&Pk::Id16(id16)),
+            "UUID(01234567-9abc-4def-9012-3456789abcde)"
+        );
     }
 
     #[test]
