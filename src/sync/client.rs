@@ -151,7 +151,7 @@ pub fn subscriptions(store: &Store) -> Result<Option<SubscriptionSet>> {
         Err(e) => return Err(e.into()),
     };
     let set = table.get("set")?;
-    set.map(|v| postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("subscriptions: {e}"))))
+    set.map(|v| crate::sync::stored::subscription_set(v.value()))
         .transpose()
 }
 
@@ -195,8 +195,7 @@ pub fn rejected_writes(store: &Store) -> Result<Vec<(u64, RefusedWrite)>> {
     let mut out = Vec::new();
     for row in table.iter()? {
         let (k, v) = row?;
-        let w: RefusedWrite =
-            postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("rejected: {e}")))?;
+        let w = crate::sync::stored::refused_write(v.value())?;
         out.push((k.value(), w));
     }
     Ok(out)

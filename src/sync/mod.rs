@@ -9,5 +9,6 @@ pub mod net;
 pub(crate) mod pieces;
 pub mod protocol;
 pub mod server;
+pub(crate) mod stored;
 pub mod token;
 pub(crate) mod view;

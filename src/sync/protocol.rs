@@ -12,7 +12,7 @@ use crate::schema::Schema;
 use crate::value::{Pk, Value};
 
 /// The protocol version this build speaks; a handshake with another is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A position in the server's history: it counts every change the server has accepted.
 pub type ServerVersion = u64;

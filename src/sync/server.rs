@@ -603,8 +603,7 @@ impl SyncServer {
                 table.range((client.0, last_sync.saturating_add(1))..=(client.0, u64::MAX))?
             {
                 let (_, v) = row?;
-                let batch: Vec<RefusedWrite> = postcard::from_bytes(v.value())
-                    .map_err(|e| corrupt(format!("refusals: {e}")))?;
+                let batch = crate::sync::stored::refused_writes(v.value())?;
                 out.extend(batch);
             }
         }
