@@ -88,8 +88,23 @@ enum Command {
     },
 }
 
+/// Logs the library's events to stderr: `RUST_LOG` sets the level (default: info for the
+/// server, warnings otherwise).
+fn install_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() {
     let cli = Cli::parse();
+    install_logging(match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Demo {
             clients,
