@@ -71,6 +71,19 @@ pub enum Error {
         /// The limit in bytes.
         max: usize,
     },
+    /// A commit would leave an object with more fields than the store's limit
+    /// ([`crate::Options::fields_per_object_max`]); nothing of it was written.
+    #[error("{collection}[{pk}] would hold {fields} fields; the limit is {max}")]
+    TooManyFields {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+        /// The fields the object would hold.
+        fields: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A write does not match the collection's schema.
     #[error("schema: {collection}[{pk}].{field}: expected {expected}, found {found}")]
     Schema {

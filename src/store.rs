@@ -145,6 +145,9 @@ pub const KEEP_ACKNOWLEDGED_FOR_DEFAULT: std::time::Duration =
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
 
+/// Default limit on the fields one object holds (see [`Options::fields_per_object_max`]).
+pub const FIELDS_PER_OBJECT_MAX_DEFAULT: usize = 20_000;
+
 /// When a commit reaches stable storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -160,6 +163,14 @@ pub enum Durability {
 pub struct Options {
     /// The largest value a field may hold, in bytes.
     pub value_bytes_max: usize,
+    /// The most fields one object may hold, counted as its row stores them: each field
+    /// written, plus one per replica for every counter or text field it changed. An object
+    /// is one row, rewritten by every write to it, so this bounds the cost of one write. A
+    /// commit — local, imported, or an upload on a sync server — that would leave an object
+    /// with more fields than this, and more than it held before, is refused with
+    /// [`Error::TooManyFields`] and writes nothing. (An object already past the limit may
+    /// still be written, as long as it does not grow.)
+    pub fields_per_object_max: usize,
     /// How far ahead of local time a remote stamp may be before it is refused.
     pub max_drift_ms: u64,
     /// The durability of commits that do not choose their own.
@@ -186,6 +197,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            fields_per_object_max: FIELDS_PER_OBJECT_MAX_DEFAULT,
             max_drift_ms: MAX_DRIFT_MS_DEFAULT,
             durability: Durability::Immediate,
             cache_bytes: CACHE_BYTES_DEFAULT,
@@ -688,9 +700,7 @@ fn patch_row(
         Some(state) => state?,
         None => return Err(corrupt("write-ahead patch of a missing object")),
     };
-    for (field, value) in fields {
-        state.apply_field(field, stamp, value);
-    }
+    state.apply_fields(fields.into_iter().map(|(f, v)| (f, stamp, v)).collect());
     objects.insert(key, encode_state(&state)?.as_slice())?;
     Ok(())
 }
@@ -713,10 +723,42 @@ fn encode_state(state: &ObjectState<u32>) -> Result<Vec<u8>> {
     Ok(crate::row::encode(state))
 }
 
+/// The names a transaction interns, numbered after the committed ones, found by name in
+/// one lookup (a transaction writing an object of N new fields looks each one up: searched
+/// in a list, that was N² comparisons).
+#[derive(Debug, Default)]
+struct NewNames {
+    by_pos: Vec<String>,
+    /// Name → position in `by_pos`.
+    by_name: HashMap<String, usize>,
+}
+
+impl NewNames {
+    fn len(&self) -> usize {
+        self.by_pos.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_pos.is_empty()
+    }
+
+    fn push(&mut self, name: &str) {
+        self.by_name.insert(name.to_owned(), self.by_pos.len());
+        self.by_pos.push(name.to_owned());
+    }
+
+    /// Forgets every name after the first `len`.
+    fn truncate(&mut self, len: usize) {
+        for name in self.by_pos.drain(len.min(self.by_pos.len())..) {
+            self.by_name.remove(&name);
+        }
+    }
+}
+
 /// Resolves ids to names: committed ones, then those a transaction is adding.
 struct NameView<'a> {
     base: &'a Interner,
-    new: &'a [String],
+    new: Option<&'a NewNames>,
 }
 
 impl NameView<'_> {
@@ -726,7 +768,7 @@ impl NameView<'_> {
         self.base
             .by_id
             .get(i)
-            .or_else(|| self.new.get(i.wrapping_sub(base)))
+            .or_else(|| self.new?.by_pos.get(i.wrapping_sub(base)))
             .map(String::as_str)
             .ok_or_else(|| corrupt(format!("unknown name id {id}")))
     }
@@ -735,7 +777,7 @@ impl NameView<'_> {
         if let Some(&id) = self.base.by_name.get(name) {
             return Some(id);
         }
-        let pos = self.new.iter().position(|n| n == name)?;
+        let pos = *self.new?.by_name.get(name)?;
         Some((self.base.by_id.len() + pos) as u32)
     }
 
@@ -1468,7 +1510,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut sum = DigestSum::default();
         for row in table.iter()? {
@@ -1600,7 +1642,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let fields = crate::row::decode_live(row.value(), |id, value| {
             Ok((view.name(id)?.to_owned(), value))
@@ -1647,7 +1689,7 @@ impl Store {
         // A counter or text: the value its parts make, stamped by the newest part.
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut parts = BTreeMap::new();
         let mut newest = None;
@@ -1674,7 +1716,7 @@ impl Store {
         };
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let rtx = self.db.begin_read()?;
         let table = rtx.open_table(OBJECTS)?;
@@ -1740,7 +1782,7 @@ impl Store {
             txn: None,
             pending: BTreeMap::new(),
             objects: None,
-            new_names: Vec::new(),
+            new_names: NewNames::default(),
             durability: self.options.durability,
             raw_used: false,
             collection_checked: None,
@@ -1795,7 +1837,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut out = Vec::new();
         let mut read = 0usize;
@@ -2076,6 +2118,14 @@ impl Before {
 /// Fields (by name id) and their values, all written at one stamp: a write-ahead patch.
 type StampedFields = (Stamp, Vec<(u32, Value)>);
 
+/// A pending object's remote writes, taken out as `(field, stamp, value)`, by field.
+fn take_remote(remote: &mut BTreeMap<u32, (Stamp, Value)>) -> Vec<(u32, Stamp, Value)> {
+    std::mem::take(remote)
+        .into_iter()
+        .map(|(f, (s, v))| (f, s, v))
+        .collect()
+}
+
 impl Pending {
     /// The state after what was merged so far (taken out of `after`, or copied from the
     /// row as read), to merge more into.
@@ -2093,9 +2143,7 @@ impl Pending {
             return Ok(());
         }
         let mut state = self.take_state()?;
-        for (f, s, v) in self.remote.drain(..) {
-            state.apply_field(f, s, v);
-        }
+        state.apply_fields(take_remote(&mut self.remote));
         self.after = Some(state);
         Ok(())
     }
@@ -2110,10 +2158,10 @@ struct Pending {
     op: Option<NetOp>,
     /// The state after merging remote writes in this transaction (local calls apply on top).
     after: Option<ObjectState<u32>>,
-    /// Remote field writes that won against a live row, not yet applied: `(field, stamp,
-    /// value)` sorted by field, one per field. Kept apart so commit can patch the row's
-    /// bytes; only while `op` and `after` are `None` ([`Pending::settle`] folds them in).
-    remote: Vec<(u32, Stamp, Value)>,
+    /// Remote field writes that won against a live row, not yet applied: field → `(stamp,
+    /// value)`. Kept apart so commit can patch the row's bytes; only while `op` and `after`
+    /// are `None` ([`Pending::settle`] folds them in).
+    remote: BTreeMap<u32, (Stamp, Value)>,
     /// Remove the row instead of writing it (the object left this client's view).
     purge: bool,
 }
@@ -2130,7 +2178,7 @@ pub struct WriteTx<'s> {
     pending: BTreeMap<Vec<u8>, Pending>,
     /// The `objects` table as of the transaction's start, for reads.
     objects: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    new_names: Vec<String>,
+    new_names: NewNames,
     durability: Durability,
     /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
     /// object changed.
@@ -2206,7 +2254,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         // A name already interned was checked when it was, as a field's or a collection's
         // (they share the table, and a field's may not do for a collection: those are
@@ -2226,7 +2274,7 @@ impl<'s> WriteTx<'s> {
         let id = u32::try_from(names.by_id.len() + self.new_names.len())
             .map_err(|_| corrupt("name table full"))?;
         drop(names);
-        self.new_names.push(name.to_owned());
+        self.new_names.push(name);
         Ok(id)
     }
 
@@ -2286,7 +2334,7 @@ impl<'s> WriteTx<'s> {
                     before,
                     op: None,
                     after: None,
-                    remote: Vec::new(),
+                    remote: BTreeMap::new(),
                     purge: false,
                 },
             );
@@ -2318,7 +2366,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         let state = match (&p.after, &p.before) {
             (Some(after), _) => Some(after),
@@ -2626,6 +2674,17 @@ impl<'s> WriteTx<'s> {
         }
     }
 
+    /// Whether the object is live as this transaction sees it (its own writes included),
+    /// without building it: [`WriteTx::get`] copies every field.
+    pub(crate) fn is_live(&mut self, collection: &str, pk: &Pk) -> Result<bool> {
+        let mark = self.new_names.len();
+        let key = match self.load(collection, pk) {
+            Ok(k) => k,
+            Err(e) => return self.rollback_on_err(Err(e), mark),
+        };
+        self.live(&key)
+    }
+
     /// Names a failed call interned are forgotten, so the call leaves no trace.
     fn rollback_on_err<T>(&mut self, r: Result<T>, mark: usize) -> Result<T> {
         if r.is_err() {
@@ -2670,20 +2729,15 @@ impl<'s> WriteTx<'s> {
             if let Some(parsed) = row::parse(&before.row)?.filter(row::Parsed::is_live) {
                 let floor = parsed.floor();
                 for (fw, &id) in fields.iter().zip(&field_ids) {
-                    let at = p.remote.binary_search_by_key(&id, |(f, _, _)| *f);
-                    let current = match at {
-                        Ok(i) => Some(p.remote[i].1),
-                        Err(_) => parsed.field_stamp(id),
+                    let current = match p.remote.get(&id) {
+                        Some((s, _)) => Some(*s),
+                        None => parsed.field_stamp(id),
                     };
                     if stamp < floor || current.is_some_and(|c| c >= stamp) {
                         report.stale += 1;
                         continue;
                     }
-                    let write = (id, stamp, fw.value.clone());
-                    match at {
-                        Ok(i) => p.remote[i] = write,
-                        Err(i) => p.remote.insert(i, write),
-                    }
+                    p.remote.insert(id, (stamp, fw.value.clone()));
                     report.applied += 1;
                 }
                 return Ok(());
@@ -2695,20 +2749,23 @@ impl<'s> WriteTx<'s> {
             Outcome::Applied => report.applied += 1,
             Outcome::Stale => report.stale += 1,
         };
-        match &w.op {
+        let values: Vec<&Value> = match &w.op {
             Op::Insert { fields } => {
                 count(state.apply_exists(stamp, true));
-                for ((_, v), id) in fields.iter().zip(&field_ids) {
-                    count(state.apply_field(*id, stamp, v.clone()));
-                }
+                fields.iter().map(|(_, v)| v).collect()
             }
-            Op::Update { fields } => {
-                for (fw, id) in fields.iter().zip(&field_ids) {
-                    count(state.apply_field(*id, stamp, fw.value.clone()));
-                }
+            Op::Update { fields } => fields.iter().map(|fw| &fw.value).collect(),
+            Op::Delete { .. } => {
+                count(state.apply_exists(stamp, false));
+                Vec::new()
             }
-            Op::Delete { .. } => count(state.apply_exists(stamp, false)),
-        }
+        };
+        let writes = field_ids
+            .into_iter()
+            .zip(values)
+            .map(|(id, v)| (id, stamp, v.clone()))
+            .collect();
+        state.apply_fields(writes).into_iter().for_each(count);
         p.after = Some(state);
         Ok(())
     }
@@ -2741,8 +2798,19 @@ impl<'s> WriteTx<'s> {
                 store,
                 taken: joined.is_some(),
             };
-            let Some(mut p) = txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables))?
-            else {
+            let prepared = match txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables)) {
+                Ok(prepared) => prepared,
+                // Refused before anything was written: the batch goes on as it was.
+                Err(e @ Error::TooManyFields { .. }) => {
+                    if let Some(members) = joined {
+                        taken.taken = false;
+                        store.put_back_batch(Batch { txn, members });
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(mut p) = prepared else {
                 // Nothing written: the batch goes on as it was.
                 if let Some(members) = joined {
                     taken.taken = false;
@@ -2779,7 +2847,7 @@ impl<'s> WriteTx<'s> {
                 writer.wal_seq += 1;
                 let record_len = record.len();
                 lock(&store.wal_tail).push(at, record, writer.wal_seq);
-                store.add_names(new_names);
+                store.add_names(new_names.by_pos);
                 writer.apply(p.digest, p.counts, p.committed.seq);
                 let mut members = joined.unwrap_or_else(|| Members {
                     count: 0,
@@ -2833,7 +2901,7 @@ impl<'s> WriteTx<'s> {
             } else {
                 redb::Durability::None
             })?;
-            store.add_names(new_names);
+            store.add_names(new_names.by_pos);
             if let Err(e) = txn.commit() {
                 // Its names are in memory: nothing more may commit before a reopen.
                 store.poisoned.store(true, Ordering::SeqCst);
@@ -2904,7 +2972,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         let mut writes: Vec<Write<u32>> = Vec::new();
         // The writes the record replays as patches from the log entry (`Redo::LogPatches`).
@@ -2915,6 +2983,8 @@ impl<'s> WriteTx<'s> {
             let objects = &mut tables.objects;
             // New objects' rows, in key order, inserted together once the loop is done.
             let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            // The other objects' rows (`None`: removed), written once the loop is done.
+            let mut rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
             for (key, p) in &mut self.pending {
                 if p.op.is_none() && p.after.is_none() && p.remote.is_empty() {
                     continue;
@@ -2940,15 +3010,20 @@ impl<'s> WriteTx<'s> {
                 // not the row (none for a local update: the log entry has them).
                 let mut patch: Option<Vec<StampedFields>> = None;
                 let mut op = p.op.take();
+                // Fields the row held and holds after: for the cap on fields per object.
+                let mut width = (0, 0);
                 let fast = match (&parsed, &mut op) {
                     (Some(parsed), None) => {
-                        let remote = std::mem::take(&mut p.remote);
+                        let remote = take_remote(&mut p.remote);
                         let sets: Vec<(u32, Stamp, &Value)> =
                             remote.iter().map(|(f, s, v)| (*f, *s, v)).collect();
-                        let (row, applied) = parsed.patch(&sets);
+                        let patched = parsed.patch(&sets);
                         drop(sets);
+                        width = (parsed.field_count(), patched.fields);
+                        // The record's patches by stamp, in the order first seen.
                         let mut by_stamp: Vec<StampedFields> = Vec::new();
-                        for ((id, s, value), applied) in remote.into_iter().zip(applied) {
+                        let mut stamp_at: HashMap<Stamp, usize> = HashMap::new();
+                        for ((id, s, value), applied) in remote.into_iter().zip(patched.applied) {
                             if !applied {
                                 continue;
                             }
@@ -2956,14 +3031,15 @@ impl<'s> WriteTx<'s> {
                             let term = (coll, &p.pk, view.name(id)?);
                             replace_term(&mut digest, term, old.as_ref(), (s, &value));
                             if redo.is_some() {
-                                match by_stamp.iter_mut().find(|(st, _)| *st == s) {
-                                    Some((_, fields)) => fields.push((id, value)),
-                                    None => by_stamp.push((s, vec![(id, value)])),
-                                }
+                                let at = *stamp_at.entry(s).or_insert_with(|| {
+                                    by_stamp.push((s, Vec::new()));
+                                    by_stamp.len() - 1
+                                });
+                                by_stamp[at].1.push((id, value));
                             }
                         }
                         patch = Some(by_stamp);
-                        Some(row)
+                        Some(patched.row)
                     }
                     (Some(parsed), Some(NetOp::Update(fields))) => {
                         let fields = std::mem::take(fields);
@@ -2977,11 +3053,12 @@ impl<'s> WriteTx<'s> {
                             .zip(fields.values())
                             .map(|(id, v)| (id, stamp, v))
                             .collect();
-                        let (row, applied) = parsed.patch(&sets);
+                        let patched = parsed.patch(&sets);
                         drop(sets);
+                        width = (parsed.field_count(), patched.fields);
                         let mut logged = Vec::with_capacity(fields.len());
                         for (((name, value), id), applied) in
-                            fields.into_iter().zip(ids).zip(applied)
+                            fields.into_iter().zip(ids).zip(patched.applied)
                         {
                             let old = parsed.field(id)?;
                             if applied {
@@ -3004,7 +3081,7 @@ impl<'s> WriteTx<'s> {
                             op: Op::Update { fields: logged },
                         });
                         patch = Some(Vec::new());
-                        Some(row)
+                        Some(patched.row)
                     }
                     _ => None,
                 };
@@ -3019,57 +3096,18 @@ impl<'s> WriteTx<'s> {
                             .or_else(|| before.clone())
                             .unwrap_or_default();
                         // Remote writes the fast path did not take (the row did not parse).
-                        for (f, s, v) in p.remote.drain(..) {
-                            state.apply_field(f, s, v);
+                        state.apply_fields(take_remote(&mut p.remote));
+                        if let Some(write) = apply_local(&view, &mut state, op, stamp)? {
+                            writes.push(Write {
+                                collection: p.coll,
+                                pk: p.pk.clone(),
+                                op: write,
+                            });
                         }
-                        match op {
-                            None => {}
-                            Some(NetOp::Insert(fields)) => {
-                                state.apply_exists(stamp, true);
-                                let mut logged = Vec::with_capacity(fields.len());
-                                for (name, value) in fields {
-                                    let id = view
-                                        .id(&name)
-                                        .ok_or_else(|| corrupt("uninterned field"))?;
-                                    state.apply_field(id, stamp, value.clone());
-                                    logged.push((id, value));
-                                }
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Insert { fields: logged },
-                                });
-                            }
-                            Some(NetOp::Update(fields)) => {
-                                let mut logged = Vec::with_capacity(fields.len());
-                                for (name, value) in fields {
-                                    let id = view
-                                        .id(&name)
-                                        .ok_or_else(|| corrupt("uninterned field"))?;
-                                    let base = state.field(id).map(|(s, _)| s);
-                                    state.apply_field(id, stamp, value.clone());
-                                    logged.push(FieldWrite {
-                                        field: id,
-                                        value,
-                                        base,
-                                    });
-                                }
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Update { fields: logged },
-                                });
-                            }
-                            Some(NetOp::Delete) => {
-                                let base = state.max_stamp();
-                                state.apply_exists(stamp, false);
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Delete { base },
-                                });
-                            }
-                        }
+                        width = (
+                            before.as_ref().map_or(0, |b| b.fields.len()),
+                            state.fields.len(),
+                        );
                         if before.as_ref() == Some(&state) {
                             continue;
                         }
@@ -3081,16 +3119,10 @@ impl<'s> WriteTx<'s> {
                         encode_state(&state)?
                     }
                 };
-                let row = if p.purge {
-                    objects.remove(key.as_slice())?;
-                    None
-                } else if absent {
-                    fresh.push((key.clone(), new_row.clone()));
-                    Some(new_row)
-                } else {
-                    objects.insert(key.as_slice(), new_row.as_slice())?;
-                    Some(new_row)
-                };
+                if !p.purge {
+                    check_width(self.store.options.fields_per_object_max, coll, &p.pk, width)?;
+                }
+                let row = (!p.purge).then_some(new_row);
                 if let Some(r) = &mut redo {
                     match patch {
                         Some(by_stamp) => {
@@ -3109,13 +3141,25 @@ impl<'s> WriteTx<'s> {
                             let n = (key.len() + row.as_ref().map_or(0, Vec::len)) as u64;
                             record_bytes += n;
                             row_bytes += n;
-                            r.push(Redo::Object(key.clone(), row));
+                            r.push(Redo::Object(key.clone(), row.clone()));
                         }
                     }
                     if record_bytes > record_max || row_bytes > rows_max {
                         redo = None;
                     }
                 }
+                match row {
+                    Some(row) if absent => fresh.push((key.clone(), row)),
+                    row => rows.push((key.clone(), row)),
+                }
+            }
+            // Nothing is written before every object has passed its checks: a transaction
+            // refused here ([`Error::TooManyFields`]) leaves the batch it joined as it was.
+            for (key, row) in &rows {
+                match row {
+                    Some(row) => objects.insert(key.as_slice(), row.as_slice())?,
+                    None => objects.remove(key.as_slice())?,
+                };
             }
             insert_fresh(objects, &fresh)?;
         }
@@ -3155,7 +3199,7 @@ impl<'s> WriteTx<'s> {
         }
         if !self.new_names.is_empty() {
             let mut table = txn.open_table(NAMES)?;
-            for (i, n) in self.new_names.iter().enumerate() {
+            for (i, n) in self.new_names.by_pos.iter().enumerate() {
                 let id = (names.by_id.len() + i) as u32;
                 table.insert(id, n.as_str())?;
                 if let Some(redo) = &mut redo {
@@ -3219,6 +3263,63 @@ impl<'s> WriteTx<'s> {
             head,
         }))
     }
+}
+
+/// Applies a transaction's local call on one object (its net effect) to the object's state
+/// at the transaction's stamp, and returns the write its log entry records.
+fn apply_local(
+    view: &NameView<'_>,
+    state: &mut ObjectState<u32>,
+    op: Option<NetOp>,
+    stamp: Stamp,
+) -> Result<Option<Op<u32>>> {
+    let id = |name: &str| view.id(name).ok_or_else(|| corrupt("uninterned field"));
+    Ok(Some(match op {
+        None => return Ok(None),
+        Some(NetOp::Insert(fields)) => {
+            state.apply_exists(stamp, true);
+            let logged = fields
+                .into_iter()
+                .map(|(name, value)| Ok((id(&name)?, value)))
+                .collect::<Result<Vec<_>>>()?;
+            let sets = logged.iter().map(|(f, v)| (*f, stamp, v.clone()));
+            state.apply_fields(sets.collect());
+            Op::Insert { fields: logged }
+        }
+        Some(NetOp::Update(fields)) => {
+            // One write per field: each base is the field's stamp before this transaction.
+            let logged = fields
+                .into_iter()
+                .map(|(name, value)| {
+                    let field = id(&name)?;
+                    let base = state.field(field).map(|(s, _)| s);
+                    Ok(FieldWrite { field, value, base })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sets = logged.iter().map(|w| (w.field, stamp, w.value.clone()));
+            state.apply_fields(sets.collect());
+            Op::Update { fields: logged }
+        }
+        Some(NetOp::Delete) => {
+            let base = state.max_stamp();
+            state.apply_exists(stamp, false);
+            Op::Delete { base }
+        }
+    }))
+}
+
+/// Refuses a row that would hold more than `max` fields, unless it held as many before
+/// (an object from before the limit, or a lower one, stays writable).
+fn check_width(max: usize, coll: &str, pk: &Pk, (before, after): (usize, usize)) -> Result<()> {
+    if after > max && after > before {
+        return Err(Error::TooManyFields {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+            fields: after,
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// How a transaction that is not recorded in the write-ahead file reaches the disk.
@@ -3372,7 +3473,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut fields = state
             .fields
@@ -3545,7 +3646,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let range = match after {
             Some(k) => {
@@ -3628,7 +3729,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &tx.new_names,
+            new: Some(&tx.new_names),
         };
         let txn = tx.txn_ref()?;
         let mut table = txn.open_table(STAGING)?;
@@ -3769,7 +3870,7 @@ impl Store {
             let names = self.names();
             let view = NameView {
                 base: &names,
-                new: &tx.new_names,
+                new: Some(&tx.new_names),
             };
             let mut staging = tx.txn_ref()?.open_table(STAGING)?;
             let smeta = tx.txn_ref()?.open_table(STAGING_META)?;
@@ -3820,7 +3921,7 @@ impl Store {
             let names = self.names();
             let view = NameView {
                 base: &names,
-                new: &tx.new_names,
+                new: Some(&tx.new_names),
             };
             // When recovering, most unsynced writes usually are: one allocation for them.
             if discard.is_none() {

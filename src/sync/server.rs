@@ -499,6 +499,9 @@ impl SyncServer {
         for e in entries {
             for w in &e.writes {
                 let state = overlay.state(&self.store, w)?;
+                // Every conflict of one write shares the object's state and the write's
+                // fields: an update of N fields, each a conflict, copied both N times.
+                let mut shared = None;
                 for mut c in detect(w, e.stamp, client, state) {
                     c.client.user = Some(user.to_owned());
                     if let Some(r) = c.server.replica {
@@ -510,15 +513,18 @@ impl SyncServer {
                             })
                             .clone();
                     }
-                    let fields = match &w.op {
-                        Op::Insert { fields } => fields.clone(),
-                        Op::Update { fields } => fields
-                            .iter()
-                            .map(|f| (f.field.clone(), f.value.clone()))
-                            .collect(),
-                        Op::Delete { .. } => Vec::new(),
-                    };
-                    out.push((c, state.clone(), fields));
+                    let (prior, fields) = shared.get_or_insert_with(|| {
+                        let fields = match &w.op {
+                            Op::Insert { fields } => fields.clone(),
+                            Op::Update { fields } => fields
+                                .iter()
+                                .map(|f| (f.field.clone(), f.value.clone()))
+                                .collect(),
+                            Op::Delete { .. } => Vec::new(),
+                        };
+                        (Arc::new(state.clone()), Arc::new(fields))
+                    });
+                    out.push((c, Arc::clone(prior), Arc::clone(fields)));
                 }
                 apply_write(state, w, e.stamp);
             }
@@ -802,9 +808,12 @@ impl ServerSession {
         match self.handle(msg, now_ms) {
             Ok(out) => out,
             Err(Error::BadChangeset { reason }) => self.fail(ErrorCode::BadChangeset, reason),
-            Err(e @ (Error::Schema { .. } | Error::ClockDrift { .. } | Error::BadName { .. })) => {
-                self.fail(ErrorCode::BadChangeset, e.to_string())
-            }
+            Err(
+                e @ (Error::Schema { .. }
+                | Error::ClockDrift { .. }
+                | Error::BadName { .. }
+                | Error::TooManyFields { .. }),
+            ) => self.fail(ErrorCode::BadChangeset, e.to_string()),
             Err(e) => self.fail(ErrorCode::Internal, e.to_string()),
         }
     }
@@ -1329,8 +1338,13 @@ impl ServerSession {
     }
 }
 
-/// A detected conflict, the object's state before the write, and the write's fields.
-type Detected = (Conflict, ObjectState<String>, Vec<(String, Value)>);
+/// A detected conflict, the object's state before the write, and the write's fields (the
+/// last two shared by the write's conflicts).
+type Detected = (
+    Conflict,
+    Arc<ObjectState<String>>,
+    Arc<Vec<(String, Value)>>,
+);
 
 /// The conflict records kept in a server store (for the `conflicts` command).
 pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
@@ -1359,7 +1373,7 @@ fn resolve(
     client_fields: &[(String, Value)],
 ) -> Result<Decision> {
     let (coll, pk) = (c.collection.as_str(), c.pk.clone());
-    let live_now = tx.get(coll, pk.clone())?.is_some();
+    let live_now = tx.is_live(coll, &pk)?;
     // What the merge by stamp already decided. For update vs delete that is the object's
     // existence: an update never brings a deleted object back.
     let by_stamp = match c.kind {
@@ -1486,24 +1500,27 @@ impl Overlay {
     }
 }
 
-/// Merges one write into a named object state.
+/// Merges one write into a named object state (its fields at once: one by one, a write of
+/// N new fields moved the fields after each, N² moves).
 fn apply_write(state: &mut ObjectState<String>, w: &crate::log::Write, stamp: crate::clock::Stamp) {
-    match &w.op {
+    let writes = match &w.op {
         Op::Insert { fields } => {
             state.apply_exists(stamp, true);
-            for (f, v) in fields {
-                state.apply_field(f.clone(), stamp, v.clone());
-            }
+            fields
+                .iter()
+                .map(|(f, v)| (f.clone(), stamp, v.clone()))
+                .collect()
         }
-        Op::Update { fields } => {
-            for f in fields {
-                state.apply_field(f.field.clone(), stamp, f.value.clone());
-            }
-        }
+        Op::Update { fields } => fields
+            .iter()
+            .map(|f| (f.field.clone(), stamp, f.value.clone()))
+            .collect(),
         Op::Delete { .. } => {
             state.apply_exists(stamp, false);
+            Vec::new()
         }
-    }
+    };
+    state.apply_fields(writes);
 }
 
 /// Whether a client with this view may hold the object: live, readable, subscribed.
