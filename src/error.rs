@@ -30,8 +30,11 @@ pub enum Error {
     /// The storage layer (redb or the file system) failed.
     #[error("storage: {0}")]
     Storage(#[from] redb::Error),
-    /// An earlier I/O failure left the store in an unknown state; reopen it.
-    #[error("an earlier storage failure poisoned this store; reopen it")]
+    /// An earlier I/O failure left the store in an unknown state. It refuses writes until it
+    /// recovers by itself (see [`crate::Options::recover_after`]) or is reopened; transient.
+    #[error(
+        "an earlier storage failure poisoned this store; it recovers once storage works again"
+    )]
     Poisoned,
     /// The store file holds bytes that do not decode as what they should be.
     #[error("store is corrupt: {what}")]
