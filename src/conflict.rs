@@ -303,40 +303,14 @@ pub(crate) fn apply_write(state: &mut ObjectState<String>, w: &Write, stamp: Sta
     }
 }
 
-/// Merges field writes all stamped `stamp`: one at a time while they are few, else as one
-/// merge of two sorted lists (one field inserted at a time is quadratic in a large object).
+/// Merges field writes all stamped `stamp` by the merge rule, in one pass.
 fn apply_fields<'a>(
     state: &mut ObjectState<String>,
     stamp: Stamp,
     fields: impl ExactSizeIterator<Item = (&'a String, &'a Value)>,
 ) {
-    if stamp < state.floor {
-        return;
-    }
-    if fields.len() <= 16 {
-        for (f, v) in fields {
-            state.apply_field(f.clone(), stamp, v.clone());
-        }
-        return;
-    }
-    let mut new: Vec<(&String, &Value)> = fields.collect();
-    // The first write of a field in the list counts, as one at a time.
-    new.sort_by(|a, b| a.0.cmp(b.0));
-    new.dedup_by(|later, first| later.0 == first.0);
-    let old = std::mem::take(&mut state.fields);
-    let mut out = Vec::with_capacity(old.len() + new.len());
-    let mut new = new.into_iter().peekable();
-    for (f, s, v) in old {
-        while let Some((n, nv)) = new.next_if(|(n, _)| **n < f) {
-            out.push((n.clone(), stamp, nv.clone()));
-        }
-        match new.next_if(|(n, _)| **n == f) {
-            Some((_, nv)) if s < stamp => out.push((f, stamp, nv.clone())),
-            _ => out.push((f, s, v)),
-        }
-    }
-    out.extend(new.map(|(n, nv)| (n.clone(), stamp, nv.clone())));
-    state.fields = out;
+    let writes = fields.map(|(f, v)| (f.clone(), stamp, v.clone())).collect();
+    state.apply_fields(writes);
 }
 
 /// What the sync server supplies to plan an upload's conflicts.

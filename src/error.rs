@@ -30,8 +30,11 @@ pub enum Error {
     /// The storage layer (redb or the file system) failed.
     #[error("storage: {0}")]
     Storage(#[from] redb::Error),
-    /// An earlier I/O failure left the store in an unknown state; reopen it.
-    #[error("an earlier storage failure poisoned this store; reopen it")]
+    /// An earlier I/O failure left the store in an unknown state. It refuses writes until it
+    /// recovers by itself (see [`crate::Options::recover_after`]) or is reopened; transient.
+    #[error(
+        "an earlier storage failure poisoned this store; it recovers once storage works again"
+    )]
     Poisoned,
     /// The store file holds bytes that do not decode as what they should be.
     #[error("store is corrupt: {what}")]
@@ -69,6 +72,19 @@ pub enum Error {
         /// The value's size in bytes.
         size: usize,
         /// The limit in bytes.
+        max: usize,
+    },
+    /// A commit would leave an object with more fields than the store's limit
+    /// ([`crate::Options::fields_per_object_max`]); nothing of it was written.
+    #[error("{collection}[{pk}] would hold {fields} fields; the limit is {max}")]
+    TooManyFields {
+        /// Collection.
+        collection: String,
+        /// Primary key.
+        pk: Pk,
+        /// The fields the object would hold.
+        fields: usize,
+        /// The limit.
         max: usize,
     },
     /// A write does not match the collection's schema.

@@ -40,14 +40,29 @@ fn write_v2<T>(
     mut put: impl FnMut(&mut Vec<u8>, &T),
 ) -> Vec<u8> {
     let mut stamps: Vec<Stamp> = Vec::with_capacity(4);
+    // Most rows have a few stamps, found by a scan; a row whose fields came from many
+    // transactions indexes them, or each field would scan them all.
+    const SCANNED: usize = 16;
+    let mut indexed: std::collections::HashMap<Stamp, u64> = std::collections::HashMap::new();
     let mut index = |s: Stamp| -> u64 {
-        match stamps.iter().position(|x| *x == s) {
-            Some(i) => i as u64,
-            None => {
-                stamps.push(s);
-                (stamps.len() - 1) as u64
+        let found = if stamps.len() <= SCANNED {
+            stamps.iter().position(|x| *x == s).map(|i| i as u64)
+        } else {
+            indexed.get(&s).copied()
+        };
+        if let Some(i) = found {
+            return i;
+        }
+        stamps.push(s);
+        let i = (stamps.len() - 1) as u64;
+        if stamps.len() > SCANNED {
+            if indexed.is_empty() {
+                indexed.extend(stamps.iter().enumerate().map(|(i, s)| (*s, i as u64)));
+            } else {
+                indexed.insert(s, i);
             }
         }
+        i
     };
     let exists = exists.map(|(s, alive)| (index(s), alive));
     let floor = index(floor);
@@ -327,40 +342,66 @@ impl<'a> Parsed<'a> {
 
     /// The row after `writes` (distinct field ids, each with its stamp) are merged in one by
     /// one as [`ObjectState::apply_field`] merges them: byte for byte what decoding, applying
-    /// and encoding gives. Also says, per write, whether it was applied.
-    pub(crate) fn patch(&self, writes: &[(u32, Stamp, &Value)]) -> (Vec<u8>, Vec<bool>) {
+    /// and encoding gives. Also says, per write, whether it was applied. The writes are
+    /// sorted once and merged with the row's fields in one pass, so the cost is linear in
+    /// the row and the writes (inserted one by one, each new field moved every field after
+    /// it: N new fields cost N² moves).
+    pub(crate) fn patch(&self, writes: &[(u32, Stamp, &Value)]) -> Patched {
         let floor = self.stamps[self.floor];
-        let mut fields: Vec<(u32, Stamp, Source<'_>)> = self
-            .fields
-            .iter()
-            .map(|&(f, si, (a, b))| (f, self.stamps[si], Source::Old(a, b)))
-            .collect();
-        let mut applied = Vec::with_capacity(writes.len());
-        for &(id, stamp, value) in writes {
-            if stamp < floor {
-                applied.push(false);
-                continue;
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_unstable_by_key(|&i| writes[i].0);
+        let mut applied = vec![false; writes.len()];
+        let mut fields: Vec<(u32, Stamp, Source<'_>)> =
+            Vec::with_capacity(self.fields.len() + writes.len());
+        let mut old = self.fields.iter().peekable();
+        for i in order {
+            let (id, stamp, value) = writes[i];
+            while let Some(&&(f, si, (a, b))) = old.peek().filter(|(f, _, _)| *f < id) {
+                fields.push((f, self.stamps[si], Source::Old(a, b)));
+                old.next();
             }
-            match fields.binary_search_by(|(f, _, _)| f.cmp(&id)) {
-                Ok(i) if fields[i].1 >= stamp => applied.push(false),
-                Ok(i) => {
-                    fields[i] = (id, stamp, Source::New(value));
-                    applied.push(true);
-                }
-                Err(i) => {
-                    fields.insert(i, (id, stamp, Source::New(value)));
-                    applied.push(true);
-                }
+            let held = old
+                .next_if(|(f, _, _)| *f == id)
+                .map(|&(f, si, (a, b))| (f, self.stamps[si], Source::Old(a, b)));
+            let newer = stamp >= floor && held.as_ref().is_none_or(|h| h.1 < stamp);
+            if newer {
+                applied[i] = true;
+                fields.push((id, stamp, Source::New(value)));
+            } else {
+                fields.extend(held);
             }
+        }
+        for &(f, si, (a, b)) in old {
+            fields.push((f, self.stamps[si], Source::Old(a, b)));
         }
         let exists = self.exists.map(|(si, alive)| (self.stamps[si], alive));
         let value_bytes = self.b.len() + writes.len() * 8;
-        let out = write_v2(exists, floor, &fields, value_bytes, |out, src| match src {
+        let row = write_v2(exists, floor, &fields, value_bytes, |out, src| match src {
             Source::Old(a, b) => out.extend_from_slice(&self.b[*a..*b]),
             Source::New(v) => put_value(out, v),
         });
-        (out, applied)
+        Patched {
+            row,
+            applied,
+            fields: fields.len(),
+        }
     }
+
+    /// How many fields the row holds.
+    pub(crate) fn field_count(&self) -> usize {
+        self.fields.len()
+    }
+}
+
+/// What [`Parsed::patch`] made.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Patched {
+    /// The new row.
+    pub(crate) row: Vec<u8>,
+    /// Per write, whether it was applied.
+    pub(crate) applied: Vec<bool>,
+    /// How many fields the new row holds.
+    pub(crate) fields: usize,
 }
 
 struct Reader<'a> {
@@ -622,12 +663,18 @@ mod tests {
         (
             proptest::option::of((stamp(), any::<bool>())),
             stamp(),
-            proptest::collection::vec((any::<u32>(), stamp(), value()), 0..12),
+            // Past 16 stamps, a row's stamps are indexed, not scanned.
+            proptest::collection::vec((any::<u32>(), stamp(), value()), 0..40),
         )
-            .prop_map(|(exists, floor, fields)| ObjectState {
-                exists,
-                floor,
-                fields,
+            .prop_map(|(exists, floor, mut fields)| {
+                // As the store keeps them: one per field, by field id.
+                fields.sort_by_key(|(f, _, _)| *f);
+                fields.dedup_by_key(|(f, _, _)| *f);
+                ObjectState {
+                    exists,
+                    floor,
+                    fields,
+                }
             })
     }
 
@@ -714,7 +761,7 @@ mod tests {
         fn a_patch_is_decode_apply_encode(
             s in state(),
             stamp in stamp(),
-            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), any::<bool>(), value()), 0..4),
+            picks in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), any::<bool>(), value()), 0..24),
         ) {
             let bytes = encode(&s);
             let parsed = parse(&bytes).expect("parse").expect("stamp-table layout");
@@ -732,7 +779,9 @@ mod tests {
                 prop_assert_eq!(parsed.field_stamp(f), s.field(f).map(|(st, _)| st));
             }
             let refs: Vec<(u32, Stamp, &Value)> = w.iter().map(|(f, st, v)| (*f, *st, v)).collect();
-            prop_assert_eq!(parsed.patch(&refs), applied(s, &w));
+            let (row, outcomes) = applied(s, &w);
+            let fields = decode(&row).expect("decode").fields.len();
+            prop_assert_eq!(parsed.patch(&refs), Patched { row, applied: outcomes, fields });
         }
 
         /// Damaged rows: wherever decoding succeeds, parsing agrees with it; never a panic.
@@ -755,7 +804,9 @@ mod tests {
                 prop_assert_eq!(live.expect("is_live"), decoded.is_live());
                 if let Some(p) = parsed.expect("parse") {
                     let w = vec![(7u32, stamp, v)];
-                    prop_assert_eq!(p.patch(&[(7, stamp, &w[0].2)]), applied(decoded, &w));
+                    let (row, outcomes) = applied(decoded, &w);
+                    prop_assert_eq!(p.patch(&[(7, stamp, &w[0].2)]).row, row);
+                    prop_assert_eq!(p.patch(&[(7, stamp, &w[0].2)]).applied, outcomes);
                 }
             }
         }

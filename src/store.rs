@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
 use redb::{
@@ -14,7 +14,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::ShrinkOptional;
+use crate::backend::{Kept, Shared, ShrinkOptional};
 use crate::changeset::Changeset;
 use crate::clock::{Hlc, ReplicaId, Stamp, SystemTimeSource, TimeSource, MAX_DRIFT_MS_DEFAULT};
 use crate::crdt;
@@ -147,6 +147,17 @@ pub const KEEP_ACKNOWLEDGED_FOR_DEFAULT: std::time::Duration =
 /// Default limit on one value's size.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
 
+/// Default wait before a poisoned store first tries to recover (see
+/// [`Options::recover_after`]).
+pub const RECOVER_AFTER_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest wait between two attempts to recover a poisoned store: each failed attempt
+/// doubles the wait, up to this.
+pub const RECOVERY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Default limit on the fields one object holds (see [`Options::fields_per_object_max`]).
+pub const FIELDS_PER_OBJECT_MAX_DEFAULT: usize = 20_000;
+
 /// When a commit reaches stable storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -162,6 +173,14 @@ pub enum Durability {
 pub struct Options {
     /// The largest value a field may hold, in bytes.
     pub value_bytes_max: usize,
+    /// The most fields one object may hold, counted as its row stores them: each field
+    /// written, plus one per replica for every counter or text field it changed. An object
+    /// is one row, rewritten by every write to it, so this bounds the cost of one write. A
+    /// commit — local, imported, or an upload on a sync server — that would leave an object
+    /// with more fields than this, and more than it held before, is refused with
+    /// [`Error::TooManyFields`] and writes nothing. (An object already past the limit may
+    /// still be written, as long as it does not grow.)
+    pub fields_per_object_max: usize,
     /// How far ahead of local time a remote stamp may be before it is refused.
     pub max_drift_ms: u64,
     /// The durability of commits that do not choose their own.
@@ -182,18 +201,31 @@ pub struct Options {
     /// removes every entry as it is acknowledged; `None` keeps them all (the application
     /// removes them with [`Store::prune_log`]).
     pub keep_acknowledged_for: Option<std::time::Duration>,
+    /// After a storage failure (a full disk, an I/O error) poisons the store, how long it
+    /// waits before it tries to recover: it opens its database again over the same file and
+    /// replays the write-ahead file, as opening the store does, and then takes reads and
+    /// writes again. Every commit that returned `Ok` survives a recovery as it survives a
+    /// restart. A failed attempt doubles the wait, up to [`RECOVERY_BACKOFF_MAX`]. Attempts
+    /// are made by calls that find the store poisoned (the store runs no thread of its own),
+    /// timed by [`Options::time`]; a call that finds the store busy (another thread in a
+    /// read or a commit) leaves the attempt to a later call. The failure is logged
+    /// (`tracing::error!`), each failed attempt (`warn!`) and the recovery (`info!`).
+    /// `None`: the store stays poisoned until it is opened again.
+    pub recover_after: Option<std::time::Duration>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            fields_per_object_max: FIELDS_PER_OBJECT_MAX_DEFAULT,
             max_drift_ms: MAX_DRIFT_MS_DEFAULT,
             durability: Durability::Immediate,
             cache_bytes: CACHE_BYTES_DEFAULT,
             time: Arc::new(SystemTimeSource),
             checkpoint_bytes: CHECKPOINT_BYTES_DEFAULT,
             keep_acknowledged_for: Some(KEEP_ACKNOWLEDGED_FOR_DEFAULT),
+            recover_after: Some(RECOVER_AFTER_DEFAULT),
         }
     }
 }
@@ -368,7 +400,8 @@ struct JoinedBatch<'s> {
 impl Drop for JoinedBatch<'_> {
     fn drop(&mut self) {
         if self.taken {
-            self.store.abandon_batch();
+            self.store
+                .abandon_batch(&"a commit that joined the batch ended before putting it back");
         }
     }
 }
@@ -410,7 +443,7 @@ impl std::ops::DerefMut for WriterGuard<'_> {
 impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
         let store = self.store;
-        // A failure poisons the store; the members' records put them back on reopen.
+        // A failure poisons the store; the members' records put them back when it recovers.
         let _ = store.close_batch_if(|b| b.members.count >= BATCH_MEMBERS_MAX);
         // Before the mutex itself is released (the field drops after this): the next
         // writer cannot commit before the epoch has moved past this one's commit.
@@ -423,7 +456,14 @@ pub struct Store {
     /// The read snapshot `get` keeps between commits (see `snapshot.rs`). Declared before
     /// `db`, so its read transaction ends before the database closes.
     snapshots: Snapshots,
-    db: Database,
+    /// The database; `None` while a recovery has let go of it and not yet opened it again.
+    /// Whoever begins a transaction holds the read lock for as long as the transaction
+    /// lives ([`Store::db`]), and a recovery replaces it only when it can take the write
+    /// lock without waiting: a database is never dropped under a reader.
+    db: RwLock<Option<Database>>,
+    /// The storage under `db`, kept to open the database again in a recovery. Declared
+    /// after `db`, so that it is closed after it.
+    backend: Arc<Kept>,
     /// The write-ahead file, if the store has one (see `wal.rs`).
     wal: Option<Box<dyn StorageBackend>>,
     /// Records appended but not yet written (see [`wal::Tail`]); taken by whoever writes.
@@ -452,8 +492,18 @@ pub struct Store {
     unsettled: AtomicBool,
     /// What readers are shown of the writer's state.
     visible: Mutex<Visible>,
-    /// Set after a storage failure in a write; writes are refused until reopened.
+    /// Set after a storage failure in a write; writes are refused until the store recovers
+    /// ([`Store::try_recover`]) or is reopened.
     poisoned: AtomicBool,
+    /// Moved by each recovery. A commit reads it with its record appended (under the writer
+    /// lock), and is durable only if it is unchanged when its record is written or synced:
+    /// a recovery drops the records not yet written, and numbers records from the
+    /// replayed ones again.
+    generation: AtomicU64,
+    /// When the next recovery may be tried, and the wait after it.
+    recovery: Mutex<Recovery>,
+    /// Held by the one recovery under way.
+    recovering: Mutex<()>,
     /// Group commit: which commits are durable (see [`Store::wait_durable`]).
     group: Mutex<GroupCommit>,
     group_done: Condvar,
@@ -481,6 +531,70 @@ struct GroupCommit {
     failed: Option<String>,
 }
 
+impl GroupCommit {
+    /// As a store is opened: every record so far is in the database, durably (without a
+    /// write-ahead file, `durable` counts commits).
+    fn after_load(with_wal: bool, wal_seq: u64) -> GroupCommit {
+        GroupCommit {
+            durable: if with_wal { wal_seq } else { 0 },
+            ..GroupCommit::default()
+        }
+    }
+}
+
+/// What opening a store reads from its database (after replaying its write-ahead file).
+struct Loaded {
+    replica: ReplicaId,
+    writer: Writer,
+    visible: Visible,
+    interner: Interner,
+    schemas: HashMap<String, Arc<Schema>>,
+    wal_seq: u64,
+}
+
+/// A poisoned store's schedule of recoveries.
+#[derive(Debug, Default)]
+struct Recovery {
+    /// The earliest time of the next attempt (ms of [`Options::time`]); `None` while the
+    /// store is not poisoned.
+    due_ms: Option<u64>,
+    /// The wait after the next failed attempt.
+    backoff: std::time::Duration,
+    /// Attempts that failed since the store was poisoned.
+    failed: u32,
+    /// Why the store was poisoned.
+    cause: String,
+}
+
+/// The database, for as long as a transaction begun on it lives (see [`Store::db`]).
+pub(crate) struct DbGuard<'s>(std::sync::RwLockReadGuard<'s, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        match self.0.as_ref() {
+            Some(db) => db,
+            // `Store::db` hands out a guard only over a database.
+            None => unreachable!("a database guard without a database"),
+        }
+    }
+}
+
+/// A read transaction for modules that keep their own tables in the store's database; the
+/// database stays open under it (a recovery waits for it to end).
+pub(crate) struct ReadTxn<'s> {
+    // Declared first: dropped before the guard.
+    txn: redb::ReadTransaction,
+    _db: DbGuard<'s>,
+}
+
+impl std::ops::Deref for ReadTxn<'_> {
+    type Target = redb::ReadTransaction;
+    fn deref(&self) -> &redb::ReadTransaction {
+        &self.txn
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -491,6 +605,28 @@ impl std::fmt::Debug for Store {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lock if it is free now (a recovery never waits: see [`Store::recover`]).
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// The write lock if it is free now.
+fn try_write<T>(m: &RwLock<T>) -> Option<std::sync::RwLockWriteGuard<'_, T>> {
+    match m.try_write() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Creates an empty redb database at `path` so that a crash never leaves a half-created
@@ -606,13 +742,14 @@ pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
 /// An `objects` row read from a snapshot, and the snapshot. redb's guard keeps the row's
 /// page but not its read transaction: were the snapshot's last handle dropped first, a
 /// commit could reclaim the page while the row is read (redb's debug builds assert on it).
-struct Row {
-    // Declared first, so dropped before the snapshot.
+struct Row<'s> {
+    // Declared first, so dropped before the snapshot, and the snapshot before the database.
     guard: AccessGuard<'static, &'static [u8]>,
     _snapshot: Arc<Snapshot>,
+    _db: DbGuard<'s>,
 }
 
-impl Row {
+impl Row<'_> {
     fn value(&self) -> &[u8] {
         self.guard.value()
     }
@@ -692,9 +829,7 @@ fn patch_row(
         Some(state) => state?,
         None => return Err(corrupt("write-ahead patch of a missing object")),
     };
-    for (field, value) in fields {
-        state.apply_field(field, stamp, value);
-    }
+    state.apply_fields(fields.into_iter().map(|(f, v)| (f, stamp, v)).collect());
     objects.insert(key, encode_state(&state)?.as_slice())?;
     Ok(())
 }
@@ -717,10 +852,42 @@ fn encode_state(state: &ObjectState<u32>) -> Result<Vec<u8>> {
     Ok(crate::row::encode(state))
 }
 
+/// The names a transaction interns, numbered after the committed ones, found by name in
+/// one lookup (a transaction writing an object of N new fields looks each one up: searched
+/// in a list, that was N² comparisons).
+#[derive(Debug, Default)]
+struct NewNames {
+    by_pos: Vec<String>,
+    /// Name → position in `by_pos`.
+    by_name: HashMap<String, usize>,
+}
+
+impl NewNames {
+    fn len(&self) -> usize {
+        self.by_pos.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_pos.is_empty()
+    }
+
+    fn push(&mut self, name: &str) {
+        self.by_name.insert(name.to_owned(), self.by_pos.len());
+        self.by_pos.push(name.to_owned());
+    }
+
+    /// Forgets every name after the first `len`.
+    fn truncate(&mut self, len: usize) {
+        for name in self.by_pos.drain(len.min(self.by_pos.len())..) {
+            self.by_name.remove(&name);
+        }
+    }
+}
+
 /// Resolves ids to names: committed ones, then those a transaction is adding.
 struct NameView<'a> {
     base: &'a Interner,
-    new: &'a [String],
+    new: Option<&'a NewNames>,
 }
 
 impl NameView<'_> {
@@ -730,7 +897,7 @@ impl NameView<'_> {
         self.base
             .by_id
             .get(i)
-            .or_else(|| self.new.get(i.wrapping_sub(base)))
+            .or_else(|| self.new?.by_pos.get(i.wrapping_sub(base)))
             .map(String::as_str)
             .ok_or_else(|| corrupt(format!("unknown name id {id}")))
     }
@@ -739,7 +906,7 @@ impl NameView<'_> {
         if let Some(&id) = self.base.by_name.get(name) {
             return Some(id);
         }
-        let pos = self.new.iter().position(|n| n == name)?;
+        let pos = *self.new?.by_name.get(name)?;
         Some((self.base.by_id.len() + pos) as u32)
     }
 
@@ -858,10 +1025,10 @@ impl Store {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create_with_backend(ShrinkOptional(redb::backends::FileBackend::new(file)?))?;
-        // Opened after the database, whose lock keeps a second process out of both.
+        let backend = Kept::new(redb::backends::FileBackend::new(file)?);
+        // The database's lock keeps a second process out of both files: taken before the
+        // write-ahead file is touched.
+        let db = Store::database(&backend, &options)?;
         let wal: Option<Box<dyn StorageBackend>> = if options.checkpoint_bytes > 0 {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -873,7 +1040,7 @@ impl Store {
         } else {
             None
         };
-        let mut store = Store::init(db, wal, options)?;
+        let mut store = Store::init(db, backend, wal, options)?;
         store.path = Some(path.to_owned());
         Ok(store)
     }
@@ -886,10 +1053,8 @@ impl Store {
     /// Opens a store over any redb storage backend, without a write-ahead file: every
     /// durable commit is a redb commit.
     pub fn open_backend(backend: impl StorageBackend, options: Options) -> Result<Store> {
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create_with_backend(ShrinkOptional(backend))?;
-        Store::init(db, None, options)
+        let backend = Kept::new(backend);
+        Store::init(Store::database(&backend, &options)?, backend, None, options)
     }
 
     /// Opens a store over a redb storage backend for the database and another for its
@@ -899,12 +1064,10 @@ impl Store {
         wal: impl StorageBackend,
         options: Options,
     ) -> Result<Store> {
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create_with_backend(ShrinkOptional(backend))?;
         let wal: Option<Box<dyn StorageBackend>> =
             (options.checkpoint_bytes > 0).then(|| Box::new(wal) as Box<dyn StorageBackend>);
-        Store::init(db, wal, options)
+        let backend = Kept::new(backend);
+        Store::init(Store::database(&backend, &options)?, backend, wal, options)
     }
 
     /// Puts back the commits the write-ahead file holds beyond the database's last one
@@ -998,10 +1161,12 @@ impl Store {
         Ok(())
     }
 
-    fn init(db: Database, wal: Option<Box<dyn StorageBackend>>, options: Options) -> Result<Store> {
-        let wal_len = match &wal {
+    /// Replays the write-ahead file into the database and reads the store's state from it:
+    /// what opening a store does, and what a recovery does again.
+    fn load(db: &Database, wal: Option<&dyn StorageBackend>, options: &Options) -> Result<Loaded> {
+        let wal_len = match wal {
             Some(wal) => {
-                Store::replay_wal(&db, wal.as_ref())?;
+                Store::replay_wal(db, wal)?;
                 // Empty the file: what lies past the replayed records (a record torn by a
                 // crash, then any written after it whose bytes reached the disk) carries
                 // numbers the next records take again, and such a record that the next
@@ -1015,7 +1180,7 @@ impl Store {
             None => 0,
         };
         let txn = db.begin_write()?;
-        let (replica, writer, visible, interner, schemas, wal_seq) = {
+        let loaded = {
             let mut meta = txn.open_table(META)?;
             txn.open_table(OBJECTS)?;
             txn.open_table(LOG)?;
@@ -1097,16 +1262,48 @@ impl Store {
                 wal_len,
             };
             let visible = writer.visible();
-            (replica, writer, visible, interner, schemas, wal_seq)
+            Loaded {
+                replica,
+                writer,
+                visible,
+                interner,
+                schemas,
+                wal_seq,
+            }
         };
         txn.commit()?;
-        let durable = if wal.is_some() { wal_seq } else { 0 };
+        Ok(loaded)
+    }
+
+    /// A database over `backend` (redb repairs it if it was not closed cleanly).
+    fn database(backend: &Arc<Kept>, options: &Options) -> Result<Database> {
+        Ok(Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(ShrinkOptional(Shared(Arc::clone(backend))))?)
+    }
+
+    fn init(
+        db: Database,
+        backend: Arc<Kept>,
+        wal: Option<Box<dyn StorageBackend>>,
+        options: Options,
+    ) -> Result<Store> {
+        let Loaded {
+            replica,
+            writer,
+            visible,
+            interner,
+            schemas,
+            wal_seq,
+        } = Store::load(&db, wal.as_deref(), &options)?;
         Ok(Store {
             snapshots: Snapshots::default(),
-            db,
-            wal,
+            db: RwLock::new(Some(db)),
+            backend,
             wal_tail: Mutex::new(wal::Tail::new(wal_seq)),
             wal_write: Mutex::new(false),
+            group: Mutex::new(GroupCommit::after_load(wal.is_some(), wal_seq)),
+            wal,
             path: None,
             replica,
             options,
@@ -1118,12 +1315,9 @@ impl Store {
             unsettled: AtomicBool::new(false),
             visible: Mutex::new(visible),
             poisoned: AtomicBool::new(false),
-            group: Mutex::new(GroupCommit {
-                // Every record so far is in the database, durably (without a write-ahead
-                // file, `durable` counts commits).
-                durable,
-                ..GroupCommit::default()
-            }),
+            generation: AtomicU64::new(0),
+            recovery: Mutex::new(Recovery::default()),
+            recovering: Mutex::new(()),
             group_done: Condvar::new(),
             waiting: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
@@ -1140,13 +1334,17 @@ impl Store {
         }
     }
 
-    /// Blocks until commit number `seq` (with a write-ahead file: record number `seq`) is on
-    /// stable storage. One waiter at a time leads: it syncs the write-ahead file (or makes an
-    /// empty durable commit, which makes every earlier commit durable), and wakes everyone it
-    /// covered. A failed flush fails every waiter it would have covered.
-    fn wait_durable(&self, seq: u64) -> Result<()> {
+    /// Blocks until commit number `seq` (with a write-ahead file: record number `seq`) of
+    /// `generation` is on stable storage. One waiter at a time leads: it syncs the
+    /// write-ahead file (or makes an empty durable commit, which makes every earlier commit
+    /// durable), and wakes everyone it covered. A failed flush fails every waiter it would
+    /// have covered, and a recovery since the commit every waiter (numbers start again).
+    fn wait_durable(&self, seq: u64, generation: u64) -> Result<()> {
         let mut g = lock(&self.group);
         loop {
+            if self.generation.load(Ordering::SeqCst) != generation {
+                return Err(Error::Poisoned);
+            }
             if g.durable >= seq {
                 return Ok(());
             }
@@ -1168,13 +1366,13 @@ impl Store {
             if let Some(wal) = &self.wal {
                 // One write and one sync cover every record appended so far, while others
                 // keep appending.
-                let target = self.write_tail(wal.as_ref())?;
+                let target = self.write_tail(wal.as_ref(), generation)?;
                 wal.sync_data().map_err(redb::Error::from)?;
                 return Ok(target);
             }
             let _w = self.lock_writer()?;
             let target = self.flush_target(&lock(&self.group));
-            let txn = self.db.begin_write()?;
+            let txn = self.db()?.begin_write()?;
             txn.commit()?;
             Ok::<_, Error>(target)
         })();
@@ -1186,7 +1384,7 @@ impl Store {
                 Ok(())
             }
             Err(e) => {
-                self.poisoned.store(true, Ordering::SeqCst);
+                self.poison(&e);
                 g.failed = Some(e.to_string());
                 Err(e)
             }
@@ -1198,18 +1396,20 @@ impl Store {
     /// Writes the records appended so far to the write-ahead file (without syncing it);
     /// returns the last one's number. A failed write poisons the store (a record missing
     /// from the file would end the replay there, losing every later one), and every later
-    /// call fails: the batch holding the unwritten records must never commit.
-    fn write_tail(&self, wal: &dyn StorageBackend) -> Result<u64> {
+    /// call fails: the batch holding the unwritten records must never commit. So does a
+    /// call for a record of an earlier `generation`: a recovery dropped the tail it was in.
+    fn write_tail(&self, wal: &dyn StorageBackend, generation: u64) -> Result<u64> {
         let mut failed = lock(&self.wal_write);
-        if *failed {
+        if *failed || self.generation.load(Ordering::SeqCst) != generation {
             return Err(Error::Poisoned);
         }
         let (at, bytes, seq) = lock(&self.wal_tail).take();
         if !bytes.is_empty() {
             if let Err(e) = wal.write(at, &bytes) {
                 *failed = true;
-                self.poisoned.store(true, Ordering::SeqCst);
-                return Err(redb::Error::from(e).into());
+                let e = Error::from(redb::Error::from(e));
+                self.poison(&e);
+                return Err(e);
             }
         }
         Ok(seq)
@@ -1231,7 +1431,7 @@ impl Store {
 
     /// Commits the open batch, if any (without fsync: its members' records are in the
     /// write-ahead file). A failure poisons the store; the members' records put their
-    /// writes back when it is reopened.
+    /// writes back when it recovers (or is reopened).
     fn close_batch(&self) -> Result<()> {
         self.close_batch_if(|_| true)
     }
@@ -1248,8 +1448,9 @@ impl Store {
         // Nothing is visible before its record is in the file: a commit whose record could
         // not be written leaves no trace (the syncs usually wrote them already).
         if let Some(wal) = &self.wal {
-            if let Err(e) = self.write_tail(wal.as_ref()) {
-                self.abandon_batch();
+            let generation = self.generation.load(Ordering::SeqCst);
+            if let Err(e) = self.write_tail(wal.as_ref(), generation) {
+                self.abandon_batch(&e);
                 return Err(e);
             }
         }
@@ -1261,7 +1462,7 @@ impl Store {
             Ok::<_, Error>(())
         })();
         if let Err(e) = committed {
-            self.abandon_batch();
+            self.abandon_batch(&e);
             return Err(e);
         }
         lock(&self.group).committed += 1;
@@ -1282,9 +1483,9 @@ impl Store {
     /// A batch that will not commit (its transaction is dropped): the store is poisoned,
     /// since the writer's state (ahead of the database) cannot be trusted, and readers are
     /// refused, since commits that returned are missing from the database until the
-    /// records put them back on reopen.
-    fn abandon_batch(&self) {
-        self.poisoned.store(true, Ordering::SeqCst);
+    /// records put them back (a recovery, or a reopen).
+    fn abandon_batch(&self, why: &dyn std::fmt::Display) {
+        self.poison(why);
         self.batch_back.notify_all();
     }
 
@@ -1299,6 +1500,9 @@ impl Store {
     /// first (waiting while a joiner has it). Every read starts here; it costs an atomic
     /// load when no batch is open.
     fn settle(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            self.try_recover();
+        }
         if !self.unsettled.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -1356,7 +1560,7 @@ impl Store {
     /// write-ahead file starts again from its beginning (emptied if `truncate`, else
     /// overwritten in place). The caller holds the writer.
     fn checkpoint_with(&self, writer: &mut Writer, truncate: bool) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.commit()?;
         {
             let mut g = lock(&self.group);
@@ -1394,11 +1598,17 @@ impl Store {
         self.snapshots.writer_locked();
         let r = (|| {
             // No transaction can be live: `&mut self`.
-            let txn = self.db.begin_write()?;
+            let db = self
+                .db
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+                .ok_or(Error::Poisoned)?;
+            let txn = db.begin_write()?;
             repack(&txn, OBJECTS, OBJECTS_REPACK)?;
             repack(&txn, LOG, LOG_REPACK)?;
             txn.commit()?;
-            while self.db.compact().map_err(redb::Error::from)? {}
+            while db.compact().map_err(redb::Error::from)? {}
             let mut w = self.lock_writer()?;
             self.checkpoint_with(&mut w, true)
         })();
@@ -1416,9 +1626,17 @@ impl Store {
         self.finish(r)?;
         // redb's close records its allocator state; a failure there costs the next open a
         // repair, and is reported rather than dropped.
-        let Store { snapshots, db, .. } = self;
+        let Store {
+            snapshots,
+            db,
+            backend,
+            ..
+        } = self;
         drop(snapshots);
-        db.close().map_err(redb::Error::from)?;
+        if let Some(db) = db.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            db.close().map_err(redb::Error::from)?;
+        }
+        backend.close().map_err(redb::Error::from)?;
         Ok(())
     }
 
@@ -1430,7 +1648,7 @@ impl Store {
         let mut w = self.lock_writer()?;
         let next = w.log_next.max(pos + 1);
         let last_sync = w.last_sync.max(pos);
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let head = Head {
@@ -1445,6 +1663,12 @@ impl Store {
         w.last_sync = last_sync;
         *lock(&self.visible) = w.visible();
         Ok(())
+    }
+
+    /// How many times the store has recovered from a storage failure (see
+    /// [`Options::recover_after`]) since it was opened.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// This store's replica id.
@@ -1468,12 +1692,13 @@ impl Store {
     /// incrementally kept one: an integrity check.
     pub fn verify_digest(&self) -> Result<bool> {
         self.settle()?;
-        let rtx = self.db.begin_read()?;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
         let table = rtx.open_table(OBJECTS)?;
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut sum = DigestSum::default();
         for row in table.iter()? {
@@ -1539,7 +1764,7 @@ impl Store {
         schema.validate()?;
         self.check_poisoned()?;
         let _w = self.lock_writer()?;
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let key = format!("{META_SCHEMA_PREFIX}{}", schema.collection);
@@ -1553,8 +1778,148 @@ impl Store {
         Ok(())
     }
 
+    /// Poisons the store after a storage failure (the first one is logged, and schedules a
+    /// recovery: see [`Options::recover_after`]).
+    fn poison(&self, why: &dyn std::fmt::Display) {
+        if self.poisoned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let now = self.options.time.now_ms();
+        let after = self.options.recover_after;
+        let mut r = lock(&self.recovery);
+        *r = Recovery {
+            due_ms: after.map(|d| now.saturating_add(millis(d))),
+            backoff: after.unwrap_or_default(),
+            failed: 0,
+            cause: why.to_string(),
+        };
+        tracing::error!(
+            replica = %self.replica,
+            path = ?self.path,
+            error = %why,
+            recover_in_ms = after.map(millis),
+            "storage failure: the store refuses writes until it recovers"
+        );
+    }
+
+    /// Tries to recover a poisoned store, if an attempt is due (see
+    /// [`Options::recover_after`]). Returns whether the store is no longer poisoned.
+    fn try_recover(&self) -> bool {
+        if !self.poisoned.load(Ordering::SeqCst) {
+            return true;
+        }
+        let now = self.options.time.now_ms();
+        if lock(&self.recovery).due_ms.is_none_or(|due| now < due) {
+            return false;
+        }
+        let Ok(_one) = self.recovering.try_lock() else {
+            return false;
+        };
+        if !self.poisoned.load(Ordering::SeqCst) {
+            return true;
+        }
+        match self.recover() {
+            // Busy: a later call tries again.
+            Ok(false) => false,
+            Ok(true) => {
+                let r = std::mem::take(&mut *lock(&self.recovery));
+                tracing::info!(
+                    replica = %self.replica,
+                    path = ?self.path,
+                    failed_attempts = r.failed,
+                    cause = %r.cause,
+                    "the store recovered from a storage failure (database reopened, write-ahead file replayed)"
+                );
+                true
+            }
+            Err(e) => {
+                let mut r = lock(&self.recovery);
+                r.failed += 1;
+                let wait = r.backoff;
+                r.due_ms = Some(now.saturating_add(millis(wait)));
+                r.backoff = (wait * 2).min(RECOVERY_BACKOFF_MAX);
+                tracing::warn!(
+                    replica = %self.replica,
+                    path = ?self.path,
+                    attempt = r.failed,
+                    retry_in_ms = millis(wait),
+                    error = %e,
+                    "the store could not recover from a storage failure yet"
+                );
+                false
+            }
+        }
+    }
+
+    /// Opens the database again, over the same storage, as opening the store does (the
+    /// write-ahead file replayed: nothing acknowledged is lost), and puts the store's state
+    /// in memory back from it. Every lock is taken without waiting, and a database still in
+    /// use by a reader is never let go of: `Ok(false)` if one is busy. An error leaves the
+    /// store poisoned (without a database until the next attempt).
+    fn recover(&self) -> Result<bool> {
+        let (Some(mut writer), Some(mut batch), Some(mut group)) = (
+            try_lock(&self.writer),
+            try_lock(&self.batch),
+            try_lock(&self.group),
+        ) else {
+            return Ok(false);
+        };
+        let (Some(mut failed), Some(mut tail), Some(mut visible)) = (
+            try_lock(&self.wal_write),
+            try_lock(&self.wal_tail),
+            try_lock(&self.visible),
+        ) else {
+            return Ok(false);
+        };
+        let (Some(mut names), Some(mut schemas)) =
+            (try_write(&self.names), try_write(&self.schemas))
+        else {
+            return Ok(false);
+        };
+        if group.flushing {
+            return Ok(false);
+        }
+        let Some(mut db) = try_write(&self.db) else {
+            return Ok(false);
+        };
+        // No reader holds the database: nothing reads the failed batch or a kept snapshot.
+        // The batch's commits that returned are in the write-ahead file.
+        drop(batch.take());
+        self.unsettled.store(false, Ordering::SeqCst);
+        self.snapshots.writer_locked();
+        // redb closes it, writing nothing after an I/O failure.
+        drop(db.take());
+        let fresh = Store::database(&self.backend, &self.options)?;
+        let loaded = Store::load(&fresh, self.wal.as_deref(), &self.options)?;
+        if loaded.replica != self.replica {
+            return Err(corrupt(format!(
+                "reopened as replica {}, not {}",
+                loaded.replica, self.replica
+            )));
+        }
+        *db = Some(fresh);
+        *writer = loaded.writer;
+        *visible = loaded.visible;
+        *names = loaded.interner;
+        *schemas = loaded.schemas;
+        *tail = wal::Tail::new(loaded.wal_seq);
+        *failed = false;
+        *group = GroupCommit::after_load(self.wal.is_some(), loaded.wal_seq);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.poisoned.store(false, Ordering::SeqCst);
+        self.snapshots.writer_released();
+        drop((
+            db, writer, batch, group, failed, tail, visible, names, schemas,
+        ));
+        // Waiters of the generation before learn that it is gone.
+        self.group_done.notify_all();
+        self.batch_back.notify_all();
+        Ok(true)
+    }
+
+    /// Refuses a poisoned store's writes, unless its recovery is due and succeeds now.
     fn check_poisoned(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::SeqCst) {
+        if self.poisoned.load(Ordering::SeqCst) && !self.try_recover() {
             Err(Error::Poisoned)
         } else {
             Ok(())
@@ -1562,26 +1927,39 @@ impl Store {
     }
 
     /// Poisons the store if a write failed in storage: after a failed fsync nothing on disk
-    /// can be trusted until the file is reopened.
+    /// can be trusted until the database is opened again.
     fn finish<T>(&self, r: Result<T>) -> Result<T> {
-        if let Err(Error::Storage(_)) = &r {
-            self.poisoned.store(true, Ordering::SeqCst);
+        if let Err(e @ Error::Storage(_)) = &r {
+            self.poison(e);
         }
         r
+    }
+
+    /// The database, for a transaction: hold the guard for as long as the transaction (see
+    /// the `db` field). `Poisoned` while a recovery has not opened it again.
+    pub(crate) fn db(&self) -> Result<DbGuard<'_>> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        if db.is_none() {
+            return Err(Error::Poisoned);
+        }
+        Ok(DbGuard(db))
     }
 
     /// The `objects` table as of now: the kept snapshot, or a new one (see `snapshot.rs`).
     fn snapshot(&self) -> Result<Arc<Snapshot>> {
         self.settle()?;
         self.snapshots
-            .current(|| Ok(self.db.begin_read()?.open_table(OBJECTS)?))
+            .current(|| Ok(self.db()?.begin_read()?.open_table(OBJECTS)?))
     }
 
     /// An object's row as of now, with its collection's id.
-    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(Row, u32)>> {
+    fn read_row(&self, coll: &str, pk: &Pk) -> Result<Option<(Row<'_>, u32)>> {
         let Some(cid) = self.names().by_name.get(coll).copied() else {
             return Ok(None);
         };
+        // Settled (and recovered, if it is due) before the database is held.
+        self.settle()?;
+        let db = self.db()?;
         let snapshot = self.snapshot()?;
         let guard = snapshot.objects.get(object_key(cid, pk).as_slice())?;
         Ok(guard.map(|guard| {
@@ -1589,6 +1967,7 @@ impl Store {
                 Row {
                     guard,
                     _snapshot: snapshot,
+                    _db: db,
                 },
                 cid,
             )
@@ -1612,7 +1991,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let fields = crate::row::decode_live(row.value(), |id, value| {
             Ok((view.name(id)?.to_owned(), value))
@@ -1659,7 +2038,7 @@ impl Store {
         // A counter or text: the value its parts make, stamped by the newest part.
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut parts = BTreeMap::new();
         let mut newest = None;
@@ -1686,9 +2065,10 @@ impl Store {
         };
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
-        let rtx = self.db.begin_read()?;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
         let table = rtx.open_table(OBJECTS)?;
         let lo = cid.to_be_bytes();
         let hi = (u64::from(cid) + 1).to_be_bytes();
@@ -1752,7 +2132,7 @@ impl Store {
             txn: None,
             pending: BTreeMap::new(),
             objects: None,
-            new_names: Vec::new(),
+            new_names: NewNames::default(),
             durability: self.options.durability,
             raw_used: false,
             collection_checked: None,
@@ -1802,12 +2182,13 @@ impl Store {
         mut f: impl FnMut(&NameView<'_>, LogEntry<u32>) -> Result<T>,
     ) -> Result<Vec<T>> {
         self.settle()?;
-        let rtx = self.db.begin_read()?;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
         let table = rtx.open_table(LOG)?;
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut out = Vec::new();
         let mut read = 0usize;
@@ -1855,7 +2236,7 @@ impl Store {
             return Ok(());
         }
         let pos = pos.min(w.log_next - 1);
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         // Nor is it in the write-ahead file: no record depends on this row (records put
         // `meta` rows whole) or on the entries it prunes (a record carries its own entry,
         // numbered after them), so a replay over a store that lost it is the same replay.
@@ -1913,7 +2294,7 @@ impl Store {
         self.check_poisoned()?;
         let w = self.lock_writer()?;
         let upto = upto.min(w.last_sync);
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let mut removed = 0;
         {
             let mut log = txn.open_table(LOG)?;
@@ -1986,9 +2367,13 @@ impl Store {
     }
 
     /// A read snapshot, for modules that keep their own tables in this database.
-    pub(crate) fn read_txn(&self) -> Result<redb::ReadTransaction> {
+    pub(crate) fn read_txn(&self) -> Result<ReadTxn<'_>> {
         self.settle()?;
-        Ok(self.db.begin_read()?)
+        let db = self.db()?;
+        Ok(ReadTxn {
+            txn: db.begin_read()?,
+            _db: db,
+        })
     }
 }
 
@@ -2088,6 +2473,14 @@ impl Before {
 /// Fields (by name id) and their values, all written at one stamp: a write-ahead patch.
 type StampedFields = (Stamp, Vec<(u32, Value)>);
 
+/// A pending object's remote writes, taken out as `(field, stamp, value)`, by field.
+fn take_remote(remote: &mut BTreeMap<u32, (Stamp, Value)>) -> Vec<(u32, Stamp, Value)> {
+    std::mem::take(remote)
+        .into_iter()
+        .map(|(f, (s, v))| (f, s, v))
+        .collect()
+}
+
 impl Pending {
     /// The state after what was merged so far (taken out of `after`, or copied from the
     /// row as read), to merge more into.
@@ -2105,9 +2498,7 @@ impl Pending {
             return Ok(());
         }
         let mut state = self.take_state()?;
-        for (f, s, v) in self.remote.drain(..) {
-            state.apply_field(f, s, v);
-        }
+        state.apply_fields(take_remote(&mut self.remote));
         self.after = Some(state);
         Ok(())
     }
@@ -2122,10 +2513,10 @@ struct Pending {
     op: Option<NetOp>,
     /// The state after merging remote writes in this transaction (local calls apply on top).
     after: Option<ObjectState<u32>>,
-    /// Remote field writes that won against a live row, not yet applied: `(field, stamp,
-    /// value)` sorted by field, one per field. Kept apart so commit can patch the row's
-    /// bytes; only while `op` and `after` are `None` ([`Pending::settle`] folds them in).
-    remote: Vec<(u32, Stamp, Value)>,
+    /// Remote field writes that won against a live row, not yet applied: field → `(stamp,
+    /// value)`. Kept apart so commit can patch the row's bytes; only while `op` and `after`
+    /// are `None` ([`Pending::settle`] folds them in).
+    remote: BTreeMap<u32, (Stamp, Value)>,
     /// Remove the row instead of writing it (the object left this client's view).
     purge: bool,
 }
@@ -2142,7 +2533,7 @@ pub struct WriteTx<'s> {
     pending: BTreeMap<Vec<u8>, Pending>,
     /// The `objects` table as of the transaction's start, for reads.
     objects: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    new_names: Vec<String>,
+    new_names: NewNames,
     durability: Durability,
     /// Another module wrote its own tables through [`WriteTx::raw`]; commit even if no
     /// object changed.
@@ -2185,7 +2576,7 @@ impl<'s> WriteTx<'s> {
             let r = self.store.close_batch();
             self.store.finish(r)?;
             self.objects = None;
-            self.txn = Some(self.store.db.begin_write()?);
+            self.txn = Some(self.store.db()?.begin_write()?);
         }
         match &self.txn {
             Some(txn) => Ok(txn),
@@ -2218,7 +2609,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         // A name already interned was checked when it was, as a field's or a collection's
         // (they share the table, and a field's may not do for a collection: those are
@@ -2238,7 +2629,7 @@ impl<'s> WriteTx<'s> {
         let id = u32::try_from(names.by_id.len() + self.new_names.len())
             .map_err(|_| corrupt("name table full"))?;
         drop(names);
-        self.new_names.push(name.to_owned());
+        self.new_names.push(name);
         Ok(id)
     }
 
@@ -2280,7 +2671,7 @@ impl<'s> WriteTx<'s> {
                 Some(before) => before,
                 None => {
                     if self.objects.is_none() {
-                        self.objects = Some(self.store.db.begin_read()?.open_table(OBJECTS)?);
+                        self.objects = Some(self.store.db()?.begin_read()?.open_table(OBJECTS)?);
                     }
                     match &self.objects {
                         Some(table) => table
@@ -2298,7 +2689,7 @@ impl<'s> WriteTx<'s> {
                     before,
                     op: None,
                     after: None,
-                    remote: Vec::new(),
+                    remote: BTreeMap::new(),
                     purge: false,
                 },
             );
@@ -2330,7 +2721,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         let state = match (&p.after, &p.before) {
             (Some(after), _) => Some(after),
@@ -2671,20 +3062,15 @@ impl<'s> WriteTx<'s> {
             if let Some(parsed) = row::parse(&before.row)?.filter(row::Parsed::is_live) {
                 let floor = parsed.floor();
                 for (fw, &id) in fields.iter().zip(&field_ids) {
-                    let at = p.remote.binary_search_by_key(&id, |(f, _, _)| *f);
-                    let current = match at {
-                        Ok(i) => Some(p.remote[i].1),
-                        Err(_) => parsed.field_stamp(id),
+                    let current = match p.remote.get(&id) {
+                        Some((s, _)) => Some(*s),
+                        None => parsed.field_stamp(id),
                     };
                     if stamp < floor || current.is_some_and(|c| c >= stamp) {
                         report.stale += 1;
                         continue;
                     }
-                    let write = (id, stamp, fw.value.clone());
-                    match at {
-                        Ok(i) => p.remote[i] = write,
-                        Err(i) => p.remote.insert(i, write),
-                    }
+                    p.remote.insert(id, (stamp, fw.value.clone()));
                     report.applied += 1;
                 }
                 return Ok(());
@@ -2696,20 +3082,23 @@ impl<'s> WriteTx<'s> {
             Outcome::Applied => report.applied += 1,
             Outcome::Stale => report.stale += 1,
         };
-        match &w.op {
+        let values: Vec<&Value> = match &w.op {
             Op::Insert { fields } => {
                 count(state.apply_exists(stamp, true));
-                for ((_, v), id) in fields.iter().zip(&field_ids) {
-                    count(state.apply_field(*id, stamp, v.clone()));
-                }
+                fields.iter().map(|(_, v)| v).collect()
             }
-            Op::Update { fields } => {
-                for (fw, id) in fields.iter().zip(&field_ids) {
-                    count(state.apply_field(*id, stamp, fw.value.clone()));
-                }
+            Op::Update { fields } => fields.iter().map(|fw| &fw.value).collect(),
+            Op::Delete { .. } => {
+                count(state.apply_exists(stamp, false));
+                Vec::new()
             }
-            Op::Delete { .. } => count(state.apply_exists(stamp, false)),
-        }
+        };
+        let writes = field_ids
+            .into_iter()
+            .zip(values)
+            .map(|(id, v)| (id, stamp, v.clone()))
+            .collect();
+        state.apply_fields(writes).into_iter().for_each(count);
         p.after = Some(state);
         Ok(())
     }
@@ -2729,22 +3118,33 @@ impl<'s> WriteTx<'s> {
                     joined = Some(b.members);
                     b.txn
                 }
-                (None, None) => OpenTxn::open(store.db.begin_write()?)?,
+                (None, None) => OpenTxn::open(store.db()?.begin_write()?)?,
                 (Some(txn), Some(b)) => {
                     // `raw` commits any open batch before it begins its own transaction.
-                    store.abandon_batch();
+                    store.abandon_batch(&"two write transactions");
                     drop((txn, b.txn));
                     return Err(corrupt("two write transactions"));
                 }
             };
             // What fails from here until this transaction is in the batch fails the batch
-            // (its transaction is dropped; its members' records are replayed on reopen).
+            // (its transaction is dropped; its members' records are replayed by the recovery).
             let mut taken = JoinedBatch {
                 store,
                 taken: joined.is_some(),
             };
-            let Some(mut p) = txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables))?
-            else {
+            let prepared = match txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables)) {
+                Ok(prepared) => prepared,
+                // Refused before anything was written: the batch goes on as it was.
+                Err(e @ Error::TooManyFields { .. }) => {
+                    if let Some(members) = joined {
+                        taken.taken = false;
+                        store.put_back_batch(Batch { txn, members });
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(mut p) = prepared else {
                 // Nothing written: the batch goes on as it was.
                 if let Some(members) = joined {
                     taken.taken = false;
@@ -2781,7 +3181,7 @@ impl<'s> WriteTx<'s> {
                 writer.wal_seq += 1;
                 let record_len = record.len();
                 lock(&store.wal_tail).push(at, record, writer.wal_seq);
-                store.add_names(new_names);
+                store.add_names(new_names.by_pos);
                 writer.apply(p.digest, p.counts, p.committed.seq);
                 let mut members = joined.unwrap_or_else(|| Members {
                     count: 0,
@@ -2795,6 +3195,7 @@ impl<'s> WriteTx<'s> {
                 members.head = p.head.take();
                 members.visible = writer.visible();
                 let seq = writer.wal_seq;
+                let generation = store.generation.load(Ordering::SeqCst);
                 taken.taken = false;
                 store.put_back_batch(Batch { txn, members });
                 if full || writer.wal_at >= store.options.checkpoint_bytes {
@@ -2810,9 +3211,9 @@ impl<'s> WriteTx<'s> {
                 // process that dies keeps it; a machine that does may not). Either way the
                 // batch stays open: the next reader commits it.
                 if durability == Durability::Immediate {
-                    store.wait_durable(seq)?;
+                    store.wait_durable(seq, generation)?;
                 } else {
-                    store.write_tail(wal.as_ref())?;
+                    store.write_tail(wal.as_ref(), generation)?;
                 }
                 return Ok(p.committed);
             }
@@ -2835,12 +3236,14 @@ impl<'s> WriteTx<'s> {
             } else {
                 redb::Durability::None
             })?;
-            store.add_names(new_names);
+            store.add_names(new_names.by_pos);
             if let Err(e) = txn.commit() {
-                // Its names are in memory: nothing more may commit before a reopen.
-                store.poisoned.store(true, Ordering::SeqCst);
-                return Err(e.into());
+                // Its names are in memory: nothing more may commit before a recovery.
+                let e = Error::from(e);
+                store.poison(&e);
+                return Err(e);
             }
+            let generation = store.generation.load(Ordering::SeqCst);
             let number = {
                 let mut g = lock(&store.group);
                 g.committed += 1;
@@ -2861,7 +3264,7 @@ impl<'s> WriteTx<'s> {
             }
             drop(writer);
             if matches!(mode, Mode::Grouped) {
-                store.wait_durable(number)?;
+                store.wait_durable(number, generation)?;
             }
             Ok(p.committed)
         })();
@@ -2906,7 +3309,7 @@ impl<'s> WriteTx<'s> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         let mut writes: Vec<Write<u32>> = Vec::new();
         // The writes the record replays as patches from the log entry (`Redo::LogPatches`).
@@ -2917,6 +3320,8 @@ impl<'s> WriteTx<'s> {
             let objects = &mut tables.objects;
             // New objects' rows, in key order, inserted together once the loop is done.
             let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            // The other objects' rows (`None`: removed), written once the loop is done.
+            let mut rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
             for (key, p) in &mut self.pending {
                 if p.op.is_none() && p.after.is_none() && p.remote.is_empty() {
                     continue;
@@ -2942,15 +3347,20 @@ impl<'s> WriteTx<'s> {
                 // not the row (none for a local update: the log entry has them).
                 let mut patch: Option<Vec<StampedFields>> = None;
                 let mut op = p.op.take();
+                // Fields the row held and holds after: for the cap on fields per object.
+                let mut width = (0, 0);
                 let fast = match (&parsed, &mut op) {
                     (Some(parsed), None) => {
-                        let remote = std::mem::take(&mut p.remote);
+                        let remote = take_remote(&mut p.remote);
                         let sets: Vec<(u32, Stamp, &Value)> =
                             remote.iter().map(|(f, s, v)| (*f, *s, v)).collect();
-                        let (row, applied) = parsed.patch(&sets);
+                        let patched = parsed.patch(&sets);
                         drop(sets);
+                        width = (parsed.field_count(), patched.fields);
+                        // The record's patches by stamp, in the order first seen.
                         let mut by_stamp: Vec<StampedFields> = Vec::new();
-                        for ((id, s, value), applied) in remote.into_iter().zip(applied) {
+                        let mut stamp_at: HashMap<Stamp, usize> = HashMap::new();
+                        for ((id, s, value), applied) in remote.into_iter().zip(patched.applied) {
                             if !applied {
                                 continue;
                             }
@@ -2958,14 +3368,15 @@ impl<'s> WriteTx<'s> {
                             let term = (coll, &p.pk, view.name(id)?);
                             replace_term(&mut digest, term, old.as_ref(), (s, &value));
                             if redo.is_some() {
-                                match by_stamp.iter_mut().find(|(st, _)| *st == s) {
-                                    Some((_, fields)) => fields.push((id, value)),
-                                    None => by_stamp.push((s, vec![(id, value)])),
-                                }
+                                let at = *stamp_at.entry(s).or_insert_with(|| {
+                                    by_stamp.push((s, Vec::new()));
+                                    by_stamp.len() - 1
+                                });
+                                by_stamp[at].1.push((id, value));
                             }
                         }
                         patch = Some(by_stamp);
-                        Some(row)
+                        Some(patched.row)
                     }
                     (Some(parsed), Some(NetOp::Update(fields))) => {
                         let fields = std::mem::take(fields);
@@ -2979,11 +3390,12 @@ impl<'s> WriteTx<'s> {
                             .zip(fields.values())
                             .map(|(id, v)| (id, stamp, v))
                             .collect();
-                        let (row, applied) = parsed.patch(&sets);
+                        let patched = parsed.patch(&sets);
                         drop(sets);
+                        width = (parsed.field_count(), patched.fields);
                         let mut logged = Vec::with_capacity(fields.len());
                         for (((name, value), id), applied) in
-                            fields.into_iter().zip(ids).zip(applied)
+                            fields.into_iter().zip(ids).zip(patched.applied)
                         {
                             let old = parsed.field(id)?;
                             if applied {
@@ -3006,7 +3418,7 @@ impl<'s> WriteTx<'s> {
                             op: Op::Update { fields: logged },
                         });
                         patch = Some(Vec::new());
-                        Some(row)
+                        Some(patched.row)
                     }
                     _ => None,
                 };
@@ -3021,57 +3433,18 @@ impl<'s> WriteTx<'s> {
                             .or_else(|| before.clone())
                             .unwrap_or_default();
                         // Remote writes the fast path did not take (the row did not parse).
-                        for (f, s, v) in p.remote.drain(..) {
-                            state.apply_field(f, s, v);
+                        state.apply_fields(take_remote(&mut p.remote));
+                        if let Some(write) = apply_local(&view, &mut state, op, stamp)? {
+                            writes.push(Write {
+                                collection: p.coll,
+                                pk: p.pk.clone(),
+                                op: write,
+                            });
                         }
-                        match op {
-                            None => {}
-                            Some(NetOp::Insert(fields)) => {
-                                state.apply_exists(stamp, true);
-                                let mut logged = Vec::with_capacity(fields.len());
-                                for (name, value) in fields {
-                                    let id = view
-                                        .id(&name)
-                                        .ok_or_else(|| corrupt("uninterned field"))?;
-                                    state.apply_field(id, stamp, value.clone());
-                                    logged.push((id, value));
-                                }
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Insert { fields: logged },
-                                });
-                            }
-                            Some(NetOp::Update(fields)) => {
-                                let mut logged = Vec::with_capacity(fields.len());
-                                for (name, value) in fields {
-                                    let id = view
-                                        .id(&name)
-                                        .ok_or_else(|| corrupt("uninterned field"))?;
-                                    let base = state.field(id).map(|(s, _)| s);
-                                    state.apply_field(id, stamp, value.clone());
-                                    logged.push(FieldWrite {
-                                        field: id,
-                                        value,
-                                        base,
-                                    });
-                                }
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Update { fields: logged },
-                                });
-                            }
-                            Some(NetOp::Delete) => {
-                                let base = state.max_stamp();
-                                state.apply_exists(stamp, false);
-                                writes.push(Write {
-                                    collection: p.coll,
-                                    pk: p.pk.clone(),
-                                    op: Op::Delete { base },
-                                });
-                            }
-                        }
+                        width = (
+                            before.as_ref().map_or(0, |b| b.fields.len()),
+                            state.fields.len(),
+                        );
                         if before.as_ref() == Some(&state) {
                             continue;
                         }
@@ -3083,16 +3456,10 @@ impl<'s> WriteTx<'s> {
                         encode_state(&state)?
                     }
                 };
-                let row = if p.purge {
-                    objects.remove(key.as_slice())?;
-                    None
-                } else if absent {
-                    fresh.push((key.clone(), new_row.clone()));
-                    Some(new_row)
-                } else {
-                    objects.insert(key.as_slice(), new_row.as_slice())?;
-                    Some(new_row)
-                };
+                if !p.purge {
+                    check_width(self.store.options.fields_per_object_max, coll, &p.pk, width)?;
+                }
+                let row = (!p.purge).then_some(new_row);
                 if let Some(r) = &mut redo {
                     match patch {
                         Some(by_stamp) => {
@@ -3111,13 +3478,25 @@ impl<'s> WriteTx<'s> {
                             let n = (key.len() + row.as_ref().map_or(0, Vec::len)) as u64;
                             record_bytes += n;
                             row_bytes += n;
-                            r.push(Redo::Object(key.clone(), row));
+                            r.push(Redo::Object(key.clone(), row.clone()));
                         }
                     }
                     if record_bytes > record_max || row_bytes > rows_max {
                         redo = None;
                     }
                 }
+                match row {
+                    Some(row) if absent => fresh.push((key.clone(), row)),
+                    row => rows.push((key.clone(), row)),
+                }
+            }
+            // Nothing is written before every object has passed its checks: a transaction
+            // refused here ([`Error::TooManyFields`]) leaves the batch it joined as it was.
+            for (key, row) in &rows {
+                match row {
+                    Some(row) => objects.insert(key.as_slice(), row.as_slice())?,
+                    None => objects.remove(key.as_slice())?,
+                };
             }
             insert_fresh(objects, &fresh)?;
         }
@@ -3157,7 +3536,7 @@ impl<'s> WriteTx<'s> {
         }
         if !self.new_names.is_empty() {
             let mut table = txn.open_table(NAMES)?;
-            for (i, n) in self.new_names.iter().enumerate() {
+            for (i, n) in self.new_names.by_pos.iter().enumerate() {
                 let id = (names.by_id.len() + i) as u32;
                 table.insert(id, n.as_str())?;
                 if let Some(redo) = &mut redo {
@@ -3221,6 +3600,63 @@ impl<'s> WriteTx<'s> {
             head,
         }))
     }
+}
+
+/// Applies a transaction's local call on one object (its net effect) to the object's state
+/// at the transaction's stamp, and returns the write its log entry records.
+fn apply_local(
+    view: &NameView<'_>,
+    state: &mut ObjectState<u32>,
+    op: Option<NetOp>,
+    stamp: Stamp,
+) -> Result<Option<Op<u32>>> {
+    let id = |name: &str| view.id(name).ok_or_else(|| corrupt("uninterned field"));
+    Ok(Some(match op {
+        None => return Ok(None),
+        Some(NetOp::Insert(fields)) => {
+            state.apply_exists(stamp, true);
+            let logged = fields
+                .into_iter()
+                .map(|(name, value)| Ok((id(&name)?, value)))
+                .collect::<Result<Vec<_>>>()?;
+            let sets = logged.iter().map(|(f, v)| (*f, stamp, v.clone()));
+            state.apply_fields(sets.collect());
+            Op::Insert { fields: logged }
+        }
+        Some(NetOp::Update(fields)) => {
+            // One write per field: each base is the field's stamp before this transaction.
+            let logged = fields
+                .into_iter()
+                .map(|(name, value)| {
+                    let field = id(&name)?;
+                    let base = state.field(field).map(|(s, _)| s);
+                    Ok(FieldWrite { field, value, base })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sets = logged.iter().map(|w| (w.field, stamp, w.value.clone()));
+            state.apply_fields(sets.collect());
+            Op::Update { fields: logged }
+        }
+        Some(NetOp::Delete) => {
+            let base = state.max_stamp();
+            state.apply_exists(stamp, false);
+            Op::Delete { base }
+        }
+    }))
+}
+
+/// Refuses a row that would hold more than `max` fields, unless it held as many before
+/// (an object from before the limit, or a lower one, stays writable).
+fn check_width(max: usize, coll: &str, pk: &Pk, (before, after): (usize, usize)) -> Result<()> {
+    if after > max && after > before {
+        return Err(Error::TooManyFields {
+            collection: coll.to_owned(),
+            pk: pk.clone(),
+            fields: after,
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// How a transaction that is not recorded in the write-ahead file reaches the disk.
@@ -3374,7 +3810,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let mut fields = state
             .fields
@@ -3483,7 +3919,8 @@ impl Store {
     /// The marker of a reset under way.
     pub(crate) fn reset_marker(&self) -> Result<Option<ResetMarker>> {
         self.settle()?;
-        let rtx = self.db.begin_read()?;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
         let meta = rtx.open_table(META)?;
         let m = meta.get(META_RESET)?;
         m.map(|v| {
@@ -3496,7 +3933,7 @@ impl Store {
     pub(crate) fn set_reset_marker(&self, marker: Option<&ResetMarker>) -> Result<()> {
         self.check_poisoned()?;
         let _w = self.lock_writer()?;
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             match marker {
@@ -3542,12 +3979,13 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<ObjectSnapshot>, Option<Vec<u8>>)> {
         self.settle()?;
-        let rtx = self.db.begin_read()?;
+        let db = self.db()?;
+        let rtx = db.begin_read()?;
         let table = rtx.open_table(OBJECTS)?;
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &[],
+            new: None,
         };
         let range = match after {
             Some(k) => {
@@ -3630,7 +4068,7 @@ impl Store {
         let names = self.names();
         let view = NameView {
             base: &names,
-            new: &tx.new_names,
+            new: Some(&tx.new_names),
         };
         let txn = tx.txn_ref()?;
         let mut table = txn.open_table(STAGING)?;
@@ -3771,7 +4209,7 @@ impl Store {
             let names = self.names();
             let view = NameView {
                 base: &names,
-                new: &tx.new_names,
+                new: Some(&tx.new_names),
             };
             let mut staging = tx.txn_ref()?.open_table(STAGING)?;
             let smeta = tx.txn_ref()?.open_table(STAGING_META)?;
@@ -3822,7 +4260,7 @@ impl Store {
             let names = self.names();
             let view = NameView {
                 base: &names,
-                new: &tx.new_names,
+                new: Some(&tx.new_names),
             };
             // When recovering, most unsynced writes usually are: one allocation for them.
             if discard.is_none() {
@@ -3939,7 +4377,7 @@ impl Store {
     fn drop_replaced(&self) -> Result<()> {
         self.check_poisoned()?;
         let _w = self.lock_writer()?;
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.delete_table(REPLACED)?;
         self.finish(txn.commit().map_err(Error::from))
     }
@@ -4248,7 +4686,7 @@ mod tests {
         }
         assert_eq!(store.count("T").expect("count"), objects);
         store.checkpoint().expect("checkpoint");
-        let txn = store.db.begin_write().expect("txn");
+        let txn = store.db().expect("db").begin_write().expect("txn");
         let leaves = txn
             .open_table(OBJECTS)
             .expect("objects")
@@ -4307,7 +4745,7 @@ mod tests {
         // Object 1's writes are already in its staged row; object 2's wait for its chunk.
         assert_eq!(plan.by_key.len(), 1, "{plan:?}");
         let staged = {
-            let rtx = store.db.begin_read().expect("read");
+            let rtx = store.db().expect("db").begin_read().expect("read");
             let t = rtx.open_table(STAGING).expect("staging");
             let row = t
                 .get(object_key(store.names().by_name["T"], &Pk::Int(1)).as_slice())

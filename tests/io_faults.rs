@@ -133,6 +133,9 @@ const WORKLOAD: [Step; 15] = [
 fn options(time: &ManualTimeSource) -> Options {
     Options {
         time: Arc::new(time.clone()),
+        // These runs check that a poisoned store stays so until it is reopened; recovery
+        // by itself has its own test below.
+        recover_after: None,
         ..Options::default()
     }
 }
@@ -797,4 +800,194 @@ fn every_fault_while_closing_is_reported() {
         }
     }
     assert!(reported > 0, "no fault was injected");
+}
+
+/// What one run of [`recovery_run`] saw.
+#[derive(Default, Debug)]
+struct Recovered {
+    /// Runs in which the store was poisoned and then took writes again without a reopen.
+    recovered: u64,
+    /// Commits that returned an error and were found applied after all (an fsync that
+    /// failed after the bytes reached the disk): allowed, counted.
+    errored_but_applied: u64,
+    /// Deferred commits of a store without a write-ahead file, acknowledged before the
+    /// failure with no durable commit after them, lost in the recovery as in a restart.
+    deferred_lost: u64,
+}
+
+/// One run of the recovery workload with the `at`-th operation of the faulty disk failing
+/// from then on, until the disk is mended after the first failure and three more
+/// commits. Returns whether a fault was injected.
+fn recovery_run(target: Target, at: u64, seen: &mut Recovered) -> bool {
+    let label = format!("{target:?} k={at}");
+    let disks = Disks::new(target.files);
+    let time = ManualTimeSource::new(T0_MS);
+    let after = std::time::Duration::from_secs(1);
+    let opened = match &disks.wal {
+        Some(wal) => Store::open_backend_with_wal(
+            disks.db.backend(),
+            wal.backend(),
+            Options {
+                checkpoint_bytes: CHECKPOINT_BYTES,
+                recover_after: Some(after),
+                ..options(&time)
+            },
+        ),
+        None => Store::open_backend(
+            disks.db.backend(),
+            Options {
+                recover_after: Some(after),
+                ..options(&time)
+            },
+        ),
+    };
+    let store = opened.expect("open");
+    let faulty = if target.wal {
+        disks.wal.as_ref().expect("a write-ahead file")
+    } else {
+        &disks.db
+    };
+    faulty.set_fault(Some(FaultPlan { at, forever: true }));
+    let (mut acked, mut errored) = (Vec::new(), Vec::new());
+    let mut failing_since: Option<usize> = None;
+    let mut poisoned = false;
+    // Past the workload, the disk is mended and one more commit made (it must succeed).
+    for i in 0..19i64 {
+        let mend = failing_since.is_some_and(|f| i as usize == (f + 3).min(18));
+        if i >= 16 && !mend && failing_since.is_none_or(|f| f + 3 < 16) {
+            break;
+        }
+        if mend {
+            // The disk works again; the store recovers on the first call after its wait.
+            faulty.set_fault(None);
+            time.advance(after.as_millis() as u64);
+        }
+        let durability = if i % 3 == 2 {
+            Durability::Deferred
+        } else {
+            Durability::Immediate
+        };
+        let r = (|| {
+            let mut tx = store.begin()?;
+            tx.set_durability(durability);
+            tx.insert(
+                "R",
+                i,
+                [("n", Value::from(i)), ("pad", Value::from("r".repeat(900)))],
+            )?;
+            if i % 5 == 4 {
+                tx.insert("R", 1000 + i, [("big", "b".repeat(32 << 10))])?;
+            }
+            tx.commit()
+        })();
+        time.advance(1);
+        match r {
+            Ok(_) => acked.push((i, durability)),
+            Err(e) => {
+                assert!(typed(&e), "{label}: commit {i} failed untyped: {e:?}");
+                assert!(
+                    failing_since.is_none_or(|f| i as usize <= f + 2),
+                    "{label}: commit {i} failed after the disk was mended: {e:?}"
+                );
+                poisoned |= matches!(e, Error::Poisoned);
+                failing_since.get_or_insert(i as usize);
+                errored.push(i);
+            }
+        }
+    }
+    if poisoned {
+        seen.recovered += 1;
+    }
+    // Every acknowledged commit is there; no failed one is, unless its bytes made it.
+    let present: Vec<i64> = store
+        .scan("R")
+        .expect("scan")
+        .iter()
+        .filter_map(|o| match o.pk {
+            fieldlog::Pk::Int(pk) if pk < 1000 => Some(pk),
+            _ => None,
+        })
+        .collect();
+    let failed_at = failing_since.map_or(i64::MAX, |f| f as i64);
+    for &(i, durability) in &acked {
+        if present.contains(&i) {
+            continue;
+        }
+        // Without a write-ahead file, a deferred commit is durable with the next durable
+        // one; a recovery, like a restart, loses it if none came before the failure.
+        let made_durable = acked
+            .iter()
+            .any(|&(j, d)| j > i && j < failed_at && d == Durability::Immediate);
+        if target.files == Files::Db && durability == Durability::Deferred && !made_durable {
+            seen.deferred_lost += 1;
+            continue;
+        }
+        panic!("{label}: acknowledged commit {i} ({durability:?}) lost (present {present:?})");
+    }
+    for i in &present {
+        let acknowledged = acked.iter().any(|(j, _)| j == i);
+        assert!(
+            acknowledged || errored.contains(i),
+            "{label}: {i} never written"
+        );
+        if errored.contains(i) {
+            seen.errored_but_applied += 1;
+        }
+    }
+    assert!(store.verify_digest().expect("verify"), "{label}: digest");
+    // Past the last fault point, the workload ran without one: the close must not fail.
+    let injected = !disks.injected().is_empty();
+    faulty.set_fault(None);
+    store.close().expect("close");
+    // A power cut now: the durable images hold the same.
+    disks.crash();
+    let reopened = disks.durable().open(&time).expect("reopen");
+    let after_cut: Vec<i64> = reopened
+        .scan("R")
+        .expect("scan")
+        .iter()
+        .filter_map(|o| match o.pk {
+            fieldlog::Pk::Int(pk) if pk < 1000 => Some(pk),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(after_cut, present, "{label}: after a power cut");
+    injected
+}
+
+/// A store whose disk fails (every operation from the k-th on, for every k of a workload of
+/// immediate and deferred commits, some large enough to be redb commits, on the database's
+/// disk or the write-ahead file's) and then works again recovers by itself: once
+/// `Options::recover_after` has passed, the next call opens the database again and replays
+/// the write-ahead file, and every commit after that succeeds. Every commit that returned
+/// `Ok` is there after the recovery and after a power cut; no failed commit is, unless its
+/// bytes reached the disk before the error.
+#[test]
+fn a_poisoned_store_recovers_by_itself_and_keeps_every_acknowledged_commit() {
+    for target in [
+        Target {
+            files: Files::Db,
+            wal: false,
+        },
+        Target {
+            files: Files::DbWal,
+            wal: false,
+        },
+        Target {
+            files: Files::DbWal,
+            wal: true,
+        },
+    ] {
+        let mut seen = Recovered::default();
+        let mut points = 0;
+        for k in 1.. {
+            points += 1;
+            if !recovery_run(target, k, &mut seen) {
+                break;
+            }
+            assert!(k < 100_000, "the workload never completes");
+        }
+        println!("recovery: {target:?} points={points} {seen:?}");
+        assert!(seen.recovered > 0, "{target:?}: no run was poisoned");
+    }
 }

@@ -38,6 +38,7 @@ pub fn check(data: &[u8]) {
                             | Error::BadName { .. }
                             | Error::BadPk { .. }
                             | Error::ValueTooLarge { .. }
+                            | Error::TooManyFields { .. }
                     ),
                     "import refused with an unexpected error: {e:?}"
                 );

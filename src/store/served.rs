@@ -103,7 +103,7 @@ impl WriteTx<'_> {
         let names = self.store.names();
         let view = NameView {
             base: &names,
-            new: &self.new_names,
+            new: Some(&self.new_names),
         };
         let mut out = Vec::new();
         for (key, p) in &self.pending {

@@ -83,7 +83,10 @@ impl SyncError {
     pub fn is_transient(&self) -> bool {
         match self {
             SyncError::Server { code, .. } => code.is_transient(),
-            SyncError::Store(Error::Storage(_)) | SyncError::Io(_) | SyncError::Protocol(_) => true,
+            // A poisoned store recovers by itself (`Options::recover_after`).
+            SyncError::Store(Error::Storage(_) | Error::Poisoned)
+            | SyncError::Io(_)
+            | SyncError::Protocol(_) => true,
             SyncError::Store(_) => false,
             SyncError::CompensatingWrite { .. }
             | SyncError::UploadStuck { .. }

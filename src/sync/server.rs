@@ -8,7 +8,7 @@
 //! transaction, so a repeated, overlapping or replayed upload is applied once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -247,6 +247,10 @@ pub struct SyncServer {
     /// has committed).
     last_conflict: AtomicU64,
     refusals: Refusals,
+    /// The store's recovery generation the two counters above were read at: a recovery
+    /// replays commits whose callers saw them fail (a sync that failed after the bytes
+    /// were written), so the counters are read again from the store after one.
+    generation: AtomicU64,
 }
 
 impl Drop for SyncServer {
@@ -287,6 +291,7 @@ impl SyncServer {
         tx.commit()?;
         store.set_served(true);
         Ok(SyncServer {
+            generation: AtomicU64::new(store.generation()),
             store,
             config,
             version: Mutex::new(version),
@@ -300,6 +305,30 @@ impl SyncServer {
         &self.config.limits
     }
 
+    /// The server's version, with the counters read again from the store if it recovered
+    /// from a storage failure since they were read. Called with the version's lock held.
+    fn current(&self, version: &mut MutexGuard<'_, ServerVersion>) -> Result<()> {
+        let generation = self.store.generation();
+        if self.generation.load(Ordering::SeqCst) == generation {
+            return Ok(());
+        }
+        let rtx = self.store.read_txn()?;
+        let last = rtx.open_table(HISTORY)?.last()?.map(|(k, _)| k.value());
+        let horizon = rtx
+            .open_table(SERVER_META)?
+            .get(HORIZON)?
+            .map(|v| v.value());
+        let conflict = match rtx.open_table(CONFLICTS) {
+            Ok(t) => t.last()?.map_or(0, |(k, _)| k.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        **version = (**version).max(last.unwrap_or(0)).max(horizon.unwrap_or(0));
+        self.last_conflict.fetch_max(conflict, Ordering::SeqCst);
+        self.generation.store(generation, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The server's store, to read. While the server serves it, the store refuses writes
     /// made around the server ([`Error::ServedStore`]): they would never reach a client.
     /// Write with [`SyncServer::write`] and [`SyncServer::set_schema`].
@@ -309,7 +338,10 @@ impl SyncServer {
 
     /// The newest server version.
     pub fn version(&self) -> ServerVersion {
-        *self.version.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        // A store that cannot be read keeps the version known (uploads read it again).
+        let _ = self.current(&mut version);
+        *version
     }
 
     /// How many sessions and uploads the server has refused, by reason.
@@ -440,6 +472,7 @@ impl SyncServer {
     ) -> Result<(LogPos, ServerVersion, Vec<RefusedWrite>)> {
         let user = view.user().id.as_str();
         let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        self.current(&mut version)?;
         let mut record = self.client_record(client)?;
         let mut fresh = self.fresh_entries(client, record.uploaded, entries)?;
         let Some(last) = fresh.last().map(|e| e.seq) else {
@@ -664,6 +697,7 @@ impl SyncServer {
     /// upload, so every client receives it.
     pub fn write<R>(&self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<R>) -> Result<R> {
         let mut version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
+        self.current(&mut version)?;
         let next = Arc::new(AtomicU64::new(*version));
         let mut tx = self.store.begin()?;
         let r = f(&mut tx)?;
@@ -986,9 +1020,12 @@ impl ServerSession {
         match self.handle(msg, now_ms) {
             Ok(out) => out,
             Err(Error::BadChangeset { reason }) => self.fail(ErrorCode::BadChangeset, reason),
-            Err(e @ (Error::Schema { .. } | Error::ClockDrift { .. } | Error::BadName { .. })) => {
-                self.fail(ErrorCode::BadChangeset, e.to_string())
-            }
+            Err(
+                e @ (Error::Schema { .. }
+                | Error::ClockDrift { .. }
+                | Error::BadName { .. }
+                | Error::TooManyFields { .. }),
+            ) => self.fail(ErrorCode::BadChangeset, e.to_string()),
             Err(e) => self.fail(ErrorCode::Internal, e.to_string()),
         }
     }

@@ -1,0 +1,147 @@
+//! The cost of one object with many fields as the number of fields N grows: a local commit
+//! inserting it, its upload, a server-side update of every field, a local update of every
+//! field, their exchange (every field a conflict on the server), and one single-field
+//! update's round trip. Sans-IO (no sockets), files in a temporary directory, release build:
+//! `cargo run --release --example wide_object`. `WIDE_OBJECT_FIELDS=10000,20000` picks the
+//! sizes (default 10k to 160k, doubling); `WIDE_OBJECT_EXCHANGE=0` skips the local update
+//! and the exchange (the last step then also downloads the server's update). A cost linear in N doubles from one row to the
+//! next; a quadratic one quadruples.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fieldlog::sync::client::{ClientConfig, ClientSession};
+use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
+use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
+use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::{Options, Store, Value};
+
+type Error = Box<dyn std::error::Error>;
+
+fn pump(server: &mut ServerSession, client: &mut ClientSession) -> Result<(), Error> {
+    let (mut up, mut down): (Vec<ClientMsg>, Vec<ServerMsg>) = (Vec::new(), Vec::new());
+    loop {
+        while let Some(m) = client.poll_upload()? {
+            up.push(m);
+        }
+        down.extend(server.poll_download());
+        if up.is_empty() && down.is_empty() {
+            return Ok(());
+        }
+        for m in std::mem::take(&mut up) {
+            for reply in server.on_message(m, 0) {
+                if let ServerMsg::Error { code, message } = &reply {
+                    return Err(format!("server error {code:?}: {message}").into());
+                }
+                down.push(reply);
+            }
+        }
+        for m in std::mem::take(&mut down) {
+            up.extend(client.on_message(m)?);
+        }
+    }
+}
+
+/// Options that let an object hold every field the run writes.
+fn options(fields: usize) -> Options {
+    Options {
+        fields_per_object_max: fields.max(fieldlog::FIELDS_PER_OBJECT_MAX_DEFAULT),
+        ..Options::default()
+    }
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<Duration, Error> {
+    let started = Instant::now();
+    f()?;
+    Ok(started.elapsed())
+}
+
+/// One row of the table: the times of each step for an object of `n` fields.
+fn run(n: usize, exchange: bool, secret: &Secret, token: &str) -> Result<Vec<Duration>, Error> {
+    let dir = tempfile::tempdir()?;
+    let server_store = Arc::new(Store::open_with(
+        dir.path().join("server.redb"),
+        options(n),
+    )?);
+    let sync = Arc::new(SyncServer::open(
+        Arc::clone(&server_store),
+        ServerConfig::new(secret.clone()),
+    )?);
+    let store = Arc::new(Store::open_with(
+        dir.path().join("client.redb"),
+        options(n),
+    )?);
+    let mut server = sync.session();
+    let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token));
+    let hello = client.hello()?;
+    for m in server.on_message(hello, 0) {
+        for r in client.on_message(m)? {
+            server.on_message(r, 0);
+        }
+    }
+    pump(&mut server, &mut client)?;
+    // Names in creation order are not in name order ("f10" sorts before "f2").
+    let names: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
+    let fields = |v: i64| names.iter().map(move |f| (f.clone(), Value::Int(v)));
+    let mut times = Vec::new();
+    times.push(timed(|| {
+        store.write(|tx| tx.insert("Wide", 1, fields(0)))?;
+        Ok(())
+    })?);
+    times.push(timed(|| pump(&mut server, &mut client))?);
+    times.push(timed(|| {
+        sync.write(|tx| tx.update("Wide", 1, fields(1)))?;
+        Ok(())
+    })?);
+    if exchange {
+        times.push(timed(|| {
+            store.write(|tx| tx.update("Wide", 1, fields(2)))?;
+            Ok(())
+        })?);
+        times.push(timed(|| pump(&mut server, &mut client))?);
+    }
+    times.push(timed(|| {
+        store.write(|tx| tx.set("Wide", 1, "f0", 3))?;
+        pump(&mut server, &mut client)
+    })?);
+    if store.last_sync() != store.log_head() {
+        return Err("upload did not finish".into());
+    }
+    let expected = server_store.get("Wide", 1)?.map(|o| o.fields.len());
+    if expected != Some(n) || store.digest() != server_store.digest() {
+        return Err("client and server differ".into());
+    }
+    Ok(times)
+}
+
+fn main() -> Result<(), Error> {
+    let sizes: Vec<usize> = std::env::var("WIDE_OBJECT_FIELDS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 20_000, 40_000, 80_000, 160_000]);
+    // The exchange holds every conflict; where that is quadratic, large sizes need it off.
+    let exchange = std::env::var("WIDE_OBJECT_EXCHANGE").map_or(true, |v| v != "0");
+    let secret = Secret::generate();
+    let claims = Claims {
+        user_id: "u".into(),
+        expires_at_ms: u64::MAX,
+        extra: Default::default(),
+    };
+    let token = token::issue(&secret, &claims)?;
+    println!(
+        "| fields | local insert | its upload | server updates all | local updates all | \
+         exchange (all conflict) | one-field round trip |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let mut cells: Vec<String> = run(n, exchange, &secret, &token)?
+            .iter()
+            .map(|d| format!("{:.3} s", d.as_secs_f64()))
+            .collect();
+        if !exchange {
+            cells.splice(3..3, ["skipped".to_owned(), "skipped".to_owned()]);
+        }
+        println!("| {n} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
