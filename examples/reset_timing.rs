@@ -9,51 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fieldlog::reset::ResetReport;
-use fieldlog::sync::client::{ClientConfig, ClientSession};
-use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
-use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
+use fieldlog::sync::client::ClientConfig;
+use fieldlog::sync::pair::SessionPair;
+use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Durability, Store, Value};
 
 type Error = Box<dyn std::error::Error>;
-
-/// Moves messages between the two sessions until neither has anything to say.
-fn pump(server: &mut ServerSession, client: &mut ClientSession) -> Result<(), Error> {
-    let mut to_server: Vec<ClientMsg> = Vec::new();
-    let mut to_client: Vec<ServerMsg> = Vec::new();
-    loop {
-        while let Some(m) = client.poll_upload()? {
-            to_server.push(m);
-        }
-        to_client.extend(server.poll_download());
-        if to_server.is_empty() && to_client.is_empty() {
-            return Ok(());
-        }
-        for m in std::mem::take(&mut to_server) {
-            to_client.extend(server.on_message(m, 0));
-        }
-        for m in std::mem::take(&mut to_client) {
-            to_server.extend(client.on_message(m)?);
-        }
-    }
-}
-
-fn connect(
-    sync: &Arc<SyncServer>,
-    store: &Arc<Store>,
-    token: &str,
-) -> Result<(ServerSession, ClientSession), Error> {
-    let mut server = sync.session();
-    let mut client = ClientSession::new(Arc::clone(store), ClientConfig::new(token));
-    let hello = client.hello()?;
-    for m in server.on_message(hello, 0) {
-        for reply in client.on_message(m)? {
-            server.on_message(reply, 0);
-        }
-    }
-    pump(&mut server, &mut client)?;
-    Ok((server, client))
-}
 
 fn load(store: &Store, objects: u64) -> Result<(), Error> {
     for chunk in (0..objects).collect::<Vec<_>>().chunks(10_000) {
@@ -88,7 +50,7 @@ fn run(objects: u64, unsynced: u64) -> Result<(ResetReport, std::time::Duration)
     )?);
     let client_store = Arc::new(Store::open(dir.path().join("client.redb"))?);
     load(&client_store, objects)?;
-    connect(&sync, &client_store, &token)?;
+    SessionPair::connect(&sync, &client_store, ClientConfig::new(token.clone()), 0)?;
 
     // Offline: unsynced single-field updates, 1,000 per transaction.
     let mut done = 0;
@@ -105,9 +67,10 @@ fn run(objects: u64, unsynced: u64) -> Result<(ResetReport, std::time::Duration)
     }
     sync.force_reset(client_store.replica_id())?;
     let started = Instant::now();
-    let (_, mut client) = connect(&sync, &client_store, &token)?;
+    let mut pair = SessionPair::connect(&sync, &client_store, ClientConfig::new(token), 0)?;
     let elapsed = started.elapsed();
-    let report = client
+    let report = pair
+        .client
         .take_reset_reports()
         .pop()
         .ok_or("no reset happened")?;

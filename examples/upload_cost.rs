@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use fieldlog::conflict::{Policies, Policy, Resolution};
 use fieldlog::rules::Rules;
-use fieldlog::sync::client::{ClientConfig, ClientSession};
-use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
-use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
+use fieldlog::sync::client::ClientConfig;
+use fieldlog::sync::pair::SessionPair;
+use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Durability, Store, Value};
 
@@ -20,25 +20,6 @@ const RULES: &str = r#"{ "rules": { "Item": [ {
     "name": "own", "apply_when": {},
     "document_filters": { "read": { "ownerId": "%%user.id" }, "write": { "ownerId": "%%user.id" } },
     "read": true, "write": true, "insert": true, "delete": true } ] } }"#;
-
-fn pump(server: &mut ServerSession, client: &mut ClientSession) -> Result<(), Error> {
-    let (mut up, mut down): (Vec<ClientMsg>, Vec<ServerMsg>) = (Vec::new(), Vec::new());
-    loop {
-        while let Some(m) = client.poll_upload()? {
-            up.push(m);
-        }
-        down.extend(server.poll_download());
-        if up.is_empty() && down.is_empty() {
-            return Ok(());
-        }
-        for m in std::mem::take(&mut up) {
-            down.extend(server.on_message(m, 0));
-        }
-        for m in std::mem::take(&mut down) {
-            up.extend(client.on_message(m)?);
-        }
-    }
-}
 
 /// Seconds the server spends applying `writes` single-field updates from one client.
 fn run(
@@ -62,15 +43,7 @@ fn run(
         Ok(())
     })?;
     let store = Arc::new(Store::open(dir.path().join("client.redb"))?);
-    let mut server = sync.session();
-    let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token));
-    let hello = client.hello()?;
-    for m in server.on_message(hello, 0) {
-        for r in client.on_message(m)? {
-            server.on_message(r, 0);
-        }
-    }
-    pump(&mut server, &mut client)?;
+    let mut pair = SessionPair::connect(&sync, &store, ClientConfig::new(token), 0)?;
     if conflicting {
         // The server changes every object after the client saw it: each upload conflicts.
         sync.write(|tx| {
@@ -96,7 +69,7 @@ fn run(
         done += 100;
     }
     let started = Instant::now();
-    pump(&mut server, &mut client)?;
+    pair.pump()?;
     let elapsed = started.elapsed();
     if store.last_sync() != store.log_head() {
         return Err("upload did not finish".into());

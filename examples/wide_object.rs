@@ -10,37 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fieldlog::sync::client::{ClientConfig, ClientSession};
-use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
-use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
+use fieldlog::sync::client::ClientConfig;
+use fieldlog::sync::pair::SessionPair;
+use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Options, Store, Value};
 
 type Error = Box<dyn std::error::Error>;
-
-fn pump(server: &mut ServerSession, client: &mut ClientSession) -> Result<(), Error> {
-    let (mut up, mut down): (Vec<ClientMsg>, Vec<ServerMsg>) = (Vec::new(), Vec::new());
-    loop {
-        while let Some(m) = client.poll_upload()? {
-            up.push(m);
-        }
-        down.extend(server.poll_download());
-        if up.is_empty() && down.is_empty() {
-            return Ok(());
-        }
-        for m in std::mem::take(&mut up) {
-            for reply in server.on_message(m, 0) {
-                if let ServerMsg::Error { code, message } = &reply {
-                    return Err(format!("server error {code:?}: {message}").into());
-                }
-                down.push(reply);
-            }
-        }
-        for m in std::mem::take(&mut down) {
-            up.extend(client.on_message(m)?);
-        }
-    }
-}
 
 /// Options that let an object hold every field the run writes.
 fn options(fields: usize) -> Options {
@@ -71,15 +47,7 @@ fn run(n: usize, exchange: bool, secret: &Secret, token: &str) -> Result<Vec<Dur
         dir.path().join("client.redb"),
         options(n),
     )?);
-    let mut server = sync.session();
-    let mut client = ClientSession::new(Arc::clone(&store), ClientConfig::new(token));
-    let hello = client.hello()?;
-    for m in server.on_message(hello, 0) {
-        for r in client.on_message(m)? {
-            server.on_message(r, 0);
-        }
-    }
-    pump(&mut server, &mut client)?;
+    let mut pair = SessionPair::connect(&sync, &store, ClientConfig::new(token), 0)?;
     // Names in creation order are not in name order ("f10" sorts before "f2").
     let names: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
     let fields = |v: i64| names.iter().map(move |f| (f.clone(), Value::Int(v)));
@@ -88,7 +56,7 @@ fn run(n: usize, exchange: bool, secret: &Secret, token: &str) -> Result<Vec<Dur
         store.write(|tx| tx.insert("Wide", 1, fields(0)))?;
         Ok(())
     })?);
-    times.push(timed(|| pump(&mut server, &mut client))?);
+    times.push(timed(|| Ok(pair.pump()?))?);
     times.push(timed(|| {
         sync.write(|tx| tx.update("Wide", 1, fields(1)))?;
         Ok(())
@@ -98,11 +66,11 @@ fn run(n: usize, exchange: bool, secret: &Secret, token: &str) -> Result<Vec<Dur
             store.write(|tx| tx.update("Wide", 1, fields(2)))?;
             Ok(())
         })?);
-        times.push(timed(|| pump(&mut server, &mut client))?);
+        times.push(timed(|| Ok(pair.pump()?))?);
     }
     times.push(timed(|| {
         store.write(|tx| tx.set("Wide", 1, "f0", 3))?;
-        pump(&mut server, &mut client)
+        Ok(pair.pump()?)
     })?);
     if store.last_sync() != store.log_head() {
         return Err("upload did not finish".into());

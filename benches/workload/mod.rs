@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, Change, ObjType, ReadDoc, ROOT};
 use fieldlog::reset::ResetReport;
-use fieldlog::sync::client::{ClientConfig, ClientSession};
+use fieldlog::sync::client::ClientConfig;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
-use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
-use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
+use fieldlog::sync::pair::SessionPair;
+use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Changeset, Durability, Store, Value};
 use rand::rngs::StdRng;
@@ -925,43 +925,6 @@ impl Drop for SyncRig {
 
 // ---- client reset recovery (sans-IO, as examples/reset_timing.rs) ----
 
-fn pump(server: &mut ServerSession, client: &mut ClientSession) {
-    let mut to_server: Vec<ClientMsg> = Vec::new();
-    let mut to_client: Vec<ServerMsg> = Vec::new();
-    loop {
-        while let Some(m) = client.poll_upload().expect("poll_upload") {
-            to_server.push(m);
-        }
-        to_client.extend(server.poll_download());
-        if to_server.is_empty() && to_client.is_empty() {
-            return;
-        }
-        for m in std::mem::take(&mut to_server) {
-            to_client.extend(server.on_message(m, 0));
-        }
-        for m in std::mem::take(&mut to_client) {
-            to_server.extend(client.on_message(m).expect("client on_message"));
-        }
-    }
-}
-
-fn connect(
-    sync: &Arc<SyncServer>,
-    store: &Arc<Store>,
-    token: &str,
-) -> (ServerSession, ClientSession) {
-    let mut server = sync.session();
-    let mut client = ClientSession::new(Arc::clone(store), ClientConfig::new(token));
-    let hello = client.hello().expect("hello");
-    for m in server.on_message(hello, 0) {
-        for reply in client.on_message(m).expect("handshake") {
-            server.on_message(reply, 0);
-        }
-    }
-    pump(&mut server, &mut client);
-    (server, client)
-}
-
 /// A client holding `objects` synced objects makes `unsynced` single-field updates offline
 /// (1,000 per transaction), the server forces a reset, and the client reconnects. Returns
 /// the report and the time of the whole reset (download, stage, replay, upload).
@@ -980,7 +943,8 @@ pub fn recovery(dir: &Path, objects: u32, unsynced: u32) -> (ResetReport, Durati
         fieldlog_load(&client_store, &rows(lo..hi, &mut rng), Durability::Deferred);
         lo = hi;
     }
-    connect(&sync, &client_store, &token);
+    SessionPair::connect(&sync, &client_store, ClientConfig::new(token.clone()), 0)
+        .expect("connect");
     let ups = updates(&Keys::new(objects, Dist::Uniform), unsynced, &mut rng);
     for c in ups.chunks(1_000) {
         fieldlog_update(&client_store, c, Durability::Deferred);
@@ -988,9 +952,14 @@ pub fn recovery(dir: &Path, objects: u32, unsynced: u32) -> (ResetReport, Durati
     sync.force_reset(client_store.replica_id())
         .expect("force_reset");
     let started = Instant::now();
-    let (_, mut client) = connect(&sync, &client_store, &token);
+    let mut pair =
+        SessionPair::connect(&sync, &client_store, ClientConfig::new(token), 0).expect("reconnect");
     let elapsed = started.elapsed();
-    let report = client.take_reset_reports().pop().expect("a reset happened");
+    let report = pair
+        .client
+        .take_reset_reports()
+        .pop()
+        .expect("a reset happened");
     assert_eq!(
         client_store.digest(),
         server_store.digest(),

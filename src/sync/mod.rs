@@ -6,6 +6,7 @@
 pub mod client;
 pub mod frame;
 pub mod net;
+pub mod pair;
 pub(crate) mod pieces;
 pub mod protocol;
 pub mod server;
