@@ -9,6 +9,8 @@
 //! starts from a byte-for-byte copy of the same prepared files (same replica ids, same
 //! stamps), so its final state must equal an uninterrupted run's, digest for digest.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,9 +21,9 @@ use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{
-    Digest, FieldSpec, FieldType, ManualTimeSource, Op, Options, Pk, ReplicaId, Schema, Stamp,
-    Store, Value,
+    Digest, FieldSpec, FieldType, ManualTimeSource, Options, ReplicaId, Schema, Store, Value,
 };
+use support::oracle::{fate, same_write, written, Fate, Written};
 
 // ---------------------------------------------------------------------------------------
 // The driver
@@ -421,15 +423,6 @@ fn copy_dir(from: &Path, to: &Path) {
 // Writes and the invariant-4 check
 // ---------------------------------------------------------------------------------------
 
-/// One committed field write (`field: None` is the object's existence: insert or delete).
-#[derive(Clone, Debug, PartialEq)]
-struct Written {
-    pk: Pk,
-    field: Option<String>,
-    value: Value,
-    stamp: Stamp,
-}
-
 /// Runs a transaction on `store` and returns its field writes, read back from the log.
 fn write(
     store: &Store,
@@ -439,96 +432,7 @@ fn write(
     let seq = c.seq.expect("the transaction wrote something");
     let entry = store.log_after(seq - 1, 1).unwrap().pop().unwrap();
     assert_eq!(entry.seq, seq);
-    let mut out = Vec::new();
-    for w in entry.writes {
-        let mut push = |field: Option<String>, value: Value| {
-            out.push(Written {
-                pk: w.pk.clone(),
-                field,
-                value,
-                stamp: entry.stamp,
-            })
-        };
-        match w.op {
-            Op::Insert { fields } => {
-                push(None, Value::Bool(true));
-                for (f, v) in fields {
-                    push(Some(f), v);
-                }
-            }
-            Op::Update { fields } => {
-                for fw in fields {
-                    push(Some(fw.field), fw.value);
-                }
-            }
-            Op::Delete { .. } => push(None, Value::Bool(false)),
-        }
-    }
-    out
-}
-
-/// Where a write ended up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fate {
-    /// The server holds it (the field with this value and stamp; the existence register).
-    OnServer,
-    /// The server holds a higher stamp on the same field or object.
-    Beaten,
-    /// A reset report lists it as superseded.
-    Superseded,
-    /// A reset report lists it as discarded.
-    Discarded,
-    /// Recovered per a report, yet nowhere on the server.
-    Lost,
-}
-
-fn same_write(r: &fieldlog::reset::UnsyncedWrite, w: &Written) -> bool {
-    r.collection == DOG
-        && r.pk == w.pk
-        && r.field == w.field
-        && r.value == w.value
-        && r.stamp == w.stamp
-}
-
-fn fate(snapshot: &[ObjectSnapshot], reports: &[ResetReport], w: &Written) -> Fate {
-    if let Some(o) = snapshot
-        .iter()
-        .find(|o| o.collection == DOG && o.pk == w.pk)
-    {
-        match &w.field {
-            None => {
-                let (s, alive) = o.exists.expect("an existence register");
-                if s == w.stamp && Value::Bool(alive) == w.value {
-                    return Fate::OnServer;
-                }
-                if s > w.stamp {
-                    return Fate::Beaten;
-                }
-            }
-            Some(f) => {
-                if let Some((_, s, v)) = o.fields.iter().find(|(n, _, _)| n == f) {
-                    if *s == w.stamp && *v == w.value {
-                        return Fate::OnServer;
-                    }
-                    if *s > w.stamp {
-                        return Fate::Beaten;
-                    }
-                }
-                if o.floor > w.stamp || o.exists.is_some_and(|(s, _)| s > w.stamp) {
-                    return Fate::Beaten;
-                }
-            }
-        }
-    }
-    for r in reports {
-        if r.superseded.iter().any(|s| same_write(&s.write, w)) {
-            return Fate::Superseded;
-        }
-        if r.discarded.iter().any(|d| same_write(&d.write, w)) {
-            return Fate::Discarded;
-        }
-    }
-    Fate::Lost
+    written(&entry)
 }
 
 fn field(store: &Store, pk: i64, f: &str) -> Option<Value> {

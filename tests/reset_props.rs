@@ -6,19 +6,20 @@
 //! beaten there by a higher stamp on the same field or object, or named as superseded or
 //! discarded in a reset report; and every replica's digest equals the server's.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport, UnsyncedWrite};
+use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
-use fieldlog::{
-    Error, ManualTimeSource, Op, Options, Pk, ReplicaId, Stamp, Store, TimeSource, Value, WriteTx,
-};
+use fieldlog::{Error, ManualTimeSource, Options, ReplicaId, Store, TimeSource, Value, WriteTx};
 use proptest::prelude::*;
+use support::oracle::{fate, written, Fate, Written};
 
 const COLL: &str = "Item";
 const FIELDS: [&str; 2] = ["a", "b"];
@@ -278,15 +279,6 @@ impl World {
 // Writes and their fate
 // ---------------------------------------------------------------------------------------
 
-/// One committed field write (`field: None` is the object's existence: insert or delete).
-#[derive(Clone, Debug, PartialEq)]
-struct Written {
-    pk: Pk,
-    field: Option<String>,
-    value: Value,
-    stamp: Stamp,
-}
-
 /// Runs a transaction; returns its field writes read back from the log, or `None` when it
 /// was refused as NotFound or AlreadyExists.
 fn write(
@@ -301,90 +293,7 @@ fn write(
     let seq = c.seq.expect("the transaction wrote something");
     let entry = store.log_after(seq - 1, 1).unwrap().pop().unwrap();
     assert_eq!(entry.seq, seq);
-    let mut out = Vec::new();
-    for w in entry.writes {
-        let mut push = |field: Option<String>, value: Value| {
-            out.push(Written {
-                pk: w.pk.clone(),
-                field,
-                value,
-                stamp: entry.stamp,
-            })
-        };
-        match w.op {
-            Op::Insert { fields } => {
-                push(None, Value::Bool(true));
-                for (f, v) in fields {
-                    push(Some(f), v);
-                }
-            }
-            Op::Update { fields } => {
-                for fw in fields {
-                    push(Some(fw.field), fw.value);
-                }
-            }
-            Op::Delete { .. } => push(None, Value::Bool(false)),
-        }
-    }
-    Some(out)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fate {
-    OnServer,
-    Beaten,
-    Superseded,
-    Discarded,
-    Lost,
-}
-
-fn same_write(r: &UnsyncedWrite, w: &Written) -> bool {
-    r.collection == COLL
-        && r.pk == w.pk
-        && r.field == w.field
-        && r.value == w.value
-        && r.stamp == w.stamp
-}
-
-fn fate(snapshot: &[ObjectSnapshot], reports: &[&ResetReport], w: &Written) -> Fate {
-    if let Some(o) = snapshot
-        .iter()
-        .find(|o| o.collection == COLL && o.pk == w.pk)
-    {
-        match &w.field {
-            None => {
-                let (s, alive) = o.exists.expect("an existence register");
-                if s == w.stamp && Value::Bool(alive) == w.value {
-                    return Fate::OnServer;
-                }
-                if s > w.stamp {
-                    return Fate::Beaten;
-                }
-            }
-            Some(f) => {
-                if let Some((_, s, v)) = o.fields.iter().find(|(n, _, _)| n == f) {
-                    if *s == w.stamp && *v == w.value {
-                        return Fate::OnServer;
-                    }
-                    if *s > w.stamp {
-                        return Fate::Beaten;
-                    }
-                }
-                if o.floor > w.stamp || o.exists.is_some_and(|(s, _)| s > w.stamp) {
-                    return Fate::Beaten;
-                }
-            }
-        }
-    }
-    for r in reports {
-        if r.superseded.iter().any(|s| same_write(&s.write, w)) {
-            return Fate::Superseded;
-        }
-        if r.discarded.iter().any(|d| same_write(&d.write, w)) {
-            return Fate::Discarded;
-        }
-    }
-    Fate::Lost
+    Some(written(&entry))
 }
 
 // ---------------------------------------------------------------------------------------

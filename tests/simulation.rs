@@ -65,6 +65,8 @@
 //! convergence_failures=F max_rounds=R resets=X refused=N leaks=0 hostile_attacks=A
 //! hostile_accepted=0`.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -76,13 +78,15 @@ use fieldlog::rules::Rules;
 use fieldlog::sync::client::{self as sync_client, ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, RefusedWrite, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{
     Error, LogEntry, ManualTimeSource, Op, Options, Pk, ReplicaId, Stamp, Store, Value, WriteTx,
 };
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
+use support::oracle::{written, Fate, Written};
+use support::token_for;
 
 const COLL: &str = "Item";
 const FIELDS: [&str; 3] = ["a", "b", "c"];
@@ -434,25 +438,13 @@ struct Audit {
 type Flat = (Pk, Option<String>, Value);
 
 fn flatten(e: &LogEntry) -> Vec<Flat> {
-    let mut out = Vec::new();
-    for w in &e.writes {
-        assert_eq!(w.collection, COLL);
-        match &w.op {
-            Op::Insert { fields } => {
-                out.push((w.pk.clone(), None, Value::Bool(true)));
-                for (f, v) in fields {
-                    out.push((w.pk.clone(), Some(f.clone()), v.clone()));
-                }
-            }
-            Op::Update { fields } => {
-                for f in fields {
-                    out.push((w.pk.clone(), Some(f.field.clone()), f.value.clone()));
-                }
-            }
-            Op::Delete { .. } => out.push((w.pk.clone(), None, Value::Bool(false))),
-        }
-    }
-    out
+    written(e)
+        .into_iter()
+        .map(|w| {
+            assert_eq!(w.collection, COLL);
+            (w.pk, w.field, w.value)
+        })
+        .collect()
 }
 
 /// Appends the next piece of a transaction (the rule of `sync::pieces`, restated: a piece
@@ -568,15 +560,6 @@ struct Sim {
     trace: bool,
     value: i64,
     hostile: Hostile,
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    let claims = Claims {
-        user_id: user.into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    token::issue(secret, &claims).unwrap()
 }
 
 /// Replica ids, one store file each, made once per process. A seed deals them out to the
@@ -1443,18 +1426,7 @@ impl Sim {
 
     /// The attacker's own Hello (its device, nothing synced).
     fn hostile_hello(&self, replica: ReplicaId) -> ClientMsg {
-        ClientMsg::Hello {
-            protocol: fieldlog::sync::protocol::PROTOCOL_VERSION,
-            schema_version: 0,
-            token: self.hostile.token.clone(),
-            replica,
-            download_cursor: 0,
-            last_sync: 0,
-            reset_pending: false,
-            reset_settled: None,
-            subscriptions: None,
-            subscriptions_acked: 0,
-        }
+        support::hello(&self.hostile.token, replica)
     }
 
     /// Claims the device of a client that has synced (its id is in its stamps).
@@ -2296,63 +2268,17 @@ fn fold(writes: &HashMap<(Stamp, Pk, Option<String>), Value>) -> BTreeMap<Pk, Or
     out
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fate {
-    OnServer,
-    Beaten,
-    Superseded,
-    Discarded,
-    Lost,
-}
-
+/// Where a write ended up (the shared oracle, on this suite's one collection).
 fn fate(snapshot: &[ObjectSnapshot], reports: &[&ResetReport], stamp: Stamp, w: &Flat) -> Fate {
-    let (pk, field, value) = w;
-    if let Some(o) = snapshot
-        .iter()
-        .find(|o| o.collection == COLL && o.pk == *pk)
-    {
-        match field {
-            None => {
-                if let Some((s, alive)) = o.exists {
-                    if s == stamp && Value::Bool(alive) == *value {
-                        return Fate::OnServer;
-                    }
-                    if s > stamp {
-                        return Fate::Beaten;
-                    }
-                }
-            }
-            Some(f) => {
-                if let Some((_, s, v)) = o.fields.iter().find(|(n, _, _)| n == f) {
-                    if *s == stamp && v == value {
-                        return Fate::OnServer;
-                    }
-                    if *s > stamp {
-                        return Fate::Beaten;
-                    }
-                }
-                if o.floor > stamp || o.exists.is_some_and(|(s, _)| s > stamp) {
-                    return Fate::Beaten;
-                }
-            }
-        }
-    }
-    let same = |u: &UnsyncedWrite| {
-        u.collection == COLL
-            && u.pk == *pk
-            && u.field == *field
-            && u.value == *value
-            && u.stamp == stamp
+    let (pk, field, value) = w.clone();
+    let w = Written {
+        collection: COLL.into(),
+        pk,
+        field,
+        value,
+        stamp,
     };
-    for r in reports {
-        if r.superseded.iter().any(|s| same(&s.write)) {
-            return Fate::Superseded;
-        }
-        if r.discarded.iter().any(|d| same(&d.write)) {
-            return Fate::Discarded;
-        }
-    }
-    Fate::Lost
+    support::oracle::fate(snapshot, reports, &w)
 }
 
 // ---------------------------------------------------------------------------------------
