@@ -4,6 +4,8 @@
 //! the count and the limit) and writes nothing; the store goes on working. On a server the
 //! upload is refused as `BadChangeset`, not an internal error.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,11 +14,12 @@ use fieldlog::sync::frame::{encode_frame, read_frame, FRAME_LEN_MAX_DEFAULT};
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{
     Changeset, Durability, Error, FieldWrite, LogEntry, Op, Options, Pk, ReplicaId, Stamp, Store,
     Value, Write,
 };
+use support::token_for;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -210,15 +213,6 @@ fn an_object_past_a_lowered_limit_stays_writable_but_does_not_grow() {
         store.get("A", 1).expect("get").expect("live").fields.len(),
         MAX
     );
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    let claims = Claims {
-        user_id: user.into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    token::issue(secret, &claims).expect("token")
 }
 
 async fn next(s: &mut TcpStream) -> Option<ServerMsg> {

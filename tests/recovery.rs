@@ -10,6 +10,8 @@
 #[allow(dead_code)]
 mod disk;
 
+mod support;
+
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,12 +23,13 @@ use fieldlog::sync::frame::{encode_frame, read_frame, FRAME_LEN_MAX_DEFAULT};
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{
     Changeset, Error, LogEntry, ManualTimeSource, Op, Options, Pk, ReplicaId, Stamp, Store, Value,
     Write,
 };
 use redb::StorageBackend;
+use support::token_for;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -262,15 +265,6 @@ fn a_store_recovers_once_its_disk_has_room_and_logs_it() {
         1,
         "the failure is logged once: {events:?}"
     );
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    let claims = Claims {
-        user_id: user.into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    token::issue(secret, &claims).expect("token")
 }
 
 /// Polls `done` until it holds (a deadline, not a measurement).

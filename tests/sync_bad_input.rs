@@ -2,8 +2,10 @@
 //! a typed `ServerMsg::Error` and a closed connection, never a crash, never a change to the
 //! server's store, and never a disturbance to a well-behaved client syncing meanwhile.
 
+mod support;
+
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fieldlog::sync::client::ClientConfig;
 use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
@@ -17,6 +19,7 @@ use fieldlog::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::{now_ms, token_for};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -29,17 +32,6 @@ fn claims(user: &str, expires_at_ms: u64) -> Claims {
         expires_at_ms,
         extra: Default::default(),
     }
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    token::issue(secret, &claims(user, u64::MAX)).expect("token")
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
 }
 
 fn hello(token: &str, protocol: u32, schema_version: u64, replica: u64) -> ClientMsg {

@@ -12,6 +12,8 @@
 //!
 //! `FIELDLOG_FAULT_SEED` overrides the seed of the randomised tests.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,10 +25,11 @@ use fieldlog::sync::frame::{decode_frame, FRAME_HEADER_LEN, FRAME_LEN_MAX_DEFAUL
 use fieldlog::sync::net::{ClientHooks, ConnectionState, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::ClientMsg;
 use fieldlog::sync::server::{ServerConfig, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{Stamp, Store, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::token_for;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,15 +45,6 @@ fn seed() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_f1e1_d106)
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    let claims = Claims {
-        user_id: user.into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    token::issue(secret, &claims).expect("token")
 }
 
 /// A server on a store file, bound to a TCP address.

@@ -6,9 +6,11 @@
 //! wall-clock window is used, it only bounds how many attempts fit in it (a slower machine
 //! makes fewer).
 
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fieldlog::sync::client::{ClientConfig, SyncError};
 use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
@@ -20,19 +22,13 @@ use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION
 use fieldlog::sync::server::{Limits, ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Changeset, LogEntry, Op, Options, Pk, ReplicaId, Stamp, Store, Value, Write};
+use support::{now_ms, token_for};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 /// Guards against a hang only: every wait here ends on an event long before it.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
-}
 
 fn token_until(secret: &Secret, user: &str, expires_at_ms: u64) -> String {
     let claims = Claims {
@@ -41,10 +37,6 @@ fn token_until(secret: &Secret, user: &str, expires_at_ms: u64) -> String {
         extra: Default::default(),
     };
     token::issue(secret, &claims).expect("token")
-}
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    token_until(secret, user, u64::MAX)
 }
 
 struct Rig {

@@ -1,24 +1,18 @@
 //! Sync over loopback TCP: real server, real clients, convergence (invariant 1) and no
 //! acknowledged write lost.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use fieldlog::sync::client::ClientConfig;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{Options, Store, Value};
 use rand::{Rng, SeedableRng};
-
-fn token_for(secret: &Secret, user: &str) -> String {
-    let claims = Claims {
-        user_id: user.into(),
-        expires_at_ms: u64::MAX,
-        extra: Default::default(),
-    };
-    token::issue(secret, &claims).expect("token")
-}
+use support::token_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_clients_converge_to_the_server() {
