@@ -1,0 +1,146 @@
+//! Conflict resolution on the server: the conflict planner reading the server's store,
+//! the graveyard of deleted objects' last fields, and the conflict records kept.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{corrupt, SyncServer, CONFLICTS, GRAVEYARD};
+use crate::clock::ReplicaId;
+use crate::conflict::{ConflictRecord, Plan, PlanSource, Planner};
+use crate::error::Result;
+use crate::log::{LogEntry, Op};
+use crate::merge::ObjectState;
+use crate::store::Store;
+use crate::value::Value;
+use crate::wal::Aux;
+
+impl SyncServer {
+    /// Decides the conflicts of an upload's writes with the server's state (see
+    /// [`Planner`]): the conflicts with their decisions, and the objects they change.
+    pub(super) fn plan_conflicts(
+        &self,
+        client: ReplicaId,
+        user: &str,
+        entries: &[LogEntry],
+    ) -> Result<Plan> {
+        let mut planner = Planner::new(&self.config.conflicts, client, user);
+        let mut src = StoreSource { server: self };
+        for e in entries {
+            for w in &e.writes {
+                planner.write(&mut src, w, e.stamp)?;
+            }
+        }
+        Ok(planner.finish(&src))
+    }
+}
+
+/// The conflict records kept in a server store (for the `conflicts` command).
+pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
+    let rtx = store.read_txn()?;
+    let table = match rtx.open_table(CONFLICTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in table.range(after.saturating_add(1)..)?.take(limit) {
+        let (_, v) = row?;
+        out.push(postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("conflict: {e}")))?);
+    }
+    Ok(out)
+}
+
+/// A deleted object's last live fields, as the server keeps them.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Grave {
+    collection: String,
+    pk: crate::value::Pk,
+    fields: Vec<(String, Value)>,
+}
+
+/// The graveyard's key for an object: a hash of its collection and primary key. Two objects
+/// with the same hash share a row; the row names its object, so the other one finds none.
+pub(super) fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> {
+    let bytes = postcard::to_allocvec(&(collection, pk)).map_err(|e| corrupt(e.to_string()))?;
+    let hash = blake3::hash(&bytes);
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&hash.as_bytes()[..8]);
+    Ok(u64::from_le_bytes(key))
+}
+
+pub(super) fn grave_row(
+    collection: &str,
+    pk: &crate::value::Pk,
+    fields: &[(String, Value)],
+) -> Result<Aux> {
+    let grave = Grave {
+        collection: collection.to_owned(),
+        pk: pk.clone(),
+        fields: fields.to_vec(),
+    };
+    let bytes = postcard::to_allocvec(&grave).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Aux::u64_bytes(GRAVEYARD, grave_key(collection, pk)?, bytes))
+}
+
+/// The server's store as the conflict planner reads it.
+pub(super) struct StoreSource<'a> {
+    server: &'a SyncServer,
+}
+
+impl PlanSource for StoreSource<'_> {
+    fn state(&mut self, collection: &str, pk: &crate::value::Pk) -> Result<ObjectState<String>> {
+        self.server.store.object_state_named(collection, pk)
+    }
+
+    fn user(&mut self, replica: ReplicaId) -> Option<String> {
+        let user = self.server.client_record(replica).ok().map(|r| r.user);
+        user.filter(|u| !u.is_empty())
+    }
+
+    fn grave(
+        &mut self,
+        collection: &str,
+        pk: &crate::value::Pk,
+    ) -> Result<Option<Vec<(String, Value)>>> {
+        let rtx = self.server.store.read_txn()?;
+        let table = match rtx.open_table(GRAVEYARD) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(row) = table.get(grave_key(collection, pk)?)? else {
+            return Ok(None);
+        };
+        let grave: Grave =
+            postcard::from_bytes(row.value()).map_err(|e| corrupt(format!("grave: {e}")))?;
+        Ok((grave.collection == collection && grave.pk == *pk).then_some(grave.fields))
+    }
+
+    fn refuses(
+        &self,
+        collection: &str,
+        pk: &crate::value::Pk,
+        field: &str,
+        value: &Value,
+    ) -> Option<String> {
+        let max = self.server.store.options().value_bytes_max;
+        if value.size_bytes() > max {
+            return Some(format!("{} bytes; the limit is {max}", value.size_bytes()));
+        }
+        let w = crate::log::Write {
+            collection: collection.to_owned(),
+            pk: pk.clone(),
+            op: Op::Update {
+                fields: vec![crate::log::FieldWrite {
+                    field: field.to_owned(),
+                    value: value.clone(),
+                    base: None,
+                }],
+            },
+        };
+        self.server
+            .store
+            .check_write_schema(&w)
+            .err()
+            .map(|e| e.to_string())
+    }
+}
