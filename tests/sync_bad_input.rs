@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fieldlog::sync::client::ClientConfig;
-use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{encode_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, SyncServer};

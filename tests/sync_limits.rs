@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fieldlog::sync::client::{ClientConfig, SyncError};
-use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{encode_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{
     ClientHooks, ConnectionState, ServerHandle, ServerStats, SyncClient, TokenFuture, Transport,
     WaitError, UPLOAD_FAILURES_REPORTED,
