@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use redb::{ReadableTable, TableDefinition};
-
 use crate::changeset::Changeset;
 use crate::error::NameKind;
 use crate::error::{Error, Result};
@@ -13,6 +11,7 @@ use crate::log::{LogEntry, LogPos};
 use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport};
 use crate::rules::parse;
 use crate::schema::Schema;
+use crate::store::sync_tables::ClientCounter;
 use crate::store::{ReplayPlan, Store};
 use crate::sync::pieces::{entry_size, join_piece, split_entry};
 use crate::sync::protocol::{
@@ -20,17 +19,6 @@ use crate::sync::protocol::{
 };
 use crate::sync::protocol::{RefusedWrite, Subscription, SubscriptionSet};
 use crate::value::validate_name;
-use crate::wal::Aux;
-
-/// Client bookkeeping kept in the client's own store: `download_cursor`.
-const CLIENT_SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync_client");
-const DOWNLOAD_CURSOR: &str = "download_cursor";
-const SCHEMA_VERSION: &str = "schema_version";
-const SUBSCRIPTIONS_ACKED: &str = "subscriptions_acked";
-/// `set` → postcard [`SubscriptionSet`].
-const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_subscriptions");
-/// number → postcard [`RefusedWrite`]: writes the server refused, kept for the application.
-const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_rejected");
 
 /// Why a sync session stopped.
 #[derive(Debug, thiserror::Error)]
@@ -120,25 +108,16 @@ impl ClientConfig {
     }
 }
 
-fn client_value(store: &Store, key: &str) -> Result<u64> {
-    let rtx = store.read_txn()?;
-    match rtx.open_table(CLIENT_SYNC) {
-        Ok(t) => Ok(t.get(key)?.map_or(0, |v| v.value())),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Records the download cursor inside the transaction that applies what it covers.
 fn set_cursor(tx: &mut crate::store::WriteTx<'_>, cursor: ServerVersion) -> Result<()> {
     // In the import's write-ahead record: a download is an append and a sync.
-    tx.put_aux(Aux::str_u64(CLIENT_SYNC, DOWNLOAD_CURSOR, cursor));
+    tx.put_sync_counter(ClientCounter::DownloadCursor, cursor);
     Ok(())
 }
 
 /// The persisted download cursor of a client store.
 pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
-    client_value(store, DOWNLOAD_CURSOR)
+    store.sync_counter(ClientCounter::DownloadCursor)
 }
 
 fn corrupt(what: impl Into<String>) -> Error {
@@ -147,14 +126,8 @@ fn corrupt(what: impl Into<String>) -> Error {
 
 /// The store's subscription set (`None`: never set; the client sees all it may read).
 pub fn subscriptions(store: &Store) -> Result<Option<SubscriptionSet>> {
-    let rtx = store.read_txn()?;
-    let table = match rtx.open_table(SUBSCRIPTIONS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let set = table.get("set")?;
-    set.map(|v| crate::sync::stored::subscription_set(v.value()))
+    let set = store.sync_subscriptions()?;
+    set.map(|v| crate::sync::stored::subscription_set(&v))
         .transpose()
 }
 
@@ -173,65 +146,40 @@ pub fn update_subscriptions(
     }
     set.version += 1;
     let bytes = postcard::to_allocvec(&set).map_err(|e| corrupt(e.to_string()))?;
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(SUBSCRIPTIONS)?
-        .insert("set", bytes.as_slice())?;
-    tx.commit()?;
+    store.set_sync_subscriptions(&bytes)?;
     Ok(set.version)
 }
 
 /// The newest subscription version the server confirmed.
 pub fn subscriptions_acked(store: &Store) -> Result<u64> {
-    client_value(store, SUBSCRIPTIONS_ACKED)
+    store.sync_counter(ClientCounter::SubscriptionsAcked)
 }
 
 /// Writes the server refused and reverted, with their numbers, oldest first. They stay
 /// until the application clears them, so a refused write is never lost silently.
 pub fn rejected_writes(store: &Store) -> Result<Vec<(u64, RefusedWrite)>> {
-    let rtx = store.read_txn()?;
-    let table = match rtx.open_table(REJECTED) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = Vec::new();
-    for row in table.iter()? {
-        let (k, v) = row?;
-        let w = crate::sync::stored::refused_write(v.value())?;
-        out.push((k.value(), w));
-    }
-    Ok(out)
+    let rows = store.sync_rejected()?;
+    rows.into_iter()
+        .map(|(id, v)| Ok((id, crate::sync::stored::refused_write(&v)?)))
+        .collect()
 }
 
 fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
     // The server resends refusals the client may have missed: keep each once.
     let known = rejected_writes(store)?;
-    let mut tx = store.begin()?;
-    {
-        let mut table = tx.raw()?.open_table(REJECTED)?;
-        let mut id = table.last()?.map_or(0, |(k, _)| k.value());
-        for r in refused {
-            if known.iter().any(|(_, k)| k == r) {
-                continue;
-            }
-            id += 1;
-            let bytes = postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?;
-            table.insert(id, bytes.as_slice())?;
+    let mut fresh = Vec::new();
+    for r in refused {
+        if known.iter().any(|(_, k)| k == r) {
+            continue;
         }
+        fresh.push(postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?);
     }
-    tx.commit()?;
-    Ok(())
+    store.add_sync_rejected(&fresh)
 }
 
 /// Forgets refused writes up to number `upto`.
 pub fn clear_rejected_writes(store: &Store, upto: u64) -> Result<()> {
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(REJECTED)?
-        .retain_in(..=upto, |_, _| false)?;
-    tx.commit()?;
-    Ok(())
+    store.clear_sync_rejected(upto)
 }
 
 /// Adopts the server's schemas (an additive change) with their version.
@@ -239,12 +187,7 @@ fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()
     for s in schemas {
         store.set_schema(s)?;
     }
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(CLIENT_SYNC)?
-        .insert(SCHEMA_VERSION, version)?;
-    tx.commit()?;
-    Ok(())
+    store.set_sync_counter(ClientCounter::SchemaVersion, version)
 }
 
 /// A reset being staged: its marker, the unsynced writes being replayed onto each chunk,
@@ -337,7 +280,7 @@ impl ClientSession {
             subscriptions,
             subscriptions_acked: subscriptions_acked(&self.store)?,
             protocol: PROTOCOL_VERSION,
-            schema_version: client_value(&self.store, SCHEMA_VERSION)?,
+            schema_version: self.store.sync_counter(ClientCounter::SchemaVersion)?,
             token: self.config.token.clone(),
             replica: self.store.replica_id(),
             download_cursor: self.downloaded,
@@ -588,11 +531,10 @@ impl ClientSession {
             subscriptions,
         } = end;
         let (report, _until) = self.store.finish_reset(marker, &schemas, plan, |tx| {
-            let mut t = tx.raw()?.open_table(CLIENT_SYNC)?;
-            t.insert(DOWNLOAD_CURSOR, cursor)?;
-            t.insert(SCHEMA_VERSION, schema_version)?;
+            tx.set_sync_counter(ClientCounter::DownloadCursor, cursor)?;
+            tx.set_sync_counter(ClientCounter::SchemaVersion, schema_version)?;
             if let Some(v) = subscriptions {
-                t.insert(SUBSCRIPTIONS_ACKED, v)?;
+                tx.set_sync_counter(ClientCounter::SubscriptionsAcked, v)?;
             }
             Ok(())
         })?;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{corrupt, SyncServer, CONFLICTS, GRAVEYARD};
+use super::state::{corrupt, SyncServer};
 use crate::clock::ReplicaId;
 use crate::conflict::{ConflictRecord, Plan, PlanSource, Planner};
 use crate::error::Result;
@@ -11,7 +11,6 @@ use crate::log::{LogEntry, Op};
 use crate::merge::ObjectState;
 use crate::store::Store;
 use crate::value::Value;
-use crate::wal::Aux;
 
 impl SyncServer {
     /// Decides the conflicts of an upload's writes with the server's state (see
@@ -35,18 +34,10 @@ impl SyncServer {
 
 /// The conflict records kept in a server store (for the `conflicts` command).
 pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<ConflictRecord>> {
-    let rtx = store.read_txn()?;
-    let table = match rtx.open_table(CONFLICTS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = Vec::new();
-    for row in table.range(after.saturating_add(1)..)?.take(limit) {
-        let (_, v) = row?;
-        out.push(postcard::from_bytes(v.value()).map_err(|e| corrupt(format!("conflict: {e}")))?);
-    }
-    Ok(out)
+    let rows = store.sync_conflicts(after, limit)?;
+    rows.iter()
+        .map(|r| postcard::from_bytes(r).map_err(|e| corrupt(format!("conflict: {e}"))))
+        .collect()
 }
 
 /// A deleted object's last live fields, as the server keeps them.
@@ -67,18 +58,19 @@ pub(super) fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> 
     Ok(u64::from_le_bytes(key))
 }
 
+/// The graveyard row of a deleted object: its key and the grave's bytes.
 pub(super) fn grave_row(
     collection: &str,
     pk: &crate::value::Pk,
     fields: &[(String, Value)],
-) -> Result<Aux> {
+) -> Result<(u64, Vec<u8>)> {
     let grave = Grave {
         collection: collection.to_owned(),
         pk: pk.clone(),
         fields: fields.to_vec(),
     };
     let bytes = postcard::to_allocvec(&grave).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Aux::u64_bytes(GRAVEYARD, grave_key(collection, pk)?, bytes))
+    Ok((grave_key(collection, pk)?, bytes))
 }
 
 /// The server's store as the conflict planner reads it.
@@ -101,17 +93,11 @@ impl PlanSource for StoreSource<'_> {
         collection: &str,
         pk: &crate::value::Pk,
     ) -> Result<Option<Vec<(String, Value)>>> {
-        let rtx = self.server.store.read_txn()?;
-        let table = match rtx.open_table(GRAVEYARD) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let Some(row) = table.get(grave_key(collection, pk)?)? else {
+        let Some(row) = self.server.store.sync_grave(grave_key(collection, pk)?)? else {
             return Ok(None);
         };
         let grave: Grave =
-            postcard::from_bytes(row.value()).map_err(|e| corrupt(format!("grave: {e}")))?;
+            postcard::from_bytes(&row).map_err(|e| corrupt(format!("grave: {e}")))?;
         Ok((grave.collection == collection && grave.pk == *pk).then_some(grave.fields))
     }
 

@@ -1,15 +1,15 @@
 //! The server's shared state: its store, history and client records, and applying an
 //! upload.
 //!
-//! The server keeps, in its own store's redb file: `history` (server version → origin and
-//! log entry, as uploaded), `clients` (replica id → highest applied log position and user).
-//! An upload is applied with its history records and the client's position in one redb
-//! transaction, so a repeated, overlapping or replayed upload is applied once.
+//! The server keeps, in its own store (through `store::sync_tables`): `history` (server
+//! version → origin and log entry, as uploaded), `clients` (replica id → highest applied
+//! log position and user). An upload is applied with its history records and the client's
+//! position in one store transaction, so a repeated, overlapping or replayed upload is
+//! applied once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Limits, ServerConfig};
@@ -23,38 +23,12 @@ use crate::log::{LogEntry, LogPos};
 use crate::reset::ResetReason;
 use crate::rules::User;
 use crate::schema::Schema;
+use crate::store::sync_tables::ServerMeta;
 use crate::store::Store;
 use crate::store::WriteTx;
 use crate::sync::protocol::ServerVersion;
 use crate::sync::protocol::{RefusedWrite, SubscriptionSet};
 use crate::sync::view::View;
-use crate::wal::Aux;
-
-/// server version → postcard [`HistoryRecord`].
-pub(super) const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_history");
-/// client replica id → postcard [`ClientRecord`].
-pub(super) const CLIENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_clients");
-/// conflict number → postcard [`ConflictRecord`].
-pub(super) const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_conflicts");
-/// (client replica id, its log position) → postcard `Vec<RefusedWrite>`: refusals kept
-/// until the client shows (by its `last_sync`) that it received them.
-pub(super) const REFUSALS: TableDefinition<(u64, u64), &[u8]> =
-    TableDefinition::new("sync_refusals");
-/// (client replica id, its log position) → the applied entry's server version and its
-/// stamp's time (8 bytes each, big-endian): a re-sent entry is skipped only if it is the
-/// same transaction. A device never gives two transactions one stamp (its clock moves
-/// forward with every commit), and the pieces of one transaction share it, so a piece
-/// re-sent alone is recognised too.
-pub(super) const UPLOADS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sync_uploads");
-/// hash of (collection, primary key) → postcard [`Grave`]: a deleted object's last live
-/// fields, kept for collections where a client's update may bring it back whole.
-pub(super) const GRAVEYARD: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_graveyard");
-/// `horizon` (history at or below it was compacted away), `schema_version`,
-/// `breaking_version` (the schema version of the last breaking change).
-pub(super) const SERVER_META: TableDefinition<&str, u64> = TableDefinition::new("sync_server_meta");
-pub(super) const HORIZON: &str = "horizon";
-pub(super) const SCHEMA_VERSION: &str = "schema_version";
-pub(super) const BREAKING_VERSION: &str = "breaking_version";
 
 /// One accepted transaction in the server's history.
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,31 +37,20 @@ pub(super) struct HistoryRecord {
     pub(super) entry: LogEntry,
 }
 
-/// The history row for `entry` at the next version after `next` (which moves), as a row
-/// of the commit's write-ahead record.
-pub(super) fn history_row(next: &AtomicU64, origin: ReplicaId, entry: &LogEntry) -> Result<Aux> {
+/// The history record for `entry` at the next version after `next` (which moves): the
+/// version and the record's bytes.
+pub(super) fn history_row(
+    next: &AtomicU64,
+    origin: ReplicaId,
+    entry: &LogEntry,
+) -> Result<(ServerVersion, Vec<u8>)> {
     let v = next.fetch_add(1, Ordering::SeqCst) + 1;
     let rec = HistoryRecord {
         origin,
         entry: entry.clone(),
     };
     let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Aux::u64_bytes(HISTORY, v, bytes))
-}
-
-/// The `UPLOADS` row of an entry applied at `version`.
-pub(super) fn upload_row(client: ReplicaId, entry: &LogEntry, version: ServerVersion) -> Aux {
-    let mut value = Vec::with_capacity(16);
-    value.extend_from_slice(&version.to_be_bytes());
-    value.extend_from_slice(&entry.stamp.time.to_be_bytes());
-    Aux::u64_pair_bytes(UPLOADS, (client.0, entry.seq), value)
-}
-
-/// Reads an `UPLOADS` value: (server version, stamp time).
-pub(super) fn parse_upload_row(v: &[u8]) -> Option<(ServerVersion, u64)> {
-    let version = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    let time = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
-    Some((version, time))
+    Ok((v, bytes))
 }
 
 /// Counters of what the server refused, for operators.
@@ -159,32 +122,14 @@ impl std::fmt::Debug for SyncServer {
 impl SyncServer {
     /// Serves `store`, creating the sync tables on first use.
     pub fn open(store: Arc<Store>, config: ServerConfig) -> Result<SyncServer> {
-        let mut tx = store.begin()?;
-        let (version, last_conflict) = {
-            let txn = tx.raw()?;
-            txn.open_table(CLIENTS)?;
-            txn.open_table(SERVER_META)?;
-            let history = txn.open_table(HISTORY)?;
-            let last = history.last()?.map(|(k, _)| k.value());
-            let horizon = txn
-                .open_table(SERVER_META)?
-                .get(HORIZON)?
-                .map(|v| v.value());
-            (
-                last.unwrap_or(0).max(horizon.unwrap_or(0)),
-                txn.open_table(CONFLICTS)?
-                    .last()?
-                    .map_or(0, |(k, _)| k.value()),
-            )
-        };
-        tx.commit()?;
+        let marks = store.open_sync_server_tables()?;
         store.set_served(true);
         Ok(SyncServer {
             generation: AtomicU64::new(store.generation()),
             store,
             config,
-            version: Mutex::new(version),
-            last_conflict: AtomicU64::new(last_conflict),
+            version: Mutex::new(marks.history_last.max(marks.horizon)),
+            last_conflict: AtomicU64::new(marks.conflict_last),
             refusals: Refusals::default(),
         })
     }
@@ -201,19 +146,10 @@ impl SyncServer {
         if self.generation.load(Ordering::SeqCst) == generation {
             return Ok(());
         }
-        let rtx = self.store.read_txn()?;
-        let last = rtx.open_table(HISTORY)?.last()?.map(|(k, _)| k.value());
-        let horizon = rtx
-            .open_table(SERVER_META)?
-            .get(HORIZON)?
-            .map(|v| v.value());
-        let conflict = match rtx.open_table(CONFLICTS) {
-            Ok(t) => t.last()?.map_or(0, |(k, _)| k.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(e.into()),
-        };
-        **version = (**version).max(last.unwrap_or(0)).max(horizon.unwrap_or(0));
-        self.last_conflict.fetch_max(conflict, Ordering::SeqCst);
+        let marks = self.store.sync_server_marks()?;
+        **version = (**version).max(marks.history_last).max(marks.horizon);
+        self.last_conflict
+            .fetch_max(marks.conflict_last, Ordering::SeqCst);
         self.generation.store(generation, Ordering::SeqCst);
         Ok(())
     }
@@ -271,18 +207,8 @@ impl SyncServer {
 
     /// The stamp time of `client`'s entry at `seq` as applied here, if the server knows it.
     pub(super) fn applied_stamp(&self, client: ReplicaId, seq: LogPos) -> Result<Option<u64>> {
-        let rtx = self.store.read_txn()?;
-        let table = match rtx.open_table(UPLOADS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let row = table.get((client.0, seq))?;
-        match row.map(|v| parse_upload_row(v.value())) {
-            None => Ok(None),
-            Some(Some((_, time))) => Ok(Some(time)),
-            Some(None) => Err(corrupt(format!("upload row of {client} at {seq}"))),
-        }
+        let applied = self.store.sync_upload(client, seq)?;
+        Ok(applied.map(|(_, time)| time))
     }
 
     /// The entries of an upload not yet applied. A re-sent entry must be the transaction
@@ -328,10 +254,8 @@ impl SyncServer {
     }
 
     pub(super) fn client_record(&self, client: ReplicaId) -> Result<ClientRecord> {
-        let rtx = self.store.read_txn()?;
-        let table = rtx.open_table(CLIENTS)?;
-        let rec = table.get(client.0)?;
-        rec.map(|r| postcard::from_bytes(r.value()).map_err(|e| corrupt(format!("client: {e}"))))
+        let rec = self.store.sync_client_record(client)?;
+        rec.map(|r| postcard::from_bytes(&r).map_err(|e| corrupt(format!("client: {e}"))))
             .transpose()
             .map(Option::unwrap_or_default)
     }
@@ -393,18 +317,19 @@ impl SyncServer {
             // History, the entries' stamps and the client's position go in the upload's
             // write-ahead record.
             for e in &cs.entries {
-                tx.put_aux(history_row(&next, client, e)?);
-                tx.put_aux(upload_row(client, e, next.load(Ordering::SeqCst)));
+                let (version, record) = history_row(&next, client, e)?;
+                tx.put_sync_history(version, record);
+                tx.put_sync_upload(client, e.seq, next.load(Ordering::SeqCst), e.stamp.time);
             }
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
                 let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
-                tx.put_aux(Aux::u64_pair_bytes(REFUSALS, (client.0, last), bytes));
+                tx.put_sync_refusals(client, last, bytes);
             }
             record.uploaded = last;
             record.user = user.to_owned();
             let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
-            tx.put_aux(Aux::u64_bytes(CLIENTS, client.0, bytes));
+            tx.put_sync_client_record(client, bytes);
             // Refused writes are reverted: the server writes the objects as they are, stamped
             // after the client's writes, so every replica drops the refused values.
             let mut reverted = std::collections::HashSet::new();
@@ -452,7 +377,8 @@ impl SyncServer {
                 tx.force(&collection, &pk, target)?;
             }
             for (collection, pk, fields) in &graves {
-                tx.put_aux(grave_row(collection, pk, fields)?);
+                let (key, grave) = grave_row(collection, pk, fields)?;
+                tx.put_sync_grave(key, grave);
             }
             records.extend(decided.into_iter().map(|d| ConflictRecord {
                 id: 0,
@@ -465,12 +391,14 @@ impl SyncServer {
                 id += 1;
                 r.id = id;
                 let bytes = postcard::to_allocvec(&*r).map_err(|e| corrupt(e.to_string()))?;
-                tx.put_aux(Aux::u64_bytes(CONFLICTS, id, bytes));
+                tx.put_sync_conflict(id, bytes);
             }
             // The server's own writes (reverted refusals, policy decisions) enter the history
             // in the same record.
             let next = Arc::clone(&next);
-            tx.on_log_entry(move |entry| Ok(vec![history_row(&next, server_replica, entry)?]));
+            tx.put_sync_history_of_log_entry(move |entry| {
+                history_row(&next, server_replica, entry)
+            });
             Ok(())
         })?;
         *version = next.load(Ordering::SeqCst);
@@ -495,35 +423,14 @@ impl SyncServer {
         last_sync: LogPos,
     ) -> Result<Vec<RefusedWrite>> {
         // Most handshakes have none: look before taking the writer.
-        {
-            let rtx = self.store.read_txn()?;
-            let table = match rtx.open_table(REFUSALS) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
-            };
-            if table
-                .range((client.0, 0)..=(client.0, u64::MAX))?
-                .next()
-                .is_none()
-            {
-                return Ok(Vec::new());
-            }
+        if !self.store.has_sync_refusals(client)? {
+            return Ok(Vec::new());
         }
-        let mut tx = self.store.begin()?;
         let mut out = Vec::new();
-        {
-            let mut table = tx.raw()?.open_table(REFUSALS)?;
-            table.retain_in((client.0, 0)..=(client.0, last_sync), |_, _| false)?;
-            for row in
-                table.range((client.0, last_sync.saturating_add(1))..=(client.0, u64::MAX))?
-            {
-                let (_, v) = row?;
-                let batch = crate::sync::stored::refused_writes(v.value())?;
-                out.extend(batch);
-            }
-        }
-        tx.commit()?;
+        self.store.take_sync_refusals(client, last_sync, |bytes| {
+            out.extend(crate::sync::stored::refused_writes(bytes)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -544,11 +451,12 @@ impl SyncServer {
         let r = f(&mut tx)?;
         for (collection, pk, fields) in tx.deleted_live()? {
             if self.config.conflicts.may_revive(&collection) {
-                tx.put_aux(grave_row(&collection, &pk, &fields)?);
+                let (key, grave) = grave_row(&collection, &pk, &fields)?;
+                tx.put_sync_grave(key, grave);
             }
         }
         let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
-        tx.on_log_entry(move |entry| Ok(vec![history_row(&hook_next, origin, entry)?]));
+        tx.put_sync_history_of_log_entry(move |entry| history_row(&hook_next, origin, entry));
         tx.commit()?;
         *version = next.load(Ordering::SeqCst);
         Ok(r)
@@ -559,21 +467,18 @@ impl SyncServer {
         conflicts_in(&self.store, after, limit)
     }
 
-    pub(super) fn meta(&self, key: &str) -> Result<u64> {
-        let rtx = self.store.read_txn()?;
-        let t = rtx.open_table(SERVER_META)?;
-        let v = t.get(key)?.map(|v| v.value());
-        Ok(v.unwrap_or(0))
+    pub(super) fn meta(&self, which: ServerMeta) -> Result<u64> {
+        self.store.sync_server_meta(which)
     }
 
     /// History at or below this version has been compacted away.
     pub fn horizon(&self) -> Result<ServerVersion> {
-        self.meta(HORIZON)
+        self.meta(ServerMeta::Horizon)
     }
 
     /// The current schema version (raised by every schema change).
     pub fn schema_version(&self) -> Result<u64> {
-        self.meta(SCHEMA_VERSION)
+        self.meta(ServerMeta::SchemaVersion)
     }
 
     /// Drops history up to `upto` (at most the current version). Clients whose cursor is
@@ -582,26 +487,7 @@ impl SyncServer {
     pub fn compact_history(&self, upto: ServerVersion) -> Result<u64> {
         let version = self.version.lock().unwrap_or_else(PoisonError::into_inner);
         let upto = upto.min(*version);
-        let mut removed = 0;
-        let mut tx = self.store.begin()?;
-        {
-            let txn = tx.raw()?;
-            let mut meta = txn.open_table(SERVER_META)?;
-            let horizon = meta.get(HORIZON)?.map_or(0, |v| v.value());
-            if upto > horizon {
-                meta.insert(HORIZON, upto)?;
-            }
-            txn.open_table(HISTORY)?.retain_in(..=upto, |_, _| {
-                removed += 1;
-                false
-            })?;
-            // Stamps of compacted entries go with them: a re-sent entry from before the
-            // horizon is skipped unchecked, as it was applied.
-            txn.open_table(UPLOADS)?
-                .retain(|_, v| parse_upload_row(v).is_none_or(|(version, _)| version > upto))?;
-        }
-        tx.commit()?;
-        Ok(removed)
+        self.store.compact_sync_history(upto)
     }
 
     /// Orders a reset for a client the next time it connects.
@@ -613,13 +499,8 @@ impl SyncServer {
     }
 
     pub(super) fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
-        let mut tx = self.store.begin()?;
         let bytes = postcard::to_allocvec(record).map_err(|e| corrupt(e.to_string()))?;
-        tx.raw()?
-            .open_table(CLIENTS)?
-            .insert(client.0, bytes.as_slice())?;
-        tx.commit()?;
-        Ok(())
+        self.store.set_sync_client_record(client, &bytes)
     }
 
     /// Sets a collection's schema on the server. Raises the schema version; a removed or
@@ -633,17 +514,7 @@ impl SyncServer {
                 .any(|(name, spec)| schema.fields.get(name).is_none_or(|new| new.ty != spec.ty))
         });
         self.store.put_schema(schema)?;
-        let mut tx = self.store.begin()?;
-        {
-            let txn = tx.raw()?;
-            let mut meta = txn.open_table(SERVER_META)?;
-            let v = meta.get(SCHEMA_VERSION)?.map_or(0, |v| v.value()) + 1;
-            meta.insert(SCHEMA_VERSION, v)?;
-            if breaking {
-                meta.insert(BREAKING_VERSION, v)?;
-            }
-        }
-        tx.commit()?;
+        self.store.bump_sync_schema_version(breaking)?;
         Ok(breaking)
     }
 
@@ -657,9 +528,9 @@ impl SyncServer {
         reset_pending: bool,
     ) -> Result<Option<ResetReason>> {
         let version = self.version();
-        let horizon = self.meta(HORIZON)?;
-        let breaking = self.meta(BREAKING_VERSION)?;
-        let server_schema = self.meta(SCHEMA_VERSION)?;
+        let horizon = self.meta(ServerMeta::Horizon)?;
+        let breaking = self.meta(ServerMeta::BreakingVersion)?;
+        let server_schema = self.meta(ServerMeta::SchemaVersion)?;
         Ok(if reset_pending {
             Some(ResetReason::Resumed)
         } else if record.force_reset {
@@ -713,27 +584,22 @@ impl SyncServer {
         cursor: ServerVersion,
         client: ReplicaId,
     ) -> Result<(Vec<LogEntry>, ServerVersion)> {
-        let rtx = self.store.read_txn()?;
-        let table = rtx.open_table(HISTORY)?;
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut end = cursor;
-        for row in table.range(cursor.saturating_add(1)..)? {
-            let (k, v) = row?;
-            end = k.value();
-            let rec: HistoryRecord = postcard::from_bytes(v.value())
-                .map_err(|e| corrupt(format!("history {end}: {e}")))?;
+        self.store.sync_history_after(cursor, |version, record| {
+            end = version;
+            let rec: HistoryRecord =
+                postcard::from_bytes(record).map_err(|e| corrupt(format!("history {end}: {e}")))?;
             if rec.origin == client {
-                continue;
+                return Ok(true);
             }
-            bytes += v.value().len();
+            bytes += record.len();
             let mut entry = rec.entry;
             entry.seq = end;
             out.push(entry);
-            if bytes >= self.config.batch_bytes {
-                break;
-            }
-        }
+            Ok(bytes < self.config.batch_bytes)
+        })?;
         Ok((out, end))
     }
 }
