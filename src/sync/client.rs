@@ -120,8 +120,9 @@ pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
     store.sync_counter(ClientCounter::DownloadCursor)
 }
 
-fn corrupt(what: impl Into<String>) -> Error {
-    Error::Corrupt { what: what.into() }
+/// An internal invariant that did not hold (encoding one of our own records).
+fn internal(what: impl Into<String>) -> Error {
+    Error::Internal { what: what.into() }
 }
 
 /// The store's subscription set (`None`: never set; the client sees all it may read).
@@ -145,7 +146,7 @@ pub fn update_subscriptions(
         parse(&s.query)?;
     }
     set.version += 1;
-    let bytes = postcard::to_allocvec(&set).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = postcard::to_allocvec(&set).map_err(|e| internal(e.to_string()))?;
     store.set_sync_subscriptions(&bytes)?;
     Ok(set.version)
 }
@@ -172,7 +173,7 @@ fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
         if known.iter().any(|(_, k)| k == r) {
             continue;
         }
-        fresh.push(postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?);
+        fresh.push(postcard::to_allocvec(r).map_err(|e| internal(e.to_string()))?);
     }
     store.add_sync_rejected(&fresh)
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{corrupt, SyncServer};
+use super::state::{corrupt, internal, SyncServer};
 use crate::clock::ReplicaId;
 use crate::conflict::{ConflictRecord, Plan, PlanSource, Planner};
 use crate::error::Result;
@@ -51,7 +51,7 @@ pub(super) struct Grave {
 /// The graveyard's key for an object: a hash of its collection and primary key. Two objects
 /// with the same hash share a row; the row names its object, so the other one finds none.
 pub(super) fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> {
-    let bytes = postcard::to_allocvec(&(collection, pk)).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = postcard::to_allocvec(&(collection, pk)).map_err(|e| internal(e.to_string()))?;
     let hash = blake3::hash(&bytes);
     let mut key = [0u8; 8];
     key.copy_from_slice(&hash.as_bytes()[..8]);
@@ -69,7 +69,7 @@ pub(super) fn grave_row(
         pk: pk.clone(),
         fields: fields.to_vec(),
     };
-    let bytes = postcard::to_allocvec(&grave).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = postcard::to_allocvec(&grave).map_err(|e| internal(e.to_string()))?;
     Ok((grave_key(collection, pk)?, bytes))
 }
 

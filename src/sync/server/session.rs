@@ -240,7 +240,7 @@ impl ServerSession {
                         Err(message) => (
                             self.server
                                 .view(user, None)
-                                .map_err(|reason| Error::Corrupt { what: reason })?,
+                                .map_err(|reason| Error::Internal { what: reason })?,
                             subscriptions.map(|s| ServerMsg::SubscriptionError {
                                 version: s.version,
                                 message,

@@ -49,7 +49,7 @@ pub(super) fn history_row(
         origin,
         entry: entry.clone(),
     };
-    let bytes = postcard::to_allocvec(&rec).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = postcard::to_allocvec(&rec).map_err(|e| internal(e.to_string()))?;
     Ok((v, bytes))
 }
 
@@ -87,6 +87,11 @@ pub(super) struct ClientRecord {
 
 pub(super) fn corrupt(what: impl Into<String>) -> Error {
     Error::Corrupt { what: what.into() }
+}
+
+/// An internal invariant that did not hold (encoding one of our own records, say).
+pub(super) fn internal(what: impl Into<String>) -> Error {
+    Error::Internal { what: what.into() }
 }
 
 /// The server's shared state: its store, history and client records.
@@ -323,12 +328,12 @@ impl SyncServer {
             }
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
-                let bytes = postcard::to_allocvec(&all).map_err(|e| corrupt(e.to_string()))?;
+                let bytes = postcard::to_allocvec(&all).map_err(|e| internal(e.to_string()))?;
                 tx.put_sync_refusals(client, last, bytes);
             }
             record.uploaded = last;
             record.user = user.to_owned();
-            let bytes = postcard::to_allocvec(&record).map_err(|e| corrupt(e.to_string()))?;
+            let bytes = postcard::to_allocvec(&record).map_err(|e| internal(e.to_string()))?;
             tx.put_sync_client_record(client, bytes);
             // Refused writes are reverted: the server writes the objects as they are, stamped
             // after the client's writes, so every replica drops the refused values.
@@ -390,7 +395,7 @@ impl SyncServer {
             for r in &mut records {
                 id += 1;
                 r.id = id;
-                let bytes = postcard::to_allocvec(&*r).map_err(|e| corrupt(e.to_string()))?;
+                let bytes = postcard::to_allocvec(&*r).map_err(|e| internal(e.to_string()))?;
                 tx.put_sync_conflict(id, bytes);
             }
             // The server's own writes (reverted refusals, policy decisions) enter the history
@@ -499,7 +504,7 @@ impl SyncServer {
     }
 
     pub(super) fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
-        let bytes = postcard::to_allocvec(record).map_err(|e| corrupt(e.to_string()))?;
+        let bytes = postcard::to_allocvec(record).map_err(|e| internal(e.to_string()))?;
         self.store.set_sync_client_record(client, &bytes)
     }
 
