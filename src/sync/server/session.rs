@@ -15,9 +15,9 @@ use crate::rules::User;
 use crate::schema::Schema;
 use crate::sync::pieces::{join_piece, split_entry};
 use crate::sync::protocol::{
-    ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, ServerMsg, ServerVersion, SnapshotEnd, SubscriptionSet, PROTOCOL_VERSION,
 };
-use crate::sync::token::{self, TokenError};
+use crate::sync::token::{self, Claims, TokenError};
 use crate::sync::view::View;
 use crate::value::Value;
 
@@ -175,318 +175,376 @@ impl ServerSession {
     }
 
     fn handle(&mut self, msg: ClientMsg, now_ms: u64) -> Result<Vec<ServerMsg>> {
-        match (&mut self.state, msg) {
-            (State::Closed, _) => Ok(Vec::new()),
-            (
-                State::AwaitHello,
-                ClientMsg::Hello {
-                    protocol,
-                    schema_version,
-                    token,
-                    replica,
-                    download_cursor,
-                    last_sync,
-                    reset_pending,
-                    reset_settled,
-                    subscriptions,
-                    subscriptions_acked,
-                },
-            ) => {
-                if protocol != PROTOCOL_VERSION {
-                    return Ok(self.fail(
-                        ErrorCode::ProtocolVersion,
-                        format!("server speaks protocol {PROTOCOL_VERSION}, client {protocol}"),
-                    ));
-                }
-                let claims = match token::verify(&self.server.config.secret, &token, now_ms) {
-                    Ok(c) => c,
-                    Err(e @ TokenError::Expired { .. }) => {
-                        return Ok(self.fail(ErrorCode::TokenExpired, e.to_string()))
-                    }
-                    Err(e) => return Ok(self.fail(ErrorCode::Unauthorized, e.to_string())),
-                };
-                if let Err(message) = self.server.claim_device(replica, &claims.user_id)? {
-                    self.server
-                        .refusals
-                        .device_owner
-                        .fetch_add(1, Ordering::Relaxed);
-                    return Ok(self.fail(ErrorCode::DeviceNotOwned, message));
-                }
-                self.expires_at_ms = claims.expires_at_ms;
-                let server_schema = self.server.schema_version()?;
-                if schema_version > server_schema {
-                    return Ok(self.fail(
-                        ErrorCode::SchemaVersion,
-                        format!(
-                            "client schema version {schema_version} is newer than the server's {server_schema}"
-                        ),
-                    ));
-                }
-                if let Some(settled) = reset_settled {
-                    // The client finished a reset whose last acknowledgement we never got.
-                    self.server.reset_served(replica, settled)?;
-                }
-                let record = self.server.client_record(replica)?;
-                let server_version = self.server.version();
-                let user = User {
-                    id: claims.user_id,
-                    fields: claims.extra,
-                };
-                let (view, refused_subscriptions) =
-                    match self.server.view(user.clone(), subscriptions.as_ref()) {
-                        Ok(v) => (v, None),
-                        // The set is refused; the client keeps what it has and sees what its
-                        // roles allow until it sends a valid set.
-                        Err(message) => (
-                            self.server
-                                .view(user, None)
-                                .map_err(|reason| Error::Internal { what: reason })?,
-                            subscriptions.map(|s| ServerMsg::SubscriptionError {
-                                version: s.version,
-                                message,
-                            }),
-                        ),
-                    };
-                let view = Arc::new(view);
-                let mut reason = self.server.reset_reason(
-                    &record,
-                    schema_version,
-                    download_cursor,
-                    last_sync,
-                    reset_pending,
-                )?;
-                if reason.is_none()
-                    && view.has_subscriptions()
-                    && view.version != subscriptions_acked
-                {
-                    reason = Some(ResetReason::SubscriptionsChanged);
-                }
-                if let Some(reason) = reason {
-                    let schemas = self.server.store.schemas();
-                    self.state = State::Snapshotting {
-                        client: replica,
-                        view,
-                        next_key: None,
-                        cursor: server_version,
-                        schemas: schemas.clone(),
-                        schema_version: self.server.schema_version()?,
-                        in_flight: 0,
-                        stale: 0,
-                        done: false,
-                    };
-                    let missed = self.server.pending_refusals(replica, last_sync)?;
-                    let mut out = Vec::new();
-                    if !missed.is_empty() {
-                        out.push(ServerMsg::CompensatingWrite { refused: missed });
-                    }
-                    out.push(ServerMsg::ResetRequired {
-                        reason,
-                        uploaded: record.uploaded,
-                        schemas,
-                    });
-                    out.extend(refused_subscriptions);
-                    return Ok(out);
-                }
-                self.state = State::Ready {
-                    client: replica,
-                    view,
-                    sent: download_cursor.min(server_version),
-                    partial: None,
-                    outgoing: Vec::new(),
-                    outgoing_cursor: 0,
-                    in_flight: 0,
-                };
-                let schemas = if schema_version < server_schema {
-                    self.server.store.schemas()
-                } else {
-                    Vec::new()
-                };
-                // Refusals the client may have missed come before the Welcome, which lets
-                // it count the uploads they belong to as acknowledged.
-                let missed = self.server.pending_refusals(replica, last_sync)?;
-                let mut out = Vec::new();
-                if !missed.is_empty() {
-                    out.push(ServerMsg::CompensatingWrite { refused: missed });
-                }
-                out.push(ServerMsg::Welcome {
-                    server: self.server.store.replica_id(),
-                    server_version,
-                    uploaded: record.uploaded,
-                    schema_version: server_schema,
-                    schemas,
-                });
-                out.extend(refused_subscriptions);
-                Ok(out)
-            }
-            (State::AwaitHello, other) => Ok(self.fail(
+        if self.is_closed() {
+            return Ok(Vec::new());
+        }
+        let awaiting_hello = matches!(self.state, State::AwaitHello);
+        match msg {
+            hello @ ClientMsg::Hello { .. } if awaiting_hello => self.on_hello(hello, now_ms),
+            other if awaiting_hello => Ok(self.fail(
                 ErrorCode::UnexpectedMessage,
                 format!("expected Hello, got {}", kind(&other)),
             )),
-            (_, ClientMsg::Hello { .. }) => {
+            ClientMsg::Hello { .. } => {
                 Ok(self.fail(ErrorCode::UnexpectedMessage, "Hello after the handshake"))
             }
-            (
-                State::Ready {
-                    client,
-                    view,
-                    partial,
-                    ..
-                },
-                ClientMsg::Upload { changeset, more },
-            ) => {
-                changeset.validate(self.server.store.options().value_bytes_max)?;
-                // A client uploads its own writes only: a stamp of another replica would let
-                // it forge a tie that replicas could break differently.
-                if let Some(e) = changeset
-                    .entries
-                    .iter()
-                    .find(|e| e.stamp.replica != *client)
-                {
-                    return Err(Error::BadChangeset {
-                        reason: format!(
-                            "entry {} carries a stamp of replica {}, not of the uploader {}",
-                            e.seq, e.stamp.replica, client
-                        ),
-                    });
-                }
-                let mut entries = changeset.entries;
-                // Pieces are counted as they arrive, before they are joined.
-                let first_bytes = entries.first().map_or(0, approx_size);
-                let last_bytes = entries.last().map_or(0, approx_size);
-                let mut carried = 0;
-                if let Some(p) = partial.take() {
-                    match entries.first_mut() {
-                        Some(first) if first.seq == p.seq => {
-                            let rest = std::mem::replace(first, p);
-                            join_piece(first, rest);
-                            carried = self.partial_bytes;
-                        }
-                        _ => {
-                            return Ok(self.fail(
-                                ErrorCode::UnexpectedMessage,
-                                format!("upload did not continue transaction {}", p.seq),
-                            ))
-                        }
-                    }
-                }
-                self.partial_bytes = 0;
-                let first_total = carried + first_bytes;
-                let max = self.server.config.limits.transaction_bytes_max;
-                if first_total > max {
-                    let seq = entries.first().map_or(0, |e| e.seq);
-                    tracing::warn!(
-                        seq,
-                        bytes = first_total,
-                        max,
-                        "upload transaction too large"
-                    );
-                    return Ok(self.fail(
-                        ErrorCode::LimitExceeded,
-                        format!(
-                            "transaction {seq} is over {first_total} bytes, more than the \
-                             server's limit of {max} bytes (Limits::transaction_bytes_max)"
-                        ),
-                    ));
-                }
-                if more {
-                    let continued = entries.len() == 1;
-                    *partial = entries.pop();
-                    self.partial_bytes = if continued { first_total } else { last_bytes };
-                }
-                let (client, view) = (*client, Arc::clone(view));
-                if entries.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let (seq, server_version, refused) =
-                    self.server.apply_upload(client, &view, entries)?;
-                // The refusal goes first: a client that saw the acknowledgement saw it too.
-                let mut out = Vec::new();
-                if !refused.is_empty() {
-                    out.push(ServerMsg::CompensatingWrite { refused });
-                }
-                out.push(ServerMsg::UploadAck {
-                    seq,
-                    server_version,
-                });
-                Ok(out)
-            }
-            // A new subscription set rebuilds the view (a snapshot in progress starts over,
-            // of the new view).
-            (
-                State::Ready { client, .. } | State::Snapshotting { client, .. },
-                ClientMsg::Subscribe { set },
-            ) => {
-                let client = *client;
-                let user = self.user_info();
-                match self.server.view(user, Some(&set)) {
-                    Err(message) => Ok(vec![ServerMsg::SubscriptionError {
-                        version: set.version,
-                        message,
-                    }]),
-                    Ok(view) => {
-                        if let State::Ready { view: v, .. } | State::Snapshotting { view: v, .. } =
-                            &mut self.state
-                        {
-                            *v = Arc::new(view);
-                        }
-                        Ok(self
-                            .begin_reset(client, ResetReason::SubscriptionsChanged)?
-                            .into_iter()
-                            .collect())
-                    }
-                }
-            }
-            (
-                State::Snapshotting {
-                    client,
-                    in_flight,
-                    stale,
-                    done,
-                    ..
-                },
-                ClientMsg::SnapshotAck { settled },
-            ) => {
-                if *stale > 0 {
-                    // Of the replaced snapshot; the new one's last acknowledgement settles.
-                    *stale -= 1;
-                    return Ok(Vec::new());
-                }
-                *in_flight = in_flight.saturating_sub(1);
-                if *done && *in_flight == 0 {
-                    // The client has swapped the snapshot in; what it sends next (its
-                    // recovered writes) belongs to a normal session.
-                    let client = *client;
-                    self.end_snapshot(settled.unwrap_or(0))?;
-                    // Confirm the settled position, so the client can end its reset.
-                    return Ok(vec![ServerMsg::UploadAck {
-                        seq: self.server.uploaded(client)?,
-                        server_version: self.server.version(),
-                    }]);
-                }
-                Ok(Vec::new())
-            }
-            // Sent before the client learnt of the reset: acknowledgements need no answer,
-            // and uploads are replayed by the reset, so dropping them loses nothing.
-            (
-                State::Snapshotting { .. },
-                ClientMsg::DownloadAck { .. } | ClientMsg::Upload { .. },
-            ) => Ok(Vec::new()),
-            (State::Snapshotting { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
-                id,
-                server_version: self.server.version(),
-            }]),
-            (State::Ready { in_flight, .. }, ClientMsg::DownloadAck { .. }) => {
-                *in_flight = in_flight.saturating_sub(1);
-                Ok(Vec::new())
-            }
-            (State::Ready { .. }, ClientMsg::SnapshotAck { .. }) => {
-                Ok(self.fail(ErrorCode::UnexpectedMessage, "SnapshotAck outside a reset"))
-            }
-            (State::Ready { .. }, ClientMsg::Ping { id }) => Ok(vec![ServerMsg::Pong {
+            ClientMsg::Upload { changeset, more } => self.on_upload(changeset, more),
+            ClientMsg::Subscribe { set } => self.on_subscribe(set),
+            ClientMsg::SnapshotAck { settled } => self.on_snapshot_ack(settled),
+            ClientMsg::DownloadAck { .. } => Ok(self.on_download_ack()),
+            ClientMsg::Ping { id } => Ok(vec![ServerMsg::Pong {
                 id,
                 server_version: self.server.version(),
             }]),
         }
+    }
+
+    /// The handshake: admits the client, then welcomes it or begins its reset.
+    fn on_hello(&mut self, hello: ClientMsg, now_ms: u64) -> Result<Vec<ServerMsg>> {
+        let ClientMsg::Hello {
+            protocol,
+            schema_version,
+            token,
+            replica,
+            download_cursor,
+            last_sync,
+            reset_pending,
+            reset_settled,
+            subscriptions,
+            subscriptions_acked,
+        } = hello
+        else {
+            return Err(Error::Internal {
+                what: format!("a {} handled as a Hello", kind(&hello)),
+            });
+        };
+        let claims = match self.admit(protocol, &token, replica, now_ms)? {
+            Ok(claims) => claims,
+            Err(refusal) => return Ok(refusal),
+        };
+        self.expires_at_ms = claims.expires_at_ms;
+        let server_schema = self.server.schema_version()?;
+        if schema_version > server_schema {
+            return Ok(self.fail(
+                ErrorCode::SchemaVersion,
+                format!(
+                    "client schema version {schema_version} is newer than the server's {server_schema}"
+                ),
+            ));
+        }
+        if let Some(settled) = reset_settled {
+            // The client finished a reset whose last acknowledgement we never got.
+            self.server.reset_served(replica, settled)?;
+        }
+        let record = self.server.client_record(replica)?;
+        let server_version = self.server.version();
+        let user = User {
+            id: claims.user_id,
+            fields: claims.extra,
+        };
+        let (view, refused_subscriptions) = self.hello_view(user, subscriptions)?;
+        let mut reason = self.server.reset_reason(
+            &record,
+            schema_version,
+            download_cursor,
+            last_sync,
+            reset_pending,
+        )?;
+        if reason.is_none() && view.has_subscriptions() && view.version != subscriptions_acked {
+            reason = Some(ResetReason::SubscriptionsChanged);
+        }
+        if let Some(reason) = reason {
+            let mut out = self.hello_reset(
+                replica,
+                view,
+                reason,
+                record.uploaded,
+                server_version,
+                last_sync,
+            )?;
+            out.extend(refused_subscriptions);
+            return Ok(out);
+        }
+        self.state = State::Ready {
+            client: replica,
+            view,
+            sent: download_cursor.min(server_version),
+            partial: None,
+            outgoing: Vec::new(),
+            outgoing_cursor: 0,
+            in_flight: 0,
+        };
+        let schemas = if schema_version < server_schema {
+            self.server.store.schemas()
+        } else {
+            Vec::new()
+        };
+        // Refusals the client may have missed come before the Welcome, which lets it count
+        // the uploads they belong to as acknowledged.
+        let mut out = self.missed_refusals(replica, last_sync)?;
+        out.push(ServerMsg::Welcome {
+            server: self.server.store.replica_id(),
+            server_version,
+            uploaded: record.uploaded,
+            schema_version: server_schema,
+            schemas,
+        });
+        out.extend(refused_subscriptions);
+        Ok(out)
+    }
+
+    /// Begins the reset a handshake found due, of the state at `server_version`; `uploaded`
+    /// is the client's position the server holds.
+    fn hello_reset(
+        &mut self,
+        replica: ReplicaId,
+        view: Arc<View>,
+        reason: ResetReason,
+        uploaded: LogPos,
+        server_version: ServerVersion,
+        last_sync: LogPos,
+    ) -> Result<Vec<ServerMsg>> {
+        let schemas = self.server.store.schemas();
+        self.state = State::Snapshotting {
+            client: replica,
+            view,
+            next_key: None,
+            cursor: server_version,
+            schemas: schemas.clone(),
+            schema_version: self.server.schema_version()?,
+            in_flight: 0,
+            stale: 0,
+            done: false,
+        };
+        let mut out = self.missed_refusals(replica, last_sync)?;
+        out.push(ServerMsg::ResetRequired {
+            reason,
+            uploaded,
+            schemas,
+        });
+        Ok(out)
+    }
+
+    /// Checks a handshake's protocol, token and device: the token's claims, or the refusal
+    /// to send (the session is closed then).
+    fn admit(
+        &mut self,
+        protocol: u32,
+        token: &str,
+        replica: ReplicaId,
+        now_ms: u64,
+    ) -> Result<std::result::Result<Claims, Vec<ServerMsg>>> {
+        if protocol != PROTOCOL_VERSION {
+            return Ok(Err(self.fail(
+                ErrorCode::ProtocolVersion,
+                format!("server speaks protocol {PROTOCOL_VERSION}, client {protocol}"),
+            )));
+        }
+        let claims = match token::verify(&self.server.config.secret, token, now_ms) {
+            Ok(c) => c,
+            Err(e @ TokenError::Expired { .. }) => {
+                return Ok(Err(self.fail(ErrorCode::TokenExpired, e.to_string())))
+            }
+            Err(e) => return Ok(Err(self.fail(ErrorCode::Unauthorized, e.to_string()))),
+        };
+        if let Err(message) = self.server.claim_device(replica, &claims.user_id)? {
+            self.server
+                .refusals
+                .device_owner
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Err(self.fail(ErrorCode::DeviceNotOwned, message)));
+        }
+        Ok(Ok(claims))
+    }
+
+    /// The view a handshake's subscription set gives, and the refusal of the set if it is
+    /// refused: then the client keeps what it has and sees what its roles allow until it
+    /// sends a valid set.
+    fn hello_view(
+        &self,
+        user: User,
+        subscriptions: Option<SubscriptionSet>,
+    ) -> Result<(Arc<View>, Option<ServerMsg>)> {
+        let (view, refused) = match self.server.view(user.clone(), subscriptions.as_ref()) {
+            Ok(v) => (v, None),
+            Err(message) => (
+                self.server
+                    .view(user, None)
+                    .map_err(|reason| Error::Internal { what: reason })?,
+                subscriptions.map(|s| ServerMsg::SubscriptionError {
+                    version: s.version,
+                    message,
+                }),
+            ),
+        };
+        Ok((Arc::new(view), refused))
+    }
+
+    /// The refusals of uploads above `last_sync` the client may have missed, as the message
+    /// to send first (if any).
+    fn missed_refusals(&self, client: ReplicaId, last_sync: LogPos) -> Result<Vec<ServerMsg>> {
+        let missed = self.server.pending_refusals(client, last_sync)?;
+        let mut out = Vec::new();
+        if !missed.is_empty() {
+            out.push(ServerMsg::CompensatingWrite { refused: missed });
+        }
+        Ok(out)
+    }
+
+    /// Pieces of an upload: a whole transaction is applied at once, and acknowledged.
+    fn on_upload(&mut self, changeset: Changeset, more: bool) -> Result<Vec<ServerMsg>> {
+        let State::Ready {
+            client,
+            view,
+            partial,
+            ..
+        } = &mut self.state
+        else {
+            // Sent before the client learnt of its reset: the reset replays its uploads, so
+            // dropping them loses nothing.
+            return Ok(Vec::new());
+        };
+        changeset.validate(self.server.store.options().value_bytes_max)?;
+        // A client uploads its own writes only: a stamp of another replica would let
+        // it forge a tie that replicas could break differently.
+        if let Some(e) = changeset
+            .entries
+            .iter()
+            .find(|e| e.stamp.replica != *client)
+        {
+            return Err(Error::BadChangeset {
+                reason: format!(
+                    "entry {} carries a stamp of replica {}, not of the uploader {}",
+                    e.seq, e.stamp.replica, client
+                ),
+            });
+        }
+        let mut entries = changeset.entries;
+        // Pieces are counted as they arrive, before they are joined.
+        let first_bytes = entries.first().map_or(0, approx_size);
+        let last_bytes = entries.last().map_or(0, approx_size);
+        let mut carried = 0;
+        if let Some(p) = partial.take() {
+            match entries.first_mut() {
+                Some(first) if first.seq == p.seq => {
+                    let rest = std::mem::replace(first, p);
+                    join_piece(first, rest);
+                    carried = self.partial_bytes;
+                }
+                _ => {
+                    return Ok(self.fail(
+                        ErrorCode::UnexpectedMessage,
+                        format!("upload did not continue transaction {}", p.seq),
+                    ))
+                }
+            }
+        }
+        self.partial_bytes = 0;
+        let first_total = carried + first_bytes;
+        let max = self.server.config.limits.transaction_bytes_max;
+        if first_total > max {
+            let seq = entries.first().map_or(0, |e| e.seq);
+            tracing::warn!(
+                seq,
+                bytes = first_total,
+                max,
+                "upload transaction too large"
+            );
+            return Ok(self.fail(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "transaction {seq} is over {first_total} bytes, more than the \
+                     server's limit of {max} bytes (Limits::transaction_bytes_max)"
+                ),
+            ));
+        }
+        if more {
+            let continued = entries.len() == 1;
+            *partial = entries.pop();
+            self.partial_bytes = if continued { first_total } else { last_bytes };
+        }
+        let (client, view) = (*client, Arc::clone(view));
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (seq, server_version, refused) = self.server.apply_upload(client, &view, entries)?;
+        // The refusal goes first: a client that saw the acknowledgement saw it too.
+        let mut out = Vec::new();
+        if !refused.is_empty() {
+            out.push(ServerMsg::CompensatingWrite { refused });
+        }
+        out.push(ServerMsg::UploadAck {
+            seq,
+            server_version,
+        });
+        Ok(out)
+    }
+
+    /// A new subscription set rebuilds the view (a snapshot in progress starts over, of the
+    /// new view).
+    fn on_subscribe(&mut self, set: SubscriptionSet) -> Result<Vec<ServerMsg>> {
+        let (State::Ready { client, .. } | State::Snapshotting { client, .. }) = &self.state else {
+            return Ok(Vec::new());
+        };
+        let client = *client;
+        let user = self.user_info();
+        match self.server.view(user, Some(&set)) {
+            Err(message) => Ok(vec![ServerMsg::SubscriptionError {
+                version: set.version,
+                message,
+            }]),
+            Ok(view) => {
+                if let State::Ready { view: v, .. } | State::Snapshotting { view: v, .. } =
+                    &mut self.state
+                {
+                    *v = Arc::new(view);
+                }
+                Ok(self
+                    .begin_reset(client, ResetReason::SubscriptionsChanged)?
+                    .into_iter()
+                    .collect())
+            }
+        }
+    }
+
+    /// A snapshot chunk arrived; after the last one the client has swapped the snapshot in.
+    fn on_snapshot_ack(&mut self, settled: Option<LogPos>) -> Result<Vec<ServerMsg>> {
+        let State::Snapshotting {
+            client,
+            in_flight,
+            stale,
+            done,
+            ..
+        } = &mut self.state
+        else {
+            return Ok(self.fail(ErrorCode::UnexpectedMessage, "SnapshotAck outside a reset"));
+        };
+        if *stale > 0 {
+            // Of the replaced snapshot; the new one's last acknowledgement settles.
+            *stale -= 1;
+            return Ok(Vec::new());
+        }
+        *in_flight = in_flight.saturating_sub(1);
+        if *done && *in_flight == 0 {
+            // The client has swapped the snapshot in; what it sends next (its recovered
+            // writes) belongs to a normal session.
+            let client = *client;
+            self.end_snapshot(settled.unwrap_or(0))?;
+            // Confirm the settled position, so the client can end its reset.
+            return Ok(vec![ServerMsg::UploadAck {
+                seq: self.server.uploaded(client)?,
+                server_version: self.server.version(),
+            }]);
+        }
+        Ok(Vec::new())
+    }
+
+    /// A download arrived. One sent before the client learnt of its reset needs no answer.
+    fn on_download_ack(&mut self) -> Vec<ServerMsg> {
+        if let State::Ready { in_flight, .. } = &mut self.state {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+        Vec::new()
     }
 
     /// The next download message, if the client is behind. Call it whenever the server
