@@ -5,11 +5,17 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{corrupt, internal, SyncServer};
 use crate::clock::ReplicaId;
-use crate::conflict::{ConflictRecord, Plan, PlanSource, Planner};
+use std::sync::atomic::Ordering;
+
+use crate::conflict::{
+    Conflict, ConflictKind, ConflictRecord, Decision, Plan, PlanSource, Planner, Side,
+};
 use crate::error::Result;
 use crate::log::{LogEntry, Op};
 use crate::merge::ObjectState;
 use crate::store::Store;
+use crate::store::WriteTx;
+use crate::sync::protocol::RefusedWrite;
 use crate::value::Value;
 
 impl SyncServer {
@@ -30,6 +36,93 @@ impl SyncServer {
         }
         Ok(planner.finish(&src))
     }
+
+    /// Numbers the upload's conflict records after the last one kept, and puts them in its
+    /// write-ahead record.
+    pub(super) fn put_conflicts(
+        &self,
+        tx: &mut WriteTx<'_>,
+        records: &mut [ConflictRecord],
+    ) -> Result<()> {
+        let mut id = self.last_conflict.load(Ordering::SeqCst);
+        for r in records {
+            id += 1;
+            r.id = id;
+            let bytes = postcard::to_allocvec(&*r).map_err(|e| internal(e.to_string()))?;
+            tx.put_sync_conflict(id, bytes);
+        }
+        Ok(())
+    }
+}
+
+/// Reverts refused writes: the server writes the objects as they are, stamped after the
+/// client's writes, so every replica drops the refused values.
+pub(super) fn revert<'r>(
+    tx: &mut WriteTx<'_>,
+    refused: impl Iterator<Item = &'r RefusedWrite>,
+) -> Result<()> {
+    let mut reverted = std::collections::HashSet::new();
+    for r in refused {
+        if reverted.insert((r.collection.clone(), r.pk.clone())) {
+            tx.reassert(&r.collection, &r.pk)?;
+        }
+    }
+    Ok(())
+}
+
+/// The conflict record of a write refused for breaking the server's schema: the server's
+/// state stands.
+pub(super) fn errors_occurred(r: &RefusedWrite, client: ReplicaId, user: &str) -> ConflictRecord {
+    ConflictRecord {
+        id: 0,
+        conflict: Conflict {
+            kind: ConflictKind::ErrorsOccurred,
+            collection: r.collection.clone(),
+            pk: r.pk.clone(),
+            client: Side {
+                value: r.fields.first().map(|(_, v)| v.clone()),
+                stamp: Some(r.stamp),
+                replica: Some(client),
+                user: Some(user.to_owned()),
+            },
+            server: Side {
+                value: None,
+                stamp: None,
+                replica: None,
+                user: None,
+            },
+            field: r.fields.first().map(|(f, _)| f.clone()),
+        },
+        policy: r.to_string(),
+        decision: Decision::Server,
+    }
+}
+
+/// Writes a plan's decisions as the server's own writes (stamped after the client's) and
+/// keeps the graves it names; returns the records of the decided conflicts (not yet
+/// numbered).
+pub(super) fn apply_plan(tx: &mut WriteTx<'_>, plan: Plan) -> Result<Vec<ConflictRecord>> {
+    let Plan {
+        decided,
+        targets,
+        graves,
+    } = plan;
+    for (collection, pk, target) in targets {
+        tx.force(&collection, &pk, target)?;
+    }
+    for (collection, pk, fields) in &graves {
+        let (key, grave) = grave_row(collection, pk, fields)?;
+        tx.put_sync_grave(key, grave);
+    }
+    Ok(decided
+        .into_iter()
+        .map(|d| ConflictRecord {
+            id: 0,
+            conflict: d.conflict,
+            policy: d.policy,
+            decision: d.decision,
+        })
+        .collect())
 }
 
 /// The conflict records kept in a server store (for the `conflicts` command).

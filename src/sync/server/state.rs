@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Limits, ServerConfig};
 use super::enforce::{not_allowed, refused_write};
-use super::resolve::{conflicts_in, grave_row};
+use super::resolve::{apply_plan, conflicts_in, errors_occurred, grave_row, revert};
 use crate::changeset::Changeset;
 use crate::clock::ReplicaId;
-use crate::conflict::{Conflict, ConflictKind, ConflictRecord, Decision, Plan};
+use crate::conflict::ConflictRecord;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
 use crate::reset::ResetReason;
@@ -286,24 +286,7 @@ impl SyncServer {
         let Some(last) = fresh.last().map(|e| e.seq) else {
             return Ok((record.uploaded, *version, Vec::new()));
         };
-        // A write that breaks the server's schema is refused on its own (ErrorsOccurred),
-        // not the whole upload: the client's other writes go through.
-        let mut invalid = Vec::new();
-        for e in &mut fresh {
-            let stamp = e.stamp;
-            e.writes.retain(|w| match self.store.check_write_schema(w) {
-                Ok(()) => true,
-                Err(err) => {
-                    invalid.push(refused_write(
-                        w,
-                        stamp,
-                        not_allowed(w),
-                        Some(format!("failed validation: {err}")),
-                    ));
-                    false
-                }
-            });
-        }
+        let invalid = self.take_invalid(&mut fresh);
         let mut refused = if view.filtered() {
             self.enforce(view, &mut fresh)?
         } else {
@@ -335,69 +318,10 @@ impl SyncServer {
             record.user = user.to_owned();
             let bytes = postcard::to_allocvec(&record).map_err(|e| internal(e.to_string()))?;
             tx.put_sync_client_record(client, bytes);
-            // Refused writes are reverted: the server writes the objects as they are, stamped
-            // after the client's writes, so every replica drops the refused values.
-            let mut reverted = std::collections::HashSet::new();
-            for r in &refused {
-                if reverted.insert((r.collection.clone(), r.pk.clone())) {
-                    tx.reassert(&r.collection, &r.pk)?;
-                }
-            }
-            for r in &invalid {
-                if reverted.insert((r.collection.clone(), r.pk.clone())) {
-                    tx.reassert(&r.collection, &r.pk)?;
-                }
-                let field = r.fields.first().map(|(f, _)| f.clone());
-                records.push(ConflictRecord {
-                    id: 0,
-                    conflict: Conflict {
-                        kind: ConflictKind::ErrorsOccurred,
-                        collection: r.collection.clone(),
-                        pk: r.pk.clone(),
-                        client: crate::conflict::Side {
-                            value: r.fields.first().map(|(_, v)| v.clone()),
-                            stamp: Some(r.stamp),
-                            replica: Some(client),
-                            user: Some(user.to_owned()),
-                        },
-                        server: crate::conflict::Side {
-                            value: None,
-                            stamp: None,
-                            replica: None,
-                            user: None,
-                        },
-                        field,
-                    },
-                    policy: r.to_string(),
-                    decision: Decision::Server,
-                });
-            }
-            // Policy decisions become the server's own writes, stamped after the client's.
-            let Plan {
-                decided,
-                targets,
-                graves,
-            } = plan;
-            for (collection, pk, target) in targets {
-                tx.force(&collection, &pk, target)?;
-            }
-            for (collection, pk, fields) in &graves {
-                let (key, grave) = grave_row(collection, pk, fields)?;
-                tx.put_sync_grave(key, grave);
-            }
-            records.extend(decided.into_iter().map(|d| ConflictRecord {
-                id: 0,
-                conflict: d.conflict,
-                policy: d.policy,
-                decision: d.decision,
-            }));
-            let mut id = self.last_conflict.load(Ordering::SeqCst);
-            for r in &mut records {
-                id += 1;
-                r.id = id;
-                let bytes = postcard::to_allocvec(&*r).map_err(|e| internal(e.to_string()))?;
-                tx.put_sync_conflict(id, bytes);
-            }
+            revert(tx, refused.iter().chain(&invalid))?;
+            records.extend(invalid.iter().map(|r| errors_occurred(r, client, user)));
+            records.extend(apply_plan(tx, plan)?);
+            self.put_conflicts(tx, &mut records)?;
             // The server's own writes (reverted refusals, policy decisions) enter the history
             // in the same record.
             let next = Arc::clone(&next);
@@ -417,6 +341,29 @@ impl SyncServer {
         }
         refused.extend(invalid);
         Ok((last, *version, refused))
+    }
+
+    /// Takes the writes that break the server's schema out of the upload and returns them:
+    /// each is refused on its own (ErrorsOccurred), not the whole upload, so the client's
+    /// other writes go through.
+    fn take_invalid(&self, entries: &mut [LogEntry]) -> Vec<RefusedWrite> {
+        let mut invalid = Vec::new();
+        for e in entries {
+            let stamp = e.stamp;
+            e.writes.retain(|w| match self.store.check_write_schema(w) {
+                Ok(()) => true,
+                Err(err) => {
+                    invalid.push(refused_write(
+                        w,
+                        stamp,
+                        not_allowed(w),
+                        Some(format!("failed validation: {err}")),
+                    ));
+                    false
+                }
+            });
+        }
+        invalid
     }
 
     /// Refusals of uploads above `last_sync` the client may have missed (a connection cut
