@@ -8,7 +8,9 @@ use crate::changeset::Changeset;
 use crate::error::NameKind;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
-use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport};
+use crate::reset::{
+    backup_path, ObjectSnapshot, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport,
+};
 use crate::rules::parse;
 use crate::schema::Schema;
 use crate::store::sync_tables::ClientCounter;
@@ -315,55 +317,7 @@ impl ClientSession {
                 schema_version,
                 schemas,
                 ..
-            } => {
-                if !schemas.is_empty() {
-                    adopt_schemas(&self.store, schema_version, schemas)?;
-                }
-                let last_sync = self.store.last_sync();
-                if uploaded > self.store.log_head() {
-                    // Writes the server has were lost here. Their positions are never used
-                    // again, and the client rebuilds from the server, which holds them.
-                    let detail = format!(
-                        "the server holds this client's log up to {uploaded}; the log ends at {}",
-                        self.store.log_head()
-                    );
-                    self.store.skip_log_to(uploaded)?;
-                    let backup = self.store.path().map(backup_path);
-                    if let Some(b) = &backup {
-                        self.store.backup_to(b)?;
-                    }
-                    let marker = ResetMarker {
-                        reason: ResetReason::ServerAheadOfClient {
-                            detail: detail.clone(),
-                        },
-                        mode: self.config.reset_mode,
-                        phase: ResetPhase::Downloading,
-                        backup,
-                    };
-                    self.store.set_reset_marker(Some(&marker))?;
-                    // Reconnecting asks for the snapshot (the marker says a reset is pending).
-                    return Err(SyncError::Protocol(detail));
-                }
-                if uploaded > last_sync {
-                    // The server applied an upload whose acknowledgement was lost.
-                    self.store.mark_synced(uploaded)?;
-                }
-                self.sent = uploaded.max(last_sync);
-                if uploaded < last_sync {
-                    // The server lost changes it had acknowledged; resend them if the
-                    // log still has them.
-                    let first = self.store.log_after(uploaded, 1)?;
-                    if first.first().map(|e| e.seq) == Some(uploaded + 1) {
-                        self.sent = uploaded;
-                    }
-                }
-                self.server_version = server_version;
-                self.ready = true;
-                self.in_flight = 0;
-                self.outgoing.clear();
-                self.finish_reset_if_uploaded(uploaded)?;
-                Ok(Vec::new())
-            }
+            } => self.on_welcome(server_version, uploaded, schema_version, schemas),
             ServerMsg::UploadAck { seq, .. } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.store.mark_synced(seq)?;
@@ -372,36 +326,10 @@ impl ClientSession {
             }
             ServerMsg::ViewDownload {
                 objects,
-                mut removed,
+                removed,
                 cursor,
-            } => {
-                if !removed.is_empty() {
-                    // An object with unsynced local writes stays until they are uploaded
-                    // and judged: removing it now would lose them for good (downloads do
-                    // not bring a client's own writes back).
-                    let unsynced: std::collections::HashSet<(String, crate::value::Pk)> = self
-                        .store
-                        .unsynced(usize::MAX)?
-                        .into_iter()
-                        .flat_map(|e| e.writes.into_iter().map(|w| (w.collection, w.pk)))
-                        .collect();
-                    removed.retain(|k| !unsynced.contains(k));
-                }
-                self.store
-                    .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
-                self.downloaded = cursor;
-                Ok(vec![ClientMsg::DownloadAck { cursor }])
-            }
-            ServerMsg::CompensatingWrite { refused } => {
-                let known = rejected_writes(&self.store)?;
-                let fresh: Vec<RefusedWrite> = refused
-                    .into_iter()
-                    .filter(|r| !known.iter().any(|(_, k)| k == r))
-                    .collect();
-                record_rejected(&self.store, &fresh)?;
-                self.refused.extend(fresh);
-                Ok(Vec::new())
-            }
+            } => self.on_view_download(objects, removed, cursor),
+            ServerMsg::CompensatingWrite { refused } => self.on_compensating_write(refused),
             ServerMsg::SubscriptionError { version, message } => {
                 self.subscription_errors.push((version, message));
                 Ok(Vec::new())
@@ -410,83 +338,13 @@ impl ClientSession {
                 reason: ResetReason::SubscriptionsChanged,
                 uploaded,
                 schemas,
-            } => {
-                // A view rebuild: the reset machinery without a backup or a report.
-                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
-                    self.store.mark_synced(uploaded)?;
-                }
-                let replay_after = self.store.last_sync().min(uploaded);
-                let marker = ResetMarker {
-                    reason: ResetReason::SubscriptionsChanged,
-                    mode: ResetMode::RecoverUnsyncedChanges,
-                    phase: ResetPhase::Downloading,
-                    backup: None,
-                };
-                self.store.set_reset_marker(Some(&marker))?;
-                self.begin_staging(marker, &schemas, replay_after)
-            }
+            } => self.on_view_rebuild(uploaded, schemas),
             ServerMsg::ResetRequired {
                 reason,
                 uploaded,
                 schemas,
-            } => {
-                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
-                    // Applied on the server, acknowledgement lost: not unsynced.
-                    self.store.mark_synced(uploaded)?;
-                }
-                // A server that lost acknowledged uploads gets them replayed too.
-                let replay_after = self.store.last_sync().min(uploaded);
-                let marker = match self.store.reset_marker()? {
-                    Some(
-                        m @ ResetMarker {
-                            phase: ResetPhase::Downloading,
-                            ..
-                        },
-                    ) => m,
-                    previous => {
-                        // A new reset before the last one finished: its backup is no longer
-                        // needed, unless the application recovers from it by hand.
-                        if let Some(ResetMarker {
-                            mode,
-                            backup: Some(old),
-                            ..
-                        }) = previous
-                        {
-                            if mode != ResetMode::Manual {
-                                let _ = std::fs::remove_file(old);
-                            }
-                        }
-                        let backup = self.store.path().map(backup_path);
-                        if let Some(b) = &backup {
-                            self.store.backup_to(b)?;
-                        }
-                        let m = ResetMarker {
-                            reason,
-                            mode: self.config.reset_mode,
-                            phase: ResetPhase::Downloading,
-                            backup,
-                        };
-                        self.store.set_reset_marker(Some(&m))?;
-                        m
-                    }
-                };
-                self.begin_staging(marker, &schemas, replay_after)
-            }
-            ServerMsg::Snapshot { objects, end } => {
-                let Some(r) = self.reset.as_mut() else {
-                    return Err(SyncError::Protocol("a snapshot outside a reset".into()));
-                };
-                self.store.stage_snapshot(&objects, r.first, &mut r.plan)?;
-                r.first = false;
-                let mut settled = None;
-                if let Some(end) = end {
-                    if let Some(r) = self.reset.take() {
-                        self.swap_in(&r.marker, r.plan, end)?;
-                    }
-                    settled = Some(self.store.last_sync());
-                }
-                Ok(vec![ClientMsg::SnapshotAck { settled }])
-            }
+            } => self.on_reset_required(reason, uploaded, schemas),
+            ServerMsg::Snapshot { objects, end } => self.on_snapshot(objects, end),
             ServerMsg::Download {
                 changeset,
                 more,
@@ -498,6 +356,196 @@ impl ClientSession {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// The handshake's answer: what the server holds of this client's log, and its schemas.
+    fn on_welcome(
+        &mut self,
+        server_version: ServerVersion,
+        uploaded: LogPos,
+        schema_version: u64,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if !schemas.is_empty() {
+            adopt_schemas(&self.store, schema_version, schemas)?;
+        }
+        let last_sync = self.store.last_sync();
+        if uploaded > self.store.log_head() {
+            // Writes the server has were lost here. Their positions are never used
+            // again, and the client rebuilds from the server, which holds them.
+            let detail = format!(
+                "the server holds this client's log up to {uploaded}; the log ends at {}",
+                self.store.log_head()
+            );
+            self.store.skip_log_to(uploaded)?;
+            let backup = self.store.path().map(backup_path);
+            if let Some(b) = &backup {
+                self.store.backup_to(b)?;
+            }
+            let marker = ResetMarker {
+                reason: ResetReason::ServerAheadOfClient {
+                    detail: detail.clone(),
+                },
+                mode: self.config.reset_mode,
+                phase: ResetPhase::Downloading,
+                backup,
+            };
+            self.store.set_reset_marker(Some(&marker))?;
+            // Reconnecting asks for the snapshot (the marker says a reset is pending).
+            return Err(SyncError::Protocol(detail));
+        }
+        if uploaded > last_sync {
+            // The server applied an upload whose acknowledgement was lost.
+            self.store.mark_synced(uploaded)?;
+        }
+        self.sent = uploaded.max(last_sync);
+        if uploaded < last_sync {
+            // The server lost changes it had acknowledged; resend them if the
+            // log still has them.
+            let first = self.store.log_after(uploaded, 1)?;
+            if first.first().map(|e| e.seq) == Some(uploaded + 1) {
+                self.sent = uploaded;
+            }
+        }
+        self.server_version = server_version;
+        self.ready = true;
+        self.in_flight = 0;
+        self.outgoing.clear();
+        self.finish_reset_if_uploaded(uploaded)?;
+        Ok(Vec::new())
+    }
+
+    /// Changes of a filtered view: whole objects, and objects that left the view.
+    fn on_view_download(
+        &mut self,
+        objects: Vec<ObjectSnapshot>,
+        mut removed: Vec<(String, crate::value::Pk)>,
+        cursor: ServerVersion,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if !removed.is_empty() {
+            // An object with unsynced local writes stays until they are uploaded
+            // and judged: removing it now would lose them for good (downloads do
+            // not bring a client's own writes back).
+            let unsynced: std::collections::HashSet<(String, crate::value::Pk)> = self
+                .store
+                .unsynced(usize::MAX)?
+                .into_iter()
+                .flat_map(|e| e.writes.into_iter().map(|w| (w.collection, w.pk)))
+                .collect();
+            removed.retain(|k| !unsynced.contains(k));
+        }
+        self.store
+            .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
+        self.downloaded = cursor;
+        Ok(vec![ClientMsg::DownloadAck { cursor }])
+    }
+
+    /// Writes the server refused and reverted: kept (once each) for the application.
+    fn on_compensating_write(
+        &mut self,
+        refused: Vec<RefusedWrite>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        let known = rejected_writes(&self.store)?;
+        let fresh: Vec<RefusedWrite> = refused
+            .into_iter()
+            .filter(|r| !known.iter().any(|(_, k)| k == r))
+            .collect();
+        record_rejected(&self.store, &fresh)?;
+        self.refused.extend(fresh);
+        Ok(Vec::new())
+    }
+
+    /// A view rebuild (the subscriptions changed): the reset machinery without a backup or
+    /// a report.
+    fn on_view_rebuild(
+        &mut self,
+        uploaded: LogPos,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+            self.store.mark_synced(uploaded)?;
+        }
+        let replay_after = self.store.last_sync().min(uploaded);
+        let marker = ResetMarker {
+            reason: ResetReason::SubscriptionsChanged,
+            mode: ResetMode::RecoverUnsyncedChanges,
+            phase: ResetPhase::Downloading,
+            backup: None,
+        };
+        self.store.set_reset_marker(Some(&marker))?;
+        self.begin_staging(marker, &schemas, replay_after)
+    }
+
+    /// The server ordered a client reset: back the store up, mark the reset, and wait for
+    /// the snapshot.
+    fn on_reset_required(
+        &mut self,
+        reason: ResetReason,
+        uploaded: LogPos,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+            // Applied on the server, acknowledgement lost: not unsynced.
+            self.store.mark_synced(uploaded)?;
+        }
+        // A server that lost acknowledged uploads gets them replayed too.
+        let replay_after = self.store.last_sync().min(uploaded);
+        let marker = match self.store.reset_marker()? {
+            Some(
+                m @ ResetMarker {
+                    phase: ResetPhase::Downloading,
+                    ..
+                },
+            ) => m,
+            previous => {
+                // A new reset before the last one finished: its backup is no longer
+                // needed, unless the application recovers from it by hand.
+                if let Some(ResetMarker {
+                    mode,
+                    backup: Some(old),
+                    ..
+                }) = previous
+                {
+                    if mode != ResetMode::Manual {
+                        let _ = std::fs::remove_file(old);
+                    }
+                }
+                let backup = self.store.path().map(backup_path);
+                if let Some(b) = &backup {
+                    self.store.backup_to(b)?;
+                }
+                let m = ResetMarker {
+                    reason,
+                    mode: self.config.reset_mode,
+                    phase: ResetPhase::Downloading,
+                    backup,
+                };
+                self.store.set_reset_marker(Some(&m))?;
+                m
+            }
+        };
+        self.begin_staging(marker, &schemas, replay_after)
+    }
+
+    /// A chunk of a reset's snapshot; the last one swaps the staged state in.
+    fn on_snapshot(
+        &mut self,
+        objects: Vec<ObjectSnapshot>,
+        end: Option<SnapshotEnd>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        let Some(r) = self.reset.as_mut() else {
+            return Err(SyncError::Protocol("a snapshot outside a reset".into()));
+        };
+        self.store.stage_snapshot(&objects, r.first, &mut r.plan)?;
+        r.first = false;
+        let mut settled = None;
+        if let Some(end) = end {
+            if let Some(r) = self.reset.take() {
+                self.swap_in(&r.marker, r.plan, end)?;
+            }
+            settled = Some(self.store.last_sync());
+        }
+        Ok(vec![ClientMsg::SnapshotAck { settled }])
     }
 
     /// Reads the unsynced writes after `replay_after` to replay onto the server's state
