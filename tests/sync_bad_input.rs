@@ -215,12 +215,13 @@ async fn fixture() -> Fixture {
         good.clone(),
         Transport::Tcp(addr.clone()),
         ClientConfig::new(token_for(&secret, "good")),
-        ClientHooks {
-            on_state: None,
-            on_error: Some(Arc::new(move |e| {
+        {
+            let mut hooks = ClientHooks::default();
+            hooks.on_state = None;
+            hooks.on_error = Some(Arc::new(move |e| {
                 errs.lock().expect("errors").push(e.to_string());
-            })),
-            ..Default::default()
+            }));
+            hooks
         },
     );
     good.write(|tx| {

@@ -87,6 +87,7 @@ impl SyncError {
 
 /// Client settings.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The signed token naming the user.
     pub token: String,

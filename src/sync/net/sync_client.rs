@@ -70,6 +70,7 @@ const UPLOAD_POLL: Duration = Duration::from_millis(10);
 
 /// Options of a [`SyncClient`] beyond the session's.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct ClientHooks {
     /// Called on every connection state change.
     pub on_state: Option<StateCallback>,

@@ -12,6 +12,7 @@ pub type ConflictObserver = Arc<dyn Fn(&ConflictRecord) + Send + Sync>;
 
 /// Server settings.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The key tokens are signed with.
     pub secret: Secret,
@@ -33,6 +34,7 @@ pub struct ServerConfig {
 /// `server_buffer_bytes_max + connections_max × hello_frame_bytes_max +
 /// server_transaction_bytes_max`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Connections open at once; one more is refused at accept with a `Busy` error and
     /// closed (default 1,000: below the usual open-file limit of 1,024).
