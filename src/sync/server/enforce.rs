@@ -77,7 +77,7 @@ pub(super) fn refused_write(
 }
 
 /// An object's live fields with their values folded (`None`: it does not exist).
-pub(super) fn live_fields(
+fn live_fields(
     s: &ObjectState<String>,
 ) -> Result<Option<std::collections::BTreeMap<String, Value>>> {
     if !s.is_live() {
@@ -93,7 +93,7 @@ pub(super) fn live_fields(
 
 /// The user-level fields a write sets: a part of a counter or text field counts as the
 /// field itself.
-pub(super) fn written_fields(w: &crate::log::Write) -> Vec<&str> {
+fn written_fields(w: &crate::log::Write) -> Vec<&str> {
     let names: Vec<&str> = match &w.op {
         Op::Insert { fields } => fields.iter().map(|(f, _)| f.as_str()).collect(),
         Op::Update { fields } => fields.iter().map(|f| f.field.as_str()).collect(),
@@ -110,7 +110,7 @@ pub(super) fn written_fields(w: &crate::log::Write) -> Vec<&str> {
 
 /// Whether the view lets the write through; if not, the reason (Atlas's words) and our
 /// detail. `before` and `after` are the object's live fields around the write.
-pub(super) fn judge(
+fn judge(
     view: &View,
     w: &crate::log::Write,
     before: Option<&std::collections::BTreeMap<String, Value>>,
@@ -182,16 +182,10 @@ pub(super) fn atlas_pk(pk: &crate::value::Pk) -> String {
 
 /// The server's objects as an upload's earlier writes leave them, loaded on first use.
 #[derive(Default)]
-pub(super) struct Overlay(
-    std::collections::HashMap<(String, crate::value::Pk), ObjectState<String>>,
-);
+struct Overlay(std::collections::HashMap<(String, crate::value::Pk), ObjectState<String>>);
 
 impl Overlay {
-    pub(super) fn state(
-        &mut self,
-        store: &Store,
-        w: &crate::log::Write,
-    ) -> Result<&mut ObjectState<String>> {
+    fn state(&mut self, store: &Store, w: &crate::log::Write) -> Result<&mut ObjectState<String>> {
         let key = (w.collection.clone(), w.pk.clone());
         Ok(match self.0.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

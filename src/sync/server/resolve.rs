@@ -135,7 +135,7 @@ pub fn conflicts_in(store: &Store, after: u64, limit: usize) -> Result<Vec<Confl
 
 /// A deleted object's last live fields, as the server keeps them.
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Grave {
+struct Grave {
     collection: String,
     pk: crate::value::Pk,
     fields: Vec<(String, Value)>,
@@ -143,7 +143,7 @@ pub(super) struct Grave {
 
 /// The graveyard's key for an object: a hash of its collection and primary key. Two objects
 /// with the same hash share a row; the row names its object, so the other one finds none.
-pub(super) fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> {
+fn grave_key(collection: &str, pk: &crate::value::Pk) -> Result<u64> {
     let bytes = postcard::to_allocvec(&(collection, pk)).map_err(|e| internal(e.to_string()))?;
     let hash = blake3::hash(&bytes);
     let mut key = [0u8; 8];
@@ -167,7 +167,7 @@ pub(super) fn grave_row(
 }
 
 /// The server's store as the conflict planner reads it.
-pub(super) struct StoreSource<'a> {
+struct StoreSource<'a> {
     server: &'a SyncServer,
 }
 

@@ -32,14 +32,14 @@ use crate::sync::view::View;
 
 /// One accepted transaction in the server's history.
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct HistoryRecord {
-    pub(super) origin: ReplicaId,
-    pub(super) entry: LogEntry,
+struct HistoryRecord {
+    origin: ReplicaId,
+    entry: LogEntry,
 }
 
 /// The history record for `entry` at the next version after `next` (which moves): the
 /// version and the record's bytes.
-pub(super) fn history_row(
+fn history_row(
     next: &AtomicU64,
     origin: ReplicaId,
     entry: &LogEntry,
@@ -99,7 +99,7 @@ pub struct SyncServer {
     pub(super) store: Arc<Store>,
     pub(super) config: ServerConfig,
     /// The newest server version; the lock also orders uploads from concurrent sessions.
-    pub(super) version: Mutex<ServerVersion>,
+    version: Mutex<ServerVersion>,
     /// The last conflict record's number (moved under `version`'s lock, once its upload
     /// has committed).
     pub(super) last_conflict: AtomicU64,
@@ -107,7 +107,7 @@ pub struct SyncServer {
     /// The store's recovery generation the two counters above were read at: a recovery
     /// replays commits whose callers saw them fail (a sync that failed after the bytes
     /// were written), so the counters are read again from the store after one.
-    pub(super) generation: AtomicU64,
+    generation: AtomicU64,
 }
 
 impl Drop for SyncServer {
@@ -146,7 +146,7 @@ impl SyncServer {
 
     /// The server's version, with the counters read again from the store if it recovered
     /// from a storage failure since they were read. Called with the version's lock held.
-    pub(super) fn current(&self, version: &mut MutexGuard<'_, ServerVersion>) -> Result<()> {
+    fn current(&self, version: &mut MutexGuard<'_, ServerVersion>) -> Result<()> {
         let generation = self.store.generation();
         if self.generation.load(Ordering::SeqCst) == generation {
             return Ok(());
@@ -211,7 +211,7 @@ impl SyncServer {
     }
 
     /// The stamp time of `client`'s entry at `seq` as applied here, if the server knows it.
-    pub(super) fn applied_stamp(&self, client: ReplicaId, seq: LogPos) -> Result<Option<u64>> {
+    fn applied_stamp(&self, client: ReplicaId, seq: LogPos) -> Result<Option<u64>> {
         let applied = self.store.sync_upload(client, seq)?;
         Ok(applied.map(|(_, time)| time))
     }
@@ -220,7 +220,7 @@ impl SyncServer {
     /// applied at its position (the same stamp); fresh entries must continue the
     /// client's positions without a gap. Anything else is a protocol error: acknowledging
     /// it would drop a write (a gap would make the skipped positions look applied).
-    pub(super) fn fresh_entries(
+    fn fresh_entries(
         &self,
         client: ReplicaId,
         uploaded: LogPos,
@@ -450,7 +450,7 @@ impl SyncServer {
         self.put_client_record(client, &record)
     }
 
-    pub(super) fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
+    fn put_client_record(&self, client: ReplicaId, record: &ClientRecord) -> Result<()> {
         let bytes = postcard::to_allocvec(record).map_err(|e| internal(e.to_string()))?;
         self.store.set_sync_client_record(client, &bytes)
     }
