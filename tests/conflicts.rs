@@ -49,10 +49,8 @@ async fn world(policies: Policies, n: usize) -> World {
             extra: Default::default(),
         };
         let sink = Arc::clone(&errors);
-        let hooks = ClientHooks {
-            on_error: Some(Arc::new(move |e| sink.lock().unwrap().push(format!("{e}")))),
-            ..ClientHooks::default()
-        };
+        let mut hooks = ClientHooks::default();
+        hooks.on_error = Some(Arc::new(move |e| sink.lock().unwrap().push(format!("{e}"))));
         let client = SyncClient::start(
             store.clone(),
             Transport::Tcp(addr.clone()),

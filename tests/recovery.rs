@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use disk::{SimBackend, SimDisk};
 use fieldlog::sync::client::ClientConfig;
-use fieldlog::sync::frame::{encode_frame, read_frame, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{encode_frame, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, SyncServer};

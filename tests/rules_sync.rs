@@ -97,15 +97,13 @@ impl World {
         let refused = Arc::new(Mutex::new(Vec::new()));
         let shown = Arc::new(Mutex::new(Vec::new()));
         let (sink, shown_sink) = (Arc::clone(&refused), Arc::clone(&shown));
-        let hooks = ClientHooks {
-            on_error: Some(Arc::new(move |e: &SyncError| {
-                if let SyncError::CompensatingWrite { refused } = e {
-                    sink.lock().unwrap().extend(refused.iter().cloned());
-                    shown_sink.lock().unwrap().push(e.to_string());
-                }
-            })),
-            ..ClientHooks::default()
-        };
+        let mut hooks = ClientHooks::default();
+        hooks.on_error = Some(Arc::new(move |e: &SyncError| {
+            if let SyncError::CompensatingWrite { refused } = e {
+                sink.lock().unwrap().extend(refused.iter().cloned());
+                shown_sink.lock().unwrap().push(e.to_string());
+            }
+        }));
         let sync = SyncClient::start(
             store.clone(),
             Transport::Tcp(self.addr.clone()),

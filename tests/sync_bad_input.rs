@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fieldlog::sync::client::ClientConfig;
-use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{encode_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
@@ -206,12 +207,13 @@ async fn fixture() -> Fixture {
         good.clone(),
         Transport::Tcp(addr.clone()),
         ClientConfig::new(token_for(&secret, "good")),
-        ClientHooks {
-            on_state: None,
-            on_error: Some(Arc::new(move |e| {
+        {
+            let mut hooks = ClientHooks::default();
+            hooks.on_state = None;
+            hooks.on_error = Some(Arc::new(move |e| {
                 errs.lock().expect("errors").push(e.to_string());
-            })),
-            ..Default::default()
+            }));
+            hooks
         },
     );
     good.write(|tx| {

@@ -1082,12 +1082,11 @@ async fn hundred_megabyte_transaction_syncs_atomically() {
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let hooks = |who: &'static str| {
         let errors = errors.clone();
-        ClientHooks {
-            on_error: Some(Arc::new(move |e| {
-                errors.lock().expect("errors").push(format!("{who}: {e}"));
-            })),
-            ..Default::default()
-        }
+        let mut hooks = ClientHooks::default();
+        hooks.on_error = Some(Arc::new(move |e| {
+            errors.lock().expect("errors").push(format!("{who}: {e}"));
+        }));
+        hooks
     };
     let a = Arc::new(Store::open(dir.path().join("a.redb")).expect("open a"));
     let b = Arc::new(Store::open(dir.path().join("b.redb")).expect("open b"));

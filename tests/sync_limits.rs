@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fieldlog::sync::client::{ClientConfig, SyncError};
-use fieldlog::sync::frame::{encode_frame, read_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{encode_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{
     ClientHooks, ConnectionState, ServerHandle, ServerStats, SyncClient, TokenFuture, Transport,
     WaitError, UPLOAD_FAILURES_REPORTED,
@@ -196,28 +197,27 @@ fn piece(replica: u64, pk: i64, bytes: usize, more: bool) -> ClientMsg {
 /// A client's hooks that collect every error it reports.
 fn collecting(errors: &Arc<Mutex<Vec<SyncError>>>) -> ClientHooks {
     let errors = errors.clone();
-    ClientHooks {
-        on_error: Some(Arc::new(move |e: &SyncError| {
-            let copy = match e {
-                SyncError::Server { code, message } => SyncError::Server {
-                    code: *code,
-                    message: message.clone(),
-                },
-                SyncError::UploadStuck {
-                    after,
-                    failures,
-                    message,
-                } => SyncError::UploadStuck {
-                    after: *after,
-                    failures: *failures,
-                    message: message.clone(),
-                },
-                other => SyncError::Protocol(other.to_string()),
-            };
-            errors.lock().expect("errors").push(copy);
-        })),
-        ..Default::default()
-    }
+    let mut hooks = ClientHooks::default();
+    hooks.on_error = Some(Arc::new(move |e: &SyncError| {
+        let copy = match e {
+            SyncError::Server { code, message } => SyncError::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            SyncError::UploadStuck {
+                after,
+                failures,
+                message,
+            } => SyncError::UploadStuck {
+                after: *after,
+                failures: *failures,
+                message: message.clone(),
+            },
+            other => SyncError::Protocol(other.to_string()),
+        };
+        errors.lock().expect("errors").push(copy);
+    }));
+    hooks
 }
 
 async fn write_and_sync(store: &Store, client: &SyncClient, pk: i64) {
@@ -242,12 +242,10 @@ async fn write_and_sync(store: &Store, client: &SyncClient, pk: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_frames_stay_within_the_server_buffer_budget() {
     const SLOW: usize = 16;
-    let limits = Limits {
-        frame_bytes_max: 1 << 20,
-        connection_buffer_bytes_max: 2 << 20,
-        server_buffer_bytes_max: 4 << 20,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.frame_bytes_max = 1 << 20;
+    limits.connection_buffer_bytes_max = 2 << 20;
+    limits.server_buffer_bytes_max = 4 << 20;
     let allowance = limits.hello_frame_bytes_max as u64;
     let budget = limits.server_buffer_bytes_max as u64;
     let rig = Rig::start(limits).await;
@@ -303,11 +301,9 @@ async fn slow_frames_stay_within_the_server_buffer_budget() {
 /// nothing, and holds no transaction bytes afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_transaction_in_pieces_is_refused() {
-    let limits = Limits {
-        frame_bytes_max: 256 << 10,
-        transaction_bytes_max: 1 << 20,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.frame_bytes_max = 256 << 10;
+    limits.transaction_bytes_max = 1 << 20;
     let rig = Rig::start(limits).await;
     let s = handshake(&rig.addr, &token_for(&rig.secret, "mallory"), 7).await;
     let (mut rd, mut wr) = s.into_split();
@@ -364,11 +360,9 @@ async fn an_endless_transaction_in_pieces_is_refused() {
 /// once the first transaction ends (and is applied), the budget is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_transactions_share_the_server_budget() {
-    let limits = Limits {
-        transaction_bytes_max: 1 << 20,
-        server_transaction_bytes_max: 1 << 20,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.transaction_bytes_max = 1 << 20;
+    limits.server_transaction_bytes_max = 1 << 20;
     let rig = Rig::start(limits).await;
     let mut a = handshake(&rig.addr, &token_for(&rig.secret, "a"), 11).await;
     for pk in 0..10 {
@@ -421,10 +415,8 @@ async fn unfinished_transactions_share_the_server_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_that_never_reads_is_bounded() {
     const FLOOD_MAX: usize = 64 << 20;
-    let limits = Limits {
-        idle_timeout_ms: 1_000,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.idle_timeout_ms = 1_000;
     let rig = Rig::start(limits).await;
     let mut s = connect(&rig.addr).await;
     s.write_all(&frame(&hello(&token_for(&rig.secret, "mallory"), 9)))
@@ -468,11 +460,9 @@ async fn a_ping_flood_that_never_reads_is_bounded() {
 /// deadline, and a real client then connects and syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_past_the_cap_are_refused_and_a_client_still_connects() {
-    let limits = Limits {
-        connections_max: 8,
-        handshake_timeout_ms: 3_000,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.connections_max = 8;
+    limits.handshake_timeout_ms = 3_000;
     let rig = Rig::start(limits).await;
     let mut idle = Vec::new();
     for _ in 0..8 {
@@ -509,10 +499,8 @@ async fn idle_connections_past_the_cap_are_refused_and_a_client_still_connects()
 /// refused from its header, before any body arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_first_frame_is_closed_at_once() {
-    let limits = Limits {
-        connections_max: 1,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.connections_max = 1;
     let rig = Rig::start(limits).await;
     let mut wrong = connect(&rig.addr).await;
     wrong
@@ -544,21 +532,16 @@ async fn a_wrong_first_frame_is_closed_at_once() {
 /// client idle as long keeps its one connection, its keepalive Pings sparing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_end_and_keepalives_keep_honest_ones() {
-    let limits = Limits {
-        idle_timeout_ms: 1_500,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.idle_timeout_ms = 1_500;
     let rig = Rig::start(limits).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(dir.path().join("good.redb")).expect("open"));
-    let good = rig.client(
-        &store,
-        "good",
-        ClientHooks {
-            keepalive: Some(Duration::from_millis(100)),
-            ..Default::default()
-        },
-    );
+    let good = rig.client(&store, "good", {
+        let mut hooks = ClientHooks::default();
+        hooks.keepalive = Some(Duration::from_millis(100));
+        hooks
+    });
     write_and_sync(&store, &good, 1).await;
     let mut silent = handshake(&rig.addr, &token_for(&rig.secret, "silent"), 77).await;
     expect_closed(&mut silent).await;
@@ -618,9 +601,10 @@ async fn a_client_refreshes_an_expired_token_or_stops_without_a_provider() {
         store.clone(),
         Transport::Tcp(rig.addr.clone()),
         ClientConfig::new(token_until(&rig.secret, "carol", now_ms() + 1_000)),
-        ClientHooks {
-            token_provider: Some(provider),
-            ..Default::default()
+        {
+            let mut hooks = ClientHooks::default();
+            hooks.token_provider = Some(provider);
+            hooks
         },
     );
     write_and_sync(&store, &carol, 1).await;
@@ -785,9 +769,10 @@ async fn a_server_answering_500_gets_backed_off_attempts_and_a_report() {
 /// 20 ms), makes no more attempts than its backoff allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_does_not_shorten_the_backoff() {
-    let rig = Rig::start(Limits {
-        connections_max: 0,
-        ..Limits::default()
+    let rig = Rig::start({
+        let mut limits = Limits::default();
+        limits.connections_max = 0;
+        limits
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -836,9 +821,10 @@ async fn waiting_does_not_shorten_the_backoff() {
 /// every connection), and fails with the error when the client stopped on a fatal one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_fail_when_the_client_stops() {
-    let rig = Rig::start(Limits {
-        connections_max: 0,
-        ..Limits::default()
+    let rig = Rig::start({
+        let mut limits = Limits::default();
+        limits.connections_max = 0;
+        limits
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -10,7 +10,8 @@
 
 use std::fmt::Debug;
 
-use fieldlog::sync::frame::{decode_frame, encode_frame, read_frame, FrameError, FRAME_HEADER_LEN};
+use fieldlog::sync::frame::{decode_frame, encode_frame, FrameError, FRAME_HEADER_LEN};
+use fieldlog::sync::net::read_frame;
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

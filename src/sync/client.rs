@@ -4,15 +4,16 @@
 
 use std::sync::Arc;
 
-use redb::{ReadableTable, TableDefinition};
-
 use crate::changeset::Changeset;
 use crate::error::NameKind;
 use crate::error::{Error, Result};
 use crate::log::{LogEntry, LogPos};
-use crate::reset::{backup_path, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport};
+use crate::reset::{
+    backup_path, ObjectSnapshot, ResetMarker, ResetMode, ResetPhase, ResetReason, ResetReport,
+};
 use crate::rules::parse;
 use crate::schema::Schema;
+use crate::store::sync_tables::ClientCounter;
 use crate::store::{ReplayPlan, Store};
 use crate::sync::pieces::{entry_size, join_piece, split_entry};
 use crate::sync::protocol::{
@@ -20,17 +21,6 @@ use crate::sync::protocol::{
 };
 use crate::sync::protocol::{RefusedWrite, Subscription, SubscriptionSet};
 use crate::value::validate_name;
-use crate::wal::Aux;
-
-/// Client bookkeeping kept in the client's own store: `download_cursor`.
-const CLIENT_SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync_client");
-const DOWNLOAD_CURSOR: &str = "download_cursor";
-const SCHEMA_VERSION: &str = "schema_version";
-const SUBSCRIPTIONS_ACKED: &str = "subscriptions_acked";
-/// `set` → postcard [`SubscriptionSet`].
-const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sync_subscriptions");
-/// number → postcard [`RefusedWrite`]: writes the server refused, kept for the application.
-const REJECTED: TableDefinition<u64, &[u8]> = TableDefinition::new("sync_rejected");
 
 /// Why a sync session stopped.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +87,7 @@ impl SyncError {
 
 /// Client settings.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The signed token naming the user.
     pub token: String,
@@ -120,41 +111,27 @@ impl ClientConfig {
     }
 }
 
-fn client_value(store: &Store, key: &str) -> Result<u64> {
-    let rtx = store.read_txn()?;
-    match rtx.open_table(CLIENT_SYNC) {
-        Ok(t) => Ok(t.get(key)?.map_or(0, |v| v.value())),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Records the download cursor inside the transaction that applies what it covers.
 fn set_cursor(tx: &mut crate::store::WriteTx<'_>, cursor: ServerVersion) -> Result<()> {
     // In the import's write-ahead record: a download is an append and a sync.
-    tx.put_aux(Aux::str_u64(CLIENT_SYNC, DOWNLOAD_CURSOR, cursor));
+    tx.put_sync_counter(ClientCounter::DownloadCursor, cursor);
     Ok(())
 }
 
 /// The persisted download cursor of a client store.
 pub(crate) fn download_cursor(store: &Store) -> Result<ServerVersion> {
-    client_value(store, DOWNLOAD_CURSOR)
+    store.sync_counter(ClientCounter::DownloadCursor)
 }
 
-fn corrupt(what: impl Into<String>) -> Error {
-    Error::Corrupt { what: what.into() }
+/// An internal invariant that did not hold (encoding one of our own records).
+fn internal(what: impl Into<String>) -> Error {
+    Error::Internal { what: what.into() }
 }
 
 /// The store's subscription set (`None`: never set; the client sees all it may read).
 pub fn subscriptions(store: &Store) -> Result<Option<SubscriptionSet>> {
-    let rtx = store.read_txn()?;
-    let table = match rtx.open_table(SUBSCRIPTIONS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let set = table.get("set")?;
-    set.map(|v| crate::sync::stored::subscription_set(v.value()))
+    let set = store.sync_subscriptions()?;
+    set.map(|v| crate::sync::stored::subscription_set(&v))
         .transpose()
 }
 
@@ -172,66 +149,41 @@ pub fn update_subscriptions(
         parse(&s.query)?;
     }
     set.version += 1;
-    let bytes = postcard::to_allocvec(&set).map_err(|e| corrupt(e.to_string()))?;
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(SUBSCRIPTIONS)?
-        .insert("set", bytes.as_slice())?;
-    tx.commit()?;
+    let bytes = postcard::to_allocvec(&set).map_err(|e| internal(e.to_string()))?;
+    store.set_sync_subscriptions(&bytes)?;
     Ok(set.version)
 }
 
 /// The newest subscription version the server confirmed.
 pub fn subscriptions_acked(store: &Store) -> Result<u64> {
-    client_value(store, SUBSCRIPTIONS_ACKED)
+    store.sync_counter(ClientCounter::SubscriptionsAcked)
 }
 
 /// Writes the server refused and reverted, with their numbers, oldest first. They stay
 /// until the application clears them, so a refused write is never lost silently.
 pub fn rejected_writes(store: &Store) -> Result<Vec<(u64, RefusedWrite)>> {
-    let rtx = store.read_txn()?;
-    let table = match rtx.open_table(REJECTED) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = Vec::new();
-    for row in table.iter()? {
-        let (k, v) = row?;
-        let w = crate::sync::stored::refused_write(v.value())?;
-        out.push((k.value(), w));
-    }
-    Ok(out)
+    let rows = store.sync_rejected()?;
+    rows.into_iter()
+        .map(|(id, v)| Ok((id, crate::sync::stored::refused_write(&v)?)))
+        .collect()
 }
 
 fn record_rejected(store: &Store, refused: &[RefusedWrite]) -> Result<()> {
     // The server resends refusals the client may have missed: keep each once.
     let known = rejected_writes(store)?;
-    let mut tx = store.begin()?;
-    {
-        let mut table = tx.raw()?.open_table(REJECTED)?;
-        let mut id = table.last()?.map_or(0, |(k, _)| k.value());
-        for r in refused {
-            if known.iter().any(|(_, k)| k == r) {
-                continue;
-            }
-            id += 1;
-            let bytes = postcard::to_allocvec(r).map_err(|e| corrupt(e.to_string()))?;
-            table.insert(id, bytes.as_slice())?;
+    let mut fresh = Vec::new();
+    for r in refused {
+        if known.iter().any(|(_, k)| k == r) {
+            continue;
         }
+        fresh.push(postcard::to_allocvec(r).map_err(|e| internal(e.to_string()))?);
     }
-    tx.commit()?;
-    Ok(())
+    store.add_sync_rejected(&fresh)
 }
 
 /// Forgets refused writes up to number `upto`.
 pub fn clear_rejected_writes(store: &Store, upto: u64) -> Result<()> {
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(REJECTED)?
-        .retain_in(..=upto, |_, _| false)?;
-    tx.commit()?;
-    Ok(())
+    store.clear_sync_rejected(upto)
 }
 
 /// Adopts the server's schemas (an additive change) with their version.
@@ -239,12 +191,7 @@ fn adopt_schemas(store: &Store, version: u64, schemas: Vec<Schema>) -> Result<()
     for s in schemas {
         store.set_schema(s)?;
     }
-    let mut tx = store.begin()?;
-    tx.raw()?
-        .open_table(CLIENT_SYNC)?
-        .insert(SCHEMA_VERSION, version)?;
-    tx.commit()?;
-    Ok(())
+    store.set_sync_counter(ClientCounter::SchemaVersion, version)
 }
 
 /// A reset being staged: its marker, the unsynced writes being replayed onto each chunk,
@@ -337,7 +284,7 @@ impl ClientSession {
             subscriptions,
             subscriptions_acked: subscriptions_acked(&self.store)?,
             protocol: PROTOCOL_VERSION,
-            schema_version: client_value(&self.store, SCHEMA_VERSION)?,
+            schema_version: self.store.sync_counter(ClientCounter::SchemaVersion)?,
             token: self.config.token.clone(),
             replica: self.store.replica_id(),
             download_cursor: self.downloaded,
@@ -371,55 +318,7 @@ impl ClientSession {
                 schema_version,
                 schemas,
                 ..
-            } => {
-                if !schemas.is_empty() {
-                    adopt_schemas(&self.store, schema_version, schemas)?;
-                }
-                let last_sync = self.store.last_sync();
-                if uploaded > self.store.log_head() {
-                    // Writes the server has were lost here. Their positions are never used
-                    // again, and the client rebuilds from the server, which holds them.
-                    let detail = format!(
-                        "the server holds this client's log up to {uploaded}; the log ends at {}",
-                        self.store.log_head()
-                    );
-                    self.store.skip_log_to(uploaded)?;
-                    let backup = self.store.path().map(backup_path);
-                    if let Some(b) = &backup {
-                        self.store.backup_to(b)?;
-                    }
-                    let marker = ResetMarker {
-                        reason: ResetReason::ServerAheadOfClient {
-                            detail: detail.clone(),
-                        },
-                        mode: self.config.reset_mode,
-                        phase: ResetPhase::Downloading,
-                        backup,
-                    };
-                    self.store.set_reset_marker(Some(&marker))?;
-                    // Reconnecting asks for the snapshot (the marker says a reset is pending).
-                    return Err(SyncError::Protocol(detail));
-                }
-                if uploaded > last_sync {
-                    // The server applied an upload whose acknowledgement was lost.
-                    self.store.mark_synced(uploaded)?;
-                }
-                self.sent = uploaded.max(last_sync);
-                if uploaded < last_sync {
-                    // The server lost changes it had acknowledged; resend them if the
-                    // log still has them.
-                    let first = self.store.log_after(uploaded, 1)?;
-                    if first.first().map(|e| e.seq) == Some(uploaded + 1) {
-                        self.sent = uploaded;
-                    }
-                }
-                self.server_version = server_version;
-                self.ready = true;
-                self.in_flight = 0;
-                self.outgoing.clear();
-                self.finish_reset_if_uploaded(uploaded)?;
-                Ok(Vec::new())
-            }
+            } => self.on_welcome(server_version, uploaded, schema_version, schemas),
             ServerMsg::UploadAck { seq, .. } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.store.mark_synced(seq)?;
@@ -428,36 +327,10 @@ impl ClientSession {
             }
             ServerMsg::ViewDownload {
                 objects,
-                mut removed,
+                removed,
                 cursor,
-            } => {
-                if !removed.is_empty() {
-                    // An object with unsynced local writes stays until they are uploaded
-                    // and judged: removing it now would lose them for good (downloads do
-                    // not bring a client's own writes back).
-                    let unsynced: std::collections::HashSet<(String, crate::value::Pk)> = self
-                        .store
-                        .unsynced(usize::MAX)?
-                        .into_iter()
-                        .flat_map(|e| e.writes.into_iter().map(|w| (w.collection, w.pk)))
-                        .collect();
-                    removed.retain(|k| !unsynced.contains(k));
-                }
-                self.store
-                    .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
-                self.downloaded = cursor;
-                Ok(vec![ClientMsg::DownloadAck { cursor }])
-            }
-            ServerMsg::CompensatingWrite { refused } => {
-                let known = rejected_writes(&self.store)?;
-                let fresh: Vec<RefusedWrite> = refused
-                    .into_iter()
-                    .filter(|r| !known.iter().any(|(_, k)| k == r))
-                    .collect();
-                record_rejected(&self.store, &fresh)?;
-                self.refused.extend(fresh);
-                Ok(Vec::new())
-            }
+            } => self.on_view_download(objects, removed, cursor),
+            ServerMsg::CompensatingWrite { refused } => self.on_compensating_write(refused),
             ServerMsg::SubscriptionError { version, message } => {
                 self.subscription_errors.push((version, message));
                 Ok(Vec::new())
@@ -466,83 +339,13 @@ impl ClientSession {
                 reason: ResetReason::SubscriptionsChanged,
                 uploaded,
                 schemas,
-            } => {
-                // A view rebuild: the reset machinery without a backup or a report.
-                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
-                    self.store.mark_synced(uploaded)?;
-                }
-                let replay_after = self.store.last_sync().min(uploaded);
-                let marker = ResetMarker {
-                    reason: ResetReason::SubscriptionsChanged,
-                    mode: ResetMode::RecoverUnsyncedChanges,
-                    phase: ResetPhase::Downloading,
-                    backup: None,
-                };
-                self.store.set_reset_marker(Some(&marker))?;
-                self.begin_staging(marker, &schemas, replay_after)
-            }
+            } => self.on_view_rebuild(uploaded, schemas),
             ServerMsg::ResetRequired {
                 reason,
                 uploaded,
                 schemas,
-            } => {
-                if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
-                    // Applied on the server, acknowledgement lost: not unsynced.
-                    self.store.mark_synced(uploaded)?;
-                }
-                // A server that lost acknowledged uploads gets them replayed too.
-                let replay_after = self.store.last_sync().min(uploaded);
-                let marker = match self.store.reset_marker()? {
-                    Some(
-                        m @ ResetMarker {
-                            phase: ResetPhase::Downloading,
-                            ..
-                        },
-                    ) => m,
-                    previous => {
-                        // A new reset before the last one finished: its backup is no longer
-                        // needed, unless the application recovers from it by hand.
-                        if let Some(ResetMarker {
-                            mode,
-                            backup: Some(old),
-                            ..
-                        }) = previous
-                        {
-                            if mode != ResetMode::Manual {
-                                let _ = std::fs::remove_file(old);
-                            }
-                        }
-                        let backup = self.store.path().map(backup_path);
-                        if let Some(b) = &backup {
-                            self.store.backup_to(b)?;
-                        }
-                        let m = ResetMarker {
-                            reason,
-                            mode: self.config.reset_mode,
-                            phase: ResetPhase::Downloading,
-                            backup,
-                        };
-                        self.store.set_reset_marker(Some(&m))?;
-                        m
-                    }
-                };
-                self.begin_staging(marker, &schemas, replay_after)
-            }
-            ServerMsg::Snapshot { objects, end } => {
-                let Some(r) = self.reset.as_mut() else {
-                    return Err(SyncError::Protocol("a snapshot outside a reset".into()));
-                };
-                self.store.stage_snapshot(&objects, r.first, &mut r.plan)?;
-                r.first = false;
-                let mut settled = None;
-                if let Some(end) = end {
-                    if let Some(r) = self.reset.take() {
-                        self.swap_in(&r.marker, r.plan, end)?;
-                    }
-                    settled = Some(self.store.last_sync());
-                }
-                Ok(vec![ClientMsg::SnapshotAck { settled }])
-            }
+            } => self.on_reset_required(reason, uploaded, schemas),
+            ServerMsg::Snapshot { objects, end } => self.on_snapshot(objects, end),
             ServerMsg::Download {
                 changeset,
                 more,
@@ -554,6 +357,196 @@ impl ClientSession {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// The handshake's answer: what the server holds of this client's log, and its schemas.
+    fn on_welcome(
+        &mut self,
+        server_version: ServerVersion,
+        uploaded: LogPos,
+        schema_version: u64,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if !schemas.is_empty() {
+            adopt_schemas(&self.store, schema_version, schemas)?;
+        }
+        let last_sync = self.store.last_sync();
+        if uploaded > self.store.log_head() {
+            // Writes the server has were lost here. Their positions are never used
+            // again, and the client rebuilds from the server, which holds them.
+            let detail = format!(
+                "the server holds this client's log up to {uploaded}; the log ends at {}",
+                self.store.log_head()
+            );
+            self.store.skip_log_to(uploaded)?;
+            let backup = self.store.path().map(backup_path);
+            if let Some(b) = &backup {
+                self.store.backup_to(b)?;
+            }
+            let marker = ResetMarker {
+                reason: ResetReason::ServerAheadOfClient {
+                    detail: detail.clone(),
+                },
+                mode: self.config.reset_mode,
+                phase: ResetPhase::Downloading,
+                backup,
+            };
+            self.store.set_reset_marker(Some(&marker))?;
+            // Reconnecting asks for the snapshot (the marker says a reset is pending).
+            return Err(SyncError::Protocol(detail));
+        }
+        if uploaded > last_sync {
+            // The server applied an upload whose acknowledgement was lost.
+            self.store.mark_synced(uploaded)?;
+        }
+        self.sent = uploaded.max(last_sync);
+        if uploaded < last_sync {
+            // The server lost changes it had acknowledged; resend them if the
+            // log still has them.
+            let first = self.store.log_after(uploaded, 1)?;
+            if first.first().map(|e| e.seq) == Some(uploaded + 1) {
+                self.sent = uploaded;
+            }
+        }
+        self.server_version = server_version;
+        self.ready = true;
+        self.in_flight = 0;
+        self.outgoing.clear();
+        self.finish_reset_if_uploaded(uploaded)?;
+        Ok(Vec::new())
+    }
+
+    /// Changes of a filtered view: whole objects, and objects that left the view.
+    fn on_view_download(
+        &mut self,
+        objects: Vec<ObjectSnapshot>,
+        mut removed: Vec<(String, crate::value::Pk)>,
+        cursor: ServerVersion,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if !removed.is_empty() {
+            // An object with unsynced local writes stays until they are uploaded
+            // and judged: removing it now would lose them for good (downloads do
+            // not bring a client's own writes back).
+            let unsynced: std::collections::HashSet<(String, crate::value::Pk)> = self
+                .store
+                .unsynced(usize::MAX)?
+                .into_iter()
+                .flat_map(|e| e.writes.into_iter().map(|w| (w.collection, w.pk)))
+                .collect();
+            removed.retain(|k| !unsynced.contains(k));
+        }
+        self.store
+            .merge_view(&objects, &removed, |tx| set_cursor(tx, cursor))?;
+        self.downloaded = cursor;
+        Ok(vec![ClientMsg::DownloadAck { cursor }])
+    }
+
+    /// Writes the server refused and reverted: kept (once each) for the application.
+    fn on_compensating_write(
+        &mut self,
+        refused: Vec<RefusedWrite>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        let known = rejected_writes(&self.store)?;
+        let fresh: Vec<RefusedWrite> = refused
+            .into_iter()
+            .filter(|r| !known.iter().any(|(_, k)| k == r))
+            .collect();
+        record_rejected(&self.store, &fresh)?;
+        self.refused.extend(fresh);
+        Ok(Vec::new())
+    }
+
+    /// A view rebuild (the subscriptions changed): the reset machinery without a backup or
+    /// a report.
+    fn on_view_rebuild(
+        &mut self,
+        uploaded: LogPos,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+            self.store.mark_synced(uploaded)?;
+        }
+        let replay_after = self.store.last_sync().min(uploaded);
+        let marker = ResetMarker {
+            reason: ResetReason::SubscriptionsChanged,
+            mode: ResetMode::RecoverUnsyncedChanges,
+            phase: ResetPhase::Downloading,
+            backup: None,
+        };
+        self.store.set_reset_marker(Some(&marker))?;
+        self.begin_staging(marker, &schemas, replay_after)
+    }
+
+    /// The server ordered a client reset: back the store up, mark the reset, and wait for
+    /// the snapshot.
+    fn on_reset_required(
+        &mut self,
+        reason: ResetReason,
+        uploaded: LogPos,
+        schemas: Vec<Schema>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        if uploaded > self.store.last_sync() && uploaded <= self.store.log_head() {
+            // Applied on the server, acknowledgement lost: not unsynced.
+            self.store.mark_synced(uploaded)?;
+        }
+        // A server that lost acknowledged uploads gets them replayed too.
+        let replay_after = self.store.last_sync().min(uploaded);
+        let marker = match self.store.reset_marker()? {
+            Some(
+                m @ ResetMarker {
+                    phase: ResetPhase::Downloading,
+                    ..
+                },
+            ) => m,
+            previous => {
+                // A new reset before the last one finished: its backup is no longer
+                // needed, unless the application recovers from it by hand.
+                if let Some(ResetMarker {
+                    mode,
+                    backup: Some(old),
+                    ..
+                }) = previous
+                {
+                    if mode != ResetMode::Manual {
+                        let _ = std::fs::remove_file(old);
+                    }
+                }
+                let backup = self.store.path().map(backup_path);
+                if let Some(b) = &backup {
+                    self.store.backup_to(b)?;
+                }
+                let m = ResetMarker {
+                    reason,
+                    mode: self.config.reset_mode,
+                    phase: ResetPhase::Downloading,
+                    backup,
+                };
+                self.store.set_reset_marker(Some(&m))?;
+                m
+            }
+        };
+        self.begin_staging(marker, &schemas, replay_after)
+    }
+
+    /// A chunk of a reset's snapshot; the last one swaps the staged state in.
+    fn on_snapshot(
+        &mut self,
+        objects: Vec<ObjectSnapshot>,
+        end: Option<SnapshotEnd>,
+    ) -> Result<Vec<ClientMsg>, SyncError> {
+        let Some(r) = self.reset.as_mut() else {
+            return Err(SyncError::Protocol("a snapshot outside a reset".into()));
+        };
+        self.store.stage_snapshot(&objects, r.first, &mut r.plan)?;
+        r.first = false;
+        let mut settled = None;
+        if let Some(end) = end {
+            if let Some(r) = self.reset.take() {
+                self.swap_in(&r.marker, r.plan, end)?;
+            }
+            settled = Some(self.store.last_sync());
+        }
+        Ok(vec![ClientMsg::SnapshotAck { settled }])
     }
 
     /// Reads the unsynced writes after `replay_after` to replay onto the server's state
@@ -588,11 +581,10 @@ impl ClientSession {
             subscriptions,
         } = end;
         let (report, _until) = self.store.finish_reset(marker, &schemas, plan, |tx| {
-            let mut t = tx.raw()?.open_table(CLIENT_SYNC)?;
-            t.insert(DOWNLOAD_CURSOR, cursor)?;
-            t.insert(SCHEMA_VERSION, schema_version)?;
+            tx.set_sync_counter(ClientCounter::DownloadCursor, cursor)?;
+            tx.set_sync_counter(ClientCounter::SchemaVersion, schema_version)?;
             if let Some(v) = subscriptions {
-                t.insert(SUBSCRIPTIONS_ACKED, v)?;
+                tx.set_sync_counter(ClientCounter::SubscriptionsAcked, v)?;
             }
             Ok(())
         })?;

@@ -8,6 +8,7 @@
 //! session that cannot write a reply within the idle deadline ends.
 
 mod budget;
+mod frame_io;
 mod sync_client;
 
 use std::net::SocketAddr;
@@ -22,14 +23,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::clock::{SystemTimeSource, TimeSource};
-use crate::sync::frame::{
-    encode_frame, read_frame_within, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT,
-};
+use crate::sync::frame::{encode_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
 use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use crate::sync::server::{Limits, ServerSession, SyncServer};
 use budget::{Budgets, ConnBuffer, PiecesHeld, Ticket};
 
 pub use budget::ServerStats;
+pub use frame_io::{read_frame, read_frame_within, write_frame, ReadBudget, Unbounded};
 pub use sync_client::{
     ClientHooks, ConnectionState, ErrorCallback, ResetCallback, SetOnline, StateCallback,
     StuckUpload, SyncClient, SyncStatus, TokenFuture, TokenProvider, WaitError, KEEPALIVE_DEFAULT,
@@ -115,7 +115,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         loop {
-            match crate::sync::frame::read_frame::<M, _>(&mut rd, FRAME_LEN_MAX_DEFAULT).await {
+            match read_frame::<M, _>(&mut rd, FRAME_LEN_MAX_DEFAULT).await {
                 Ok(Some(m)) => {
                     if tx.send(Ok(m)).is_err() {
                         break;

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fieldlog::sync::frame::{read_frame, write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::frame::{FrameError, FRAME_LEN_MAX_DEFAULT};
+use fieldlog::sync::net::{read_frame, write_frame};
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Changeset, LogEntry, Op, Pk, ReplicaId, Stamp, Value, Write};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::sync::frame::ReadBudget;
+use super::ReadBudget;
 use crate::sync::server::Limits;
 
 /// What a server's transport holds and has refused, as counted by the server itself.

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::write_frame;
 use super::{connect, spawn_reader, StreamBox, Transport};
 use crate::log::LogPos;
 use crate::reset::ResetReport;
@@ -24,7 +25,7 @@ use crate::sync::client::{
     subscriptions, subscriptions_acked, update_subscriptions, ClientConfig, ClientSession,
     SyncError,
 };
-use crate::sync::frame::{write_frame, FrameError, FRAME_LEN_MAX_DEFAULT};
+use crate::sync::frame::{FrameError, FRAME_LEN_MAX_DEFAULT};
 use crate::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, Subscription};
 
 /// The client's connection state, reported to the state callback.
@@ -69,6 +70,7 @@ const UPLOAD_POLL: Duration = Duration::from_millis(10);
 
 /// Options of a [`SyncClient`] beyond the session's.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct ClientHooks {
     /// Called on every connection state change.
     pub on_state: Option<StateCallback>,
