@@ -76,6 +76,7 @@ use std::time::Instant;
 use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport, UnsyncedWrite};
 use fieldlog::rules::Rules;
 use fieldlog::sync::client::{self as sync_client, ClientConfig, ClientSession};
+use fieldlog::sync::pieces::join_piece;
 use fieldlog::sync::protocol::{ClientMsg, ErrorCode, RefusedWrite, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::Secret;
@@ -148,7 +149,7 @@ fn leaks_in(m: &ServerMsg, user: &str) -> Vec<String> {
         ServerMsg::Snapshot { objects, .. } | ServerMsg::ViewDownload { objects, .. } => {
             for o in objects {
                 let owner = owner_of(o.fields.iter().map(|(f, _, v)| (f.as_str(), v)));
-                object(down_kind(m), &o.pk, owner);
+                object(m.kind(), &o.pk, owner);
             }
         }
         ServerMsg::Download { changeset, .. } => {
@@ -447,29 +448,6 @@ fn flatten(e: &LogEntry) -> Vec<Flat> {
         .collect()
 }
 
-/// Appends the next piece of a transaction (the rule of `sync::pieces`, restated: a piece
-/// whose first write continues the same object's insert or update extends it).
-fn join_piece(joined: &mut LogEntry, next: LogEntry) {
-    for w in next.writes {
-        if let Some(last) = joined.writes.last_mut() {
-            if last.collection == w.collection && last.pk == w.pk {
-                match (&mut last.op, &w.op) {
-                    (Op::Insert { fields: a }, Op::Insert { fields: b }) => {
-                        a.extend(b.iter().cloned());
-                        continue;
-                    }
-                    (Op::Update { fields: a }, Op::Update { fields: b }) => {
-                        a.extend(b.iter().cloned());
-                        continue;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        joined.writes.push(w);
-    }
-}
-
 /// The user of the hostile client: no honest client is theirs.
 const HOSTILE_USER: &str = "mallory";
 
@@ -622,33 +600,6 @@ fn scratch_dir() -> tempfile::TempDir {
         }
     }
     tempfile::tempdir().unwrap()
-}
-
-fn down_kind(m: &ServerMsg) -> &'static str {
-    match m {
-        ServerMsg::Welcome { .. } => "Welcome",
-        ServerMsg::ResetRequired { .. } => "ResetRequired",
-        ServerMsg::Snapshot { end: Some(_), .. } => "SnapshotEnd",
-        ServerMsg::Snapshot { .. } => "Snapshot",
-        ServerMsg::UploadAck { .. } => "UploadAck",
-        ServerMsg::Download { .. } => "Download",
-        ServerMsg::Pong { .. } => "Pong",
-        ServerMsg::Error { .. } => "Error",
-        #[allow(unreachable_patterns)]
-        _ => "other",
-    }
-}
-
-fn up_kind(m: &ClientMsg) -> &'static str {
-    match m {
-        ClientMsg::Hello { .. } => "Hello",
-        ClientMsg::Upload { .. } => "Upload",
-        ClientMsg::DownloadAck { .. } => "DownloadAck",
-        ClientMsg::SnapshotAck { .. } => "SnapshotAck",
-        ClientMsg::Ping { .. } => "Ping",
-        #[allow(unreachable_patterns)]
-        _ => "other",
-    }
 }
 
 /// A local transaction's parts.
@@ -967,7 +918,7 @@ impl Sim {
                 ClientMsg::DownloadAck { .. } | ClientMsg::Ping { .. } => true,
                 _ => false,
             };
-            let kind = up_kind(&m);
+            let kind = m.kind();
             let times = if dup && duplicable { 2 } else { 1 };
             for _ in 1..times {
                 let out = conn.server.on_message(m.clone(), now);
@@ -1004,7 +955,7 @@ impl Sim {
         let c = &mut self.clients[i];
         let conn = c.conn.as_mut().unwrap();
         let m = conn.down.pop_front().unwrap();
-        let kind = down_kind(&m);
+        let kind = m.kind();
         let claimed = match &m {
             ServerMsg::UploadAck { seq, .. } => Some(*seq),
             ServerMsg::Welcome { uploaded, .. } | ServerMsg::ResetRequired { uploaded, .. } => {

@@ -8,7 +8,7 @@ pub mod client;
 pub mod frame;
 pub mod net;
 pub mod pair;
-pub(crate) mod pieces;
+pub mod pieces;
 pub mod protocol;
 pub mod server;
 pub(crate) mod stored;

@@ -106,8 +106,9 @@ fn split_write(w: Write, max_bytes: usize) -> Vec<Write> {
     out
 }
 
-/// Appends the next piece of a transaction to the pieces joined so far.
-pub(crate) fn join_piece(joined: &mut LogEntry, next: LogEntry) {
+/// Appends the next piece of a transaction to the pieces joined so far (for a peer that
+/// reassembles a transaction sent in pieces by itself, as a simulation or a proxy does).
+pub fn join_piece(joined: &mut LogEntry, next: LogEntry) {
     for w in next.writes {
         if let Some(last) = joined.writes.last_mut() {
             if last.collection == w.collection && last.pk == w.pk {

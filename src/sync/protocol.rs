@@ -337,3 +337,37 @@ pub enum ServerMsg {
         message: String,
     },
 }
+
+impl ClientMsg {
+    /// The message's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello { .. } => "Hello",
+            ClientMsg::Subscribe { .. } => "Subscribe",
+            ClientMsg::Upload { .. } => "Upload",
+            ClientMsg::DownloadAck { .. } => "DownloadAck",
+            ClientMsg::SnapshotAck { .. } => "SnapshotAck",
+            ClientMsg::Ping { .. } => "Ping",
+        }
+    }
+}
+
+impl ServerMsg {
+    /// The message's name, for logs and errors (the last chunk of a snapshot is
+    /// `SnapshotEnd`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMsg::Welcome { .. } => "Welcome",
+            ServerMsg::ResetRequired { .. } => "ResetRequired",
+            ServerMsg::ViewDownload { .. } => "ViewDownload",
+            ServerMsg::CompensatingWrite { .. } => "CompensatingWrite",
+            ServerMsg::SubscriptionError { .. } => "SubscriptionError",
+            ServerMsg::Snapshot { end: Some(_), .. } => "SnapshotEnd",
+            ServerMsg::Snapshot { .. } => "Snapshot",
+            ServerMsg::UploadAck { .. } => "UploadAck",
+            ServerMsg::Download { .. } => "Download",
+            ServerMsg::Pong { .. } => "Pong",
+            ServerMsg::Error { .. } => "Error",
+        }
+    }
+}

@@ -183,7 +183,7 @@ impl ServerSession {
             hello @ ClientMsg::Hello { .. } if awaiting_hello => self.on_hello(hello, now_ms),
             other if awaiting_hello => Ok(self.fail(
                 ErrorCode::UnexpectedMessage,
-                format!("expected Hello, got {}", kind(&other)),
+                format!("expected Hello, got {}", other.kind()),
             )),
             ClientMsg::Hello { .. } => {
                 Ok(self.fail(ErrorCode::UnexpectedMessage, "Hello after the handshake"))
@@ -215,7 +215,7 @@ impl ServerSession {
         } = hello
         else {
             return Err(Error::Internal {
-                what: format!("a {} handled as a Hello", kind(&hello)),
+                what: format!("a {} handled as a Hello", hello.kind()),
             });
         };
         let claims = match self.admit(protocol, &token, replica, now_ms)? {
@@ -814,17 +814,6 @@ fn visible_snapshot(view: &View, o: &mut ObjectSnapshot) -> bool {
     };
     o.fields.retain(|(f, _, _)| readable.field(f));
     true
-}
-
-fn kind(m: &ClientMsg) -> &'static str {
-    match m {
-        ClientMsg::Hello { .. } => "Hello",
-        ClientMsg::Upload { .. } => "Upload",
-        ClientMsg::DownloadAck { .. } => "DownloadAck",
-        ClientMsg::SnapshotAck { .. } => "SnapshotAck",
-        ClientMsg::Ping { .. } => "Ping",
-        ClientMsg::Subscribe { .. } => "Subscribe",
-    }
 }
 
 pub(crate) fn approx_size(e: &LogEntry) -> usize {
