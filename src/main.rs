@@ -12,7 +12,7 @@ use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Store, SystemTimeSource, TimeSource, Value};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -82,7 +82,7 @@ use fieldlog::{
 };
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const COLL: &str = "Item";
 const FIELDS: [&str; 3] = ["a", "b", "c"];

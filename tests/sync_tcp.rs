@@ -9,7 +9,7 @@ use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Options, Store, Value};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 fn token_for(secret: &Secret, user: &str) -> String {
     let claims = Claims {
