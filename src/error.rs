@@ -149,6 +149,15 @@ pub enum Error {
         /// The `SyncServer` method to use instead (`write`, `set_schema`).
         through: &'static str,
     },
+    /// This build of fieldlog leaves out a feature the operation needs (such as `text`,
+    /// for collaborative text fields); nothing was written.
+    #[error("{what} needs the `{feature}` feature of fieldlog")]
+    NeedsFeature {
+        /// What needs it ("a text field").
+        what: &'static str,
+        /// The Cargo feature.
+        feature: &'static str,
+    },
     /// A file system operation outside redb failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -78,7 +78,7 @@
 //! compares with nothing (so `$eq` and `$in` are false, `$ne` and `$nin` true);
 //! `$exists` tests whether the user has it.
 //!
-//! Document values compare as [`compare`] says, the same rules as queries: a missing field
+//! Document values compare as [`compare`](super::query::compare) says, the same rules as queries: a missing field
 //! is `null`; ints and floats compare numerically; different types do not compare, so
 //! every operator but `$ne`/`$nin` is false for them. `$exists` is true for a field present
 //! in the object, even with a `null` value; `_id` always exists.
