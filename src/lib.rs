@@ -63,7 +63,7 @@ mod wal;
 pub use changeset::{Changeset, ChangesetId};
 pub use clock::{ManualTimeSource, ReplicaId, Stamp, SystemTimeSource, TimeSource};
 pub use digest::Digest;
-pub use error::{Error, NameKind, Result};
+pub use error::{Error, NameKind, Result, StorageError, StorageErrorKind};
 pub use log::{FieldWrite, LogEntry, LogPos, Op, Write};
 pub use schema::{FieldSpec, FieldType, Schema};
 pub use store::{

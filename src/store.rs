@@ -34,6 +34,7 @@ use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
 mod served;
+mod storage_error;
 
 /// (collection id, encoded pk) → postcard `ObjectState<u32>`.
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
