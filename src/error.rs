@@ -7,7 +7,7 @@
 use std::fmt;
 
 use crate::clock::Stamp;
-use crate::value::Pk;
+use crate::pk::Pk;
 
 /// Which kind of name failed validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -45,6 +45,7 @@ mod digest;
 mod error;
 mod log;
 mod merge;
+mod pk;
 #[cfg_attr(not(feature = "sync"), allow(dead_code))]
 pub mod reset;
 mod row;
