@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
-use rand::Rng;
+use rand::RngExt;
 
 use workload::{
     concurrent, load_all, recovery, rows, updates, Am, Dist, Engine, Fieldlog, FieldlogPair, Keys,

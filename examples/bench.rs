@@ -14,7 +14,7 @@ mod workload;
 
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 use workload::{
     concurrent, concurrent_one_at_a_time, load_all, recovery, update_all, updates, Am, Dist,
     Engine, Fieldlog, FieldlogPair, Keys, RawRedb, Sizes, Sqlite, SyncRig, Upd,

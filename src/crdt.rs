@@ -14,17 +14,14 @@
 
 use std::collections::BTreeMap;
 
-use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ReadDoc, ROOT};
+pub(crate) use text::{render, splice};
 
 use crate::clock::ReplicaId;
-use crate::error::{Error, NameKind, Result};
+use crate::error::{NameKind, Result};
 use crate::value::{validate_name, Value};
 
 const COUNTER_PREFIX: &str = "__c.";
 const TEXT_PREFIX: &str = "__t.";
-/// Bytes one text sub-field may hold (a replica's whole edit history of one text).
-pub const TEXT_PART_BYTES_MAX: usize = 4 << 20;
 
 /// Which conflict-free type a sub-field belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +68,7 @@ pub(crate) fn check_sub_value(name: &str, value: &Value) -> std::result::Result<
     match (parse_sub(name), value) {
         (None, _) => Ok(()),
         (Some((Kind::Counter, _, _)), Value::Int(_)) => Ok(()),
-        (Some((Kind::Text, _, _)), Value::Bytes(b)) => decode_part(b).map(|_| ()),
+        (Some((Kind::Text, _, _)), Value::Bytes(b)) => text::check_part(b),
         (Some((Kind::Counter, ..)), v) => {
             Err(format!("counter part {name} holds {}", v.type_name()))
         }
@@ -79,112 +76,165 @@ pub(crate) fn check_sub_value(name: &str, value: &Value) -> std::result::Result<
     }
 }
 
-fn decode_part(bytes: &[u8]) -> std::result::Result<Vec<Change>, String> {
-    if bytes.len() > TEXT_PART_BYTES_MAX {
-        return Err(format!(
-            "text part of {} bytes is over the limit",
-            bytes.len()
-        ));
+/// Text fields over automerge.
+#[cfg(feature = "text")]
+mod text {
+    use automerge::transaction::{CommitOptions, Transactable};
+    use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ReadDoc, ROOT};
+
+    use crate::clock::ReplicaId;
+    use crate::error::{Error, Result};
+
+    /// Bytes one text sub-field may hold (a replica's whole edit history of one text).
+    const TEXT_PART_BYTES_MAX: usize = 4 << 20;
+
+    /// Checks that a text part decodes.
+    pub(super) fn check_part(bytes: &[u8]) -> std::result::Result<(), String> {
+        decode_part(bytes).map(|_| ())
     }
-    let mut out = Vec::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or("text part: truncated length")?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > tail.len() {
-            return Err("text part: truncated change".into());
+
+    fn decode_part(bytes: &[u8]) -> std::result::Result<Vec<Change>, String> {
+        if bytes.len() > TEXT_PART_BYTES_MAX {
+            return Err(format!(
+                "text part of {} bytes is over the limit",
+                bytes.len()
+            ));
         }
-        let (raw, tail) = tail.split_at(len);
-        out.push(Change::from_bytes(raw.to_vec()).map_err(|e| format!("text change: {e}"))?);
-        rest = tail;
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (len, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or("text part: truncated length")?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if len > tail.len() {
+                return Err("text part: truncated change".into());
+            }
+            let (raw, tail) = tail.split_at(len);
+            out.push(Change::from_bytes(raw.to_vec()).map_err(|e| format!("text change: {e}"))?);
+            rest = tail;
+        }
+        Ok(out)
     }
-    Ok(out)
-}
 
-fn encode_part(changes: &[Change]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for c in changes {
-        let raw = c.raw_bytes();
-        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-        out.extend_from_slice(raw);
+    fn encode_part(changes: &[Change]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in changes {
+            let raw = c.raw_bytes();
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(raw);
+        }
+        out
     }
-    out
-}
 
-fn actor(replica: ReplicaId) -> ActorId {
-    let mut bytes = [0u8; 16];
-    bytes[8..].copy_from_slice(&replica.0.to_be_bytes());
-    bytes[0] = 1; // never the genesis actor (all zeros)
-    ActorId::from(bytes)
-}
+    fn actor(replica: ReplicaId) -> ActorId {
+        let mut bytes = [0u8; 16];
+        bytes[8..].copy_from_slice(&replica.0.to_be_bytes());
+        bytes[0] = 1; // never the genesis actor (all zeros)
+        ActorId::from(bytes)
+    }
 
-fn text_err(e: impl std::fmt::Display) -> Error {
-    Error::Corrupt {
-        what: format!("text: {e}"),
+    fn text_err(e: impl std::fmt::Display) -> Error {
+        Error::Corrupt {
+            what: format!("text: {e}"),
+        }
+    }
+
+    /// The same first change on every replica, so every replica edits the same text object.
+    fn genesis() -> Result<(AutoCommit, ObjId)> {
+        let mut doc = AutoCommit::new().with_actor(ActorId::from([0u8; 16]));
+        let text = doc
+            .put_object(ROOT, "text", ObjType::Text)
+            .map_err(text_err)?;
+        doc.commit_with(CommitOptions::default().with_time(0));
+        Ok((doc, text))
+    }
+
+    fn load<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Result<(AutoCommit, ObjId)> {
+        let (mut doc, text) = genesis()?;
+        let mut changes = Vec::new();
+        for p in parts {
+            changes.extend(decode_part(p).map_err(text_err)?);
+        }
+        doc.apply_changes(changes).map_err(text_err)?;
+        Ok((doc, text))
+    }
+
+    /// The text that replicas' parts make.
+    pub(crate) fn render<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Result<String> {
+        let (doc, text) = load(parts)?;
+        doc.text(&text).map_err(text_err)
+    }
+
+    /// Applies a splice (delete `delete` characters at `pos`, insert `insert`) as `me`, on the
+    /// text all `parts` make; returns `me`'s new part.
+    pub(crate) fn splice<'a>(
+        parts: impl Iterator<Item = &'a [u8]>,
+        me: ReplicaId,
+        pos: usize,
+        delete: usize,
+        insert: &str,
+    ) -> Result<Vec<u8>> {
+        let (doc, text) = load(parts)?;
+        let mut doc = doc.with_actor(actor(me));
+        let len = doc.length(&text);
+        if pos > len || delete > len - pos {
+            return Err(Error::Conversion {
+                reason: format!("splice at {pos} deleting {delete} in a text of {len} characters"),
+            });
+        }
+        let delete = isize::try_from(delete).map_err(text_err)?;
+        doc.splice_text(&text, pos, delete, insert)
+            .map_err(text_err)?;
+        doc.commit();
+        let mine: Vec<Change> = doc
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| c.actor_id() == &actor(me))
+            .collect();
+        let part = encode_part(&mine);
+        if part.len() > TEXT_PART_BYTES_MAX {
+            return Err(Error::Conversion {
+                reason: format!(
+                    "this replica's edits of the text exceed {TEXT_PART_BYTES_MAX} bytes"
+                ),
+            });
+        }
+        Ok(part)
     }
 }
 
-/// The same first change on every replica, so every replica edits the same text object.
-fn genesis() -> Result<(AutoCommit, ObjId)> {
-    let mut doc = AutoCommit::new().with_actor(ActorId::from([0u8; 16]));
-    let text = doc
-        .put_object(ROOT, "text", ObjType::Text)
-        .map_err(text_err)?;
-    doc.commit_with(CommitOptions::default().with_time(0));
-    Ok((doc, text))
-}
+/// Without the `text` feature there is no automerge: a text field, local or received, is
+/// an error that names the feature, and counters and plain fields work as ever.
+#[cfg(not(feature = "text"))]
+mod text {
+    use crate::clock::ReplicaId;
+    use crate::error::{Error, Result};
 
-fn load<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Result<(AutoCommit, ObjId)> {
-    let (mut doc, text) = genesis()?;
-    let mut changes = Vec::new();
-    for p in parts {
-        changes.extend(decode_part(p).map_err(text_err)?);
+    fn needs_text() -> Error {
+        Error::NeedsFeature {
+            what: "a text field",
+            feature: "text",
+        }
     }
-    doc.apply_changes(changes).map_err(text_err)?;
-    Ok((doc, text))
-}
 
-/// The text that replicas' parts make.
-pub(crate) fn render<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Result<String> {
-    let (doc, text) = load(parts)?;
-    doc.text(&text).map_err(text_err)
-}
+    pub(super) fn check_part(_bytes: &[u8]) -> std::result::Result<(), String> {
+        Err(needs_text().to_string())
+    }
 
-/// Applies a splice (delete `delete` characters at `pos`, insert `insert`) as `me`, on the
-/// text all `parts` make; returns `me`'s new part.
-pub(crate) fn splice<'a>(
-    parts: impl Iterator<Item = &'a [u8]>,
-    me: ReplicaId,
-    pos: usize,
-    delete: usize,
-    insert: &str,
-) -> Result<Vec<u8>> {
-    let (doc, text) = load(parts)?;
-    let mut doc = doc.with_actor(actor(me));
-    let len = doc.length(&text);
-    if pos > len || delete > len - pos {
-        return Err(Error::Conversion {
-            reason: format!("splice at {pos} deleting {delete} in a text of {len} characters"),
-        });
+    pub(crate) fn render<'a>(_parts: impl Iterator<Item = &'a [u8]>) -> Result<String> {
+        Err(needs_text())
     }
-    let delete = isize::try_from(delete).map_err(text_err)?;
-    doc.splice_text(&text, pos, delete, insert)
-        .map_err(text_err)?;
-    doc.commit();
-    let mine: Vec<Change> = doc
-        .get_changes(&[])
-        .into_iter()
-        .filter(|c| c.actor_id() == &actor(me))
-        .collect();
-    let part = encode_part(&mine);
-    if part.len() > TEXT_PART_BYTES_MAX {
-        return Err(Error::Conversion {
-            reason: format!("this replica's edits of the text exceed {TEXT_PART_BYTES_MAX} bytes"),
-        });
+
+    pub(crate) fn splice<'a>(
+        _parts: impl Iterator<Item = &'a [u8]>,
+        _me: ReplicaId,
+        _pos: usize,
+        _delete: usize,
+        _insert: &str,
+    ) -> Result<Vec<u8>> {
+        Err(needs_text())
     }
-    Ok(part)
 }
 
 /// Replaces counter and text parts by the values they make, under the parent names.
@@ -238,6 +288,7 @@ mod tests {
         assert!(validate_field_name("__x").is_err());
     }
 
+    #[cfg(feature = "text")]
     #[test]
     fn concurrent_text_edits_keep_every_insertion_in_any_order() {
         let parts: Vec<Vec<u8>> = ["alpha ", "beta ", "gamma "]
@@ -253,6 +304,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "text")]
     #[test]
     fn bad_text_parts_are_errors() {
         assert!(
@@ -260,6 +312,19 @@ mod tests {
         );
         assert!(check_sub_value("__t.x.0000000000000001", &Value::Int(1)).is_err());
         assert!(check_sub_value("__c.x.0000000000000001", &Value::Int(1)).is_ok());
+    }
+
+    #[cfg(not(feature = "text"))]
+    #[test]
+    fn text_without_the_feature_is_an_error_that_names_it() {
+        let part = "__t.x.0000000000000001";
+        let err = check_sub_value(part, &Value::Bytes(Vec::new())).unwrap_err();
+        assert!(err.contains("`text` feature"), "{err}");
+        let err = splice(std::iter::empty(), ReplicaId(1), 0, 0, "a").unwrap_err();
+        assert!(err.to_string().contains("`text` feature"), "{err}");
+        let mut f = BTreeMap::new();
+        f.insert(part.to_owned(), Value::Bytes(Vec::new()));
+        assert!(fold(f).is_err());
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! Errors. Every variant says what went wrong and where (collection, pk, field).
+//!
+//! The storage engine's own error types stay inside the store: it turns them into a
+//! [`StorageError`] (in `store/storage_error.rs`), so this file and the public API name
+//! none of them.
 
 use std::fmt;
 
 use crate::clock::Stamp;
-use crate::value::Pk;
+use crate::pk::Pk;
 
 /// Which kind of name failed validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,9 +31,9 @@ impl fmt::Display for NameKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The storage layer (redb or the file system) failed.
+    /// The storage layer (the database engine or the file system under it) failed.
     #[error("storage: {0}")]
-    Storage(#[from] redb::Error),
+    Storage(#[from] StorageError),
     /// An earlier I/O failure left the store in an unknown state. It refuses writes until it
     /// recovers by itself (see [`crate::Options::recover_after`]) or is reopened; transient.
     #[error(
@@ -155,28 +159,95 @@ pub enum Error {
         /// The `SyncServer` method to use instead (`write`, `set_schema`).
         through: &'static str,
     },
-    /// A file system operation outside redb failed.
+    /// This build of fieldlog leaves out a feature the operation needs (such as `text`,
+    /// for collaborative text fields); nothing was written.
+    #[error("{what} needs the `{feature}` feature of fieldlog")]
+    NeedsFeature {
+        /// What needs it ("a text field").
+        what: &'static str,
+        /// The Cargo feature.
+        feature: &'static str,
+    },
+    /// A file system operation outside the storage engine failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                Error::Storage(e.into())
-            }
-        }
-    )*};
+/// What kind of failure a [`StorageError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageErrorKind {
+    /// Reading or writing the file failed (or an earlier such failure left the database
+    /// unusable until it is reopened).
+    Io,
+    /// The disk or the user's quota is full.
+    Full,
+    /// The file holds bytes the storage engine cannot read, or a format it cannot open.
+    Corrupt,
+    /// Another process holds the database open.
+    InUse,
+    /// Anything else the storage engine refused.
+    Other,
 }
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+
+impl fmt::Display for StorageErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StorageErrorKind::Io => "io",
+            StorageErrorKind::Full => "full",
+            StorageErrorKind::Corrupt => "corrupt",
+            StorageErrorKind::InUse => "in use",
+            StorageErrorKind::Other => "other",
+        })
+    }
+}
+
+/// A failure of the storage layer: its kind and the storage engine's message. The engine's
+/// own error is kept as the [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct StorageError {
+    kind: StorageErrorKind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StorageError {
+    /// A storage error of `kind` caused by `source`, whose text is the message.
+    pub(crate) fn new<E>(kind: StorageErrorKind, source: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        StorageError {
+            kind,
+            message: source.to_string(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StorageErrorKind {
+        self.kind
+    }
+
+    /// The storage engine's description of it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Shorthand for results in fieldlog.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

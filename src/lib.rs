@@ -21,6 +21,11 @@
 //! # Ok::<(), fieldlog::Error>(())
 //! ```
 //!
+//! Cargo features, all on by default: `sync` (the [`sync`] module: server, client and their
+//! tokio transport), `text` (collaborative text fields, over automerge) and `cli` (the
+//! `fieldlog` binary). With `default-features = false` the crate is the embedded store
+//! alone; a text field there is an [`Error::NeedsFeature`].
+//!
 //! Boundaries: `merge` touches no redb and no network; `store` is the only module that
 //! knows redb; a log append, its state update, the digest and the clock high-water mark
 //! commit in one redb transaction.
@@ -28,30 +33,38 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+// Without `sync`, the hooks these modules keep for the sync server (conflict planning,
+// reset steps, the served-store guard) have no caller; the modules marked below allow it.
 mod backend;
 mod changeset;
 mod clock;
+#[cfg_attr(not(feature = "sync"), allow(dead_code))]
 pub mod conflict;
 mod crdt;
 mod digest;
 mod error;
 mod log;
 mod merge;
+mod pk;
+#[cfg_attr(not(feature = "sync"), allow(dead_code))]
 pub mod reset;
 mod row;
 pub mod rules;
 mod schema;
 mod serde_object;
 mod snapshot;
+#[cfg_attr(not(feature = "sync"), allow(dead_code))]
 mod store;
+#[cfg(feature = "sync")]
 pub mod sync;
 mod value;
+#[cfg_attr(not(feature = "sync"), allow(dead_code))]
 mod wal;
 
 pub use changeset::{Changeset, ChangesetId};
 pub use clock::{ManualTimeSource, ReplicaId, Stamp, SystemTimeSource, TimeSource};
 pub use digest::Digest;
-pub use error::{Error, NameKind, Result};
+pub use error::{Error, NameKind, Result, StorageError, StorageErrorKind};
 pub use log::{FieldWrite, LogEntry, LogPos, Op, Write};
 pub use schema::{FieldSpec, FieldType, Schema};
 pub use store::{

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use fieldlog::sync::client::ClientConfig;
@@ -12,7 +12,7 @@ use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Store, SystemTimeSource, TimeSource, Value};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -206,159 +206,248 @@ async fn serve(db: PathBuf, listen: String, file: Option<PathBuf>) -> Result<(),
     Ok(())
 }
 
+/// What the demo writes: `writes` field writes by each of `clients` clients, over
+/// `objects` objects per client, the randomness seeded by `seed`.
+#[derive(Clone, Copy)]
+struct Load {
+    clients: usize,
+    writes: u64,
+    objects: u64,
+    seed: u64,
+}
+
 async fn demo(clients: usize, writes: u64, objects: u64, seed: u64) -> Result<(), BoxError> {
-    let dir = tempfile::tempdir()?;
-    let secret = Secret::generate();
-    let server_store = Arc::new(Store::open(dir.path().join("server.redb"))?);
-    let server = Arc::new(SyncServer::open(
-        Arc::clone(&server_store),
-        ServerConfig::new(secret.clone()),
-    )?);
-    let handle = ServerHandle::bind(Arc::clone(&server), "127.0.0.1:0").await?;
-    let addr = handle
-        .local_addr()
-        .ok_or("server has no address")?
-        .to_string();
-    println!(
-        "server on {addr}, {clients} clients, {writes} field writes each, stores in {}",
-        dir.path().display()
-    );
-
-    let mut replicas = Vec::new();
-    for i in 0..clients {
-        let store = Arc::new(Store::open(dir.path().join(format!("client{i}.redb")))?);
-        let claims = Claims {
-            user_id: format!("user{i}"),
-            expires_at_ms: u64::MAX,
-            extra: Default::default(),
-        };
-        let client = SyncClient::start(
-            Arc::clone(&store),
-            Transport::Tcp(addr.clone()),
-            ClientConfig::new(token::issue(&secret, &claims)?),
-            ClientHooks::default(),
-        );
-        replicas.push((store, Arc::new(client)));
-    }
-
-    let bar = ProgressBar::new(writes * clients as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} field writes {per_sec} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let offline_now = Arc::new(AtomicU64::new(0));
+    let load = Load {
+        clients,
+        writes,
+        objects,
+        seed,
+    };
+    let demo = Demo::start(load).await?;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, (store, client)) in replicas.iter().enumerate() {
-        let (store, client, bar, offline_now) = (
-            Arc::clone(store),
-            Arc::clone(client),
-            bar.clone(),
-            Arc::clone(&offline_now),
-        );
-        let total = clients as u64;
-        tasks.push(tokio::task::spawn_blocking(
-            move || -> Result<u64, BoxError> {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
-                store.write(|tx| {
-                    for k in 0..objects {
-                        let fields = (0..10).map(|f| (format!("field{f}"), Value::from(0)));
-                        tx.insert("Item", (i as u64 * objects + k) as i64, fields)?;
-                    }
-                    Ok(())
-                })?;
-                let mut done = 0;
-                let mut offline_until = None;
-                while done < writes {
-                    // Now and then, go offline for a stretch of writes.
-                    match offline_until {
-                        None if rng.random_ratio(1, 40) => {
-                            client.set_online(false);
-                            offline_now.fetch_add(1, Ordering::Relaxed);
-                            offline_until = Some(done + rng.random_range(100..800));
-                        }
-                        Some(until) if done >= until => {
-                            client.set_online(true);
-                            offline_now.fetch_sub(1, Ordering::Relaxed);
-                            offline_until = None;
-                        }
-                        _ => {}
-                    }
-                    let n = (writes - done).min(rng.random_range(1..20));
-                    store.write(|tx| {
-                        for _ in 0..n {
-                            let k = rng.random_range(0..objects);
-                            let mut pk = (rng.random_range(0..total) * objects + k) as i64;
-                            if tx.get("Item", pk)?.is_none() {
-                                // Not downloaded yet: edit one of our own instead.
-                                pk = (i as u64 * objects + k) as i64;
-                            }
-                            let field = format!("field{}", rng.random_range(0..10));
-                            tx.set("Item", pk, &field, rng.random_range(0..1_000_000i64))?;
-                        }
-                        Ok(())
-                    })?;
-                    done += n;
-                    bar.inc(n);
-                    bar.set_message(format!("({} offline)", offline_now.load(Ordering::Relaxed)));
-                }
-                if offline_until.is_some() {
-                    client.set_online(true);
-                    offline_now.fetch_sub(1, Ordering::Relaxed);
-                }
-                Ok(done)
-            },
-        ));
-    }
-    let mut total_writes = 0;
-    for t in tasks {
-        total_writes += t.await??;
-    }
+    let total_writes = demo.write(load).await?;
     let writing = started.elapsed();
-    bar.finish_with_message("written; converging");
-
     let converge = Instant::now();
-    for (_, c) in &replicas {
-        c.wait_for_upload().await?;
-    }
-    for (_, c) in &replicas {
-        c.wait_for_download().await?;
-    }
-    let converged_in = converge.elapsed();
-    let want = server_store.digest();
-    let equal = replicas.iter().filter(|(s, _)| s.digest() == want).count();
-    let bytes = std::fs::metadata(dir.path().join("server.redb"))?.len();
-    println!("field writes:        {total_writes} in {writing:.2?} ({:.0}/s across {clients} clients, each commit durable)",
-        total_writes as f64 / writing.as_secs_f64());
-    println!(
-        "server history:      {} transactions, store file {:.1} MiB",
-        server.version(),
-        bytes as f64 / (1 << 20) as f64
-    );
-    println!(
-        "connections:         {} (clients reconnect after going offline)",
-        handle.connections()
-    );
-    println!("time to converge:    {converged_in:.2?} after the last write");
-    let end_to_end = writing + converged_in;
-    println!(
-        "end to end:          {:.0} field changes/s (first write to every client converged)",
-        total_writes as f64 / end_to_end.as_secs_f64()
-    );
-    println!(
-        "objects:             {} on the server",
-        server_store.count("Item")?
-    );
-    println!("digests equal:       {equal}/{clients} clients match the server ({want})");
-    for (_, c) in replicas {
-        if let Ok(c) = Arc::try_unwrap(c) {
-            c.stop().await;
-        }
-    }
-    handle.shutdown().await;
+    demo.converge().await?;
+    let equal = demo.report(total_writes, writing, converge.elapsed())?;
+    demo.stop().await;
     if equal != clients {
         return Err("clients did not converge".into());
     }
     println!("converged");
     Ok(())
+}
+
+/// The demo's server and clients, each with a store of its own in a temporary folder.
+struct Demo {
+    dir: tempfile::TempDir,
+    clients: usize,
+    server_store: Arc<Store>,
+    server: Arc<SyncServer>,
+    handle: ServerHandle,
+    replicas: Vec<(Arc<Store>, Arc<SyncClient>)>,
+}
+
+impl Demo {
+    /// A server on a free local port, and `load.clients` clients connected to it over TCP.
+    async fn start(load: Load) -> Result<Demo, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let secret = Secret::generate();
+        let server_store = Arc::new(Store::open(dir.path().join("server.redb"))?);
+        let server = Arc::new(SyncServer::open(
+            Arc::clone(&server_store),
+            ServerConfig::new(secret.clone()),
+        )?);
+        let handle = ServerHandle::bind(Arc::clone(&server), "127.0.0.1:0").await?;
+        let addr = handle
+            .local_addr()
+            .ok_or("server has no address")?
+            .to_string();
+        println!(
+            "server on {addr}, {} clients, {} field writes each, stores in {}",
+            load.clients,
+            load.writes,
+            dir.path().display()
+        );
+        let mut replicas = Vec::new();
+        for i in 0..load.clients {
+            let store = Arc::new(Store::open(dir.path().join(format!("client{i}.redb")))?);
+            let claims = Claims {
+                user_id: format!("user{i}"),
+                expires_at_ms: u64::MAX,
+                extra: Default::default(),
+            };
+            let client = SyncClient::start(
+                Arc::clone(&store),
+                Transport::Tcp(addr.clone()),
+                ClientConfig::new(token::issue(&secret, &claims)?),
+                ClientHooks::default(),
+            );
+            replicas.push((store, Arc::new(client)));
+        }
+        let clients = load.clients;
+        Ok(Demo {
+            dir,
+            clients,
+            server_store,
+            server,
+            handle,
+            replicas,
+        })
+    }
+
+    /// Every client writes its share at once, on blocking threads, with a progress bar;
+    /// returns the field writes made.
+    async fn write(&self, load: Load) -> Result<u64, BoxError> {
+        let bar = ProgressBar::new(load.writes * load.clients as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} field writes {per_sec} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let offline_now = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for (i, (store, client)) in self.replicas.iter().enumerate() {
+            let (store, client, bar, offline_now) = (
+                Arc::clone(store),
+                Arc::clone(client),
+                bar.clone(),
+                Arc::clone(&offline_now),
+            );
+            tasks.push(tokio::task::spawn_blocking(move || {
+                client_writes(load, i, &store, &client, &bar, &offline_now)
+            }));
+        }
+        let mut total_writes = 0;
+        for t in tasks {
+            total_writes += t.await??;
+        }
+        bar.finish_with_message("written; converging");
+        Ok(total_writes)
+    }
+
+    /// Waits until every client has uploaded everything, then downloaded everything.
+    async fn converge(&self) -> Result<(), BoxError> {
+        for (_, c) in &self.replicas {
+            c.wait_for_upload().await?;
+        }
+        for (_, c) in &self.replicas {
+            c.wait_for_download().await?;
+        }
+        Ok(())
+    }
+
+    /// Prints the figures; returns how many clients' digests equal the server's.
+    fn report(
+        &self,
+        total_writes: u64,
+        writing: Duration,
+        converged_in: Duration,
+    ) -> Result<usize, BoxError> {
+        let clients = self.clients;
+        let want = self.server_store.digest();
+        let equal = self
+            .replicas
+            .iter()
+            .filter(|(s, _)| s.digest() == want)
+            .count();
+        let bytes = std::fs::metadata(self.dir.path().join("server.redb"))?.len();
+        println!("field writes:        {total_writes} in {writing:.2?} ({:.0}/s across {clients} clients, each commit durable)",
+            total_writes as f64 / writing.as_secs_f64());
+        println!(
+            "server history:      {} transactions, store file {:.1} MiB",
+            self.server.version(),
+            bytes as f64 / (1 << 20) as f64
+        );
+        println!(
+            "connections:         {} (clients reconnect after going offline)",
+            self.handle.connections()
+        );
+        println!("time to converge:    {converged_in:.2?} after the last write");
+        let end_to_end = writing + converged_in;
+        println!(
+            "end to end:          {:.0} field changes/s (first write to every client converged)",
+            total_writes as f64 / end_to_end.as_secs_f64()
+        );
+        println!(
+            "objects:             {} on the server",
+            self.server_store.count("Item")?
+        );
+        println!("digests equal:       {equal}/{clients} clients match the server ({want})");
+        Ok(equal)
+    }
+
+    async fn stop(self) {
+        for (_, c) in self.replicas {
+            if let Ok(c) = Arc::try_unwrap(c) {
+                c.stop().await;
+            }
+        }
+        self.handle.shutdown().await;
+    }
+}
+
+/// Client `i`'s writes: its own objects, then field writes in small transactions to
+/// random objects, going offline now and then for a stretch of writes.
+fn client_writes(
+    load: Load,
+    i: usize,
+    store: &Store,
+    client: &SyncClient,
+    bar: &ProgressBar,
+    offline_now: &AtomicU64,
+) -> Result<u64, BoxError> {
+    let Load {
+        clients,
+        writes,
+        objects,
+        seed,
+    } = load;
+    let total = clients as u64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+    store.write(|tx| {
+        for k in 0..objects {
+            let fields = (0..10).map(|f| (format!("field{f}"), Value::from(0)));
+            tx.insert("Item", (i as u64 * objects + k) as i64, fields)?;
+        }
+        Ok(())
+    })?;
+    let mut done = 0;
+    let mut offline_until = None;
+    while done < writes {
+        match offline_until {
+            None if rng.random_ratio(1, 40) => {
+                client.set_online(false);
+                offline_now.fetch_add(1, Ordering::Relaxed);
+                offline_until = Some(done + rng.random_range(100..800));
+            }
+            Some(until) if done >= until => {
+                client.set_online(true);
+                offline_now.fetch_sub(1, Ordering::Relaxed);
+                offline_until = None;
+            }
+            _ => {}
+        }
+        let n = (writes - done).min(rng.random_range(1..20));
+        store.write(|tx| {
+            for _ in 0..n {
+                let k = rng.random_range(0..objects);
+                let mut pk = (rng.random_range(0..total) * objects + k) as i64;
+                if tx.get("Item", pk)?.is_none() {
+                    // Not downloaded yet: edit one of our own instead.
+                    pk = (i as u64 * objects + k) as i64;
+                }
+                let field = format!("field{}", rng.random_range(0..10));
+                tx.set("Item", pk, &field, rng.random_range(0..1_000_000i64))?;
+            }
+            Ok(())
+        })?;
+        done += n;
+        bar.inc(n);
+        bar.set_message(format!("({} offline)", offline_now.load(Ordering::Relaxed)));
+    }
+    if offline_until.is_some() {
+        client.set_online(true);
+        offline_now.fetch_sub(1, Ordering::Relaxed);
+    }
+    Ok(done)
 }

@@ -34,6 +34,7 @@ use crate::value::{validate_name, Pk, Value};
 use crate::wal::{self, Redo};
 
 mod served;
+mod storage_error;
 pub(crate) mod sync_tables;
 
 /// (collection id, encoded pk) → postcard `ObjectState<u32>`.

@@ -10,7 +10,7 @@ use fieldlog::{
     NameKind, Object, Op, Options, Pk, ReplicaId, Schema, Stamp, Store, Value, Write,
 };
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const T0: u64 = 1_700_000_000_000;
 const COLLS: [&str; 5] = ["Dog", "Cat", "Bird", "Item", ""];

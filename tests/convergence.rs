@@ -15,7 +15,7 @@ use fieldlog::{
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// A time far from zero, so the physical part of every stamp is realistic.
 const T0: u64 = 1_700_000_000_000;

@@ -13,7 +13,7 @@ use fieldlog::sync::protocol::{ServerMsg, Subscription};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{FieldSpec, FieldType, Schema, Store, Value};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

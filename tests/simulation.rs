@@ -85,7 +85,7 @@ use fieldlog::{
 };
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use support::oracle::{written, Fate, Written};
 use support::token_for;
 

@@ -19,7 +19,7 @@ use fieldlog::{
     Value, Write,
 };
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use support::{now_ms, token_for};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

@@ -28,7 +28,7 @@ use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::Secret;
 use fieldlog::{Stamp, Store, Value};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use support::token_for;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

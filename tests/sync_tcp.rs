@@ -11,7 +11,7 @@ use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::Secret;
 use fieldlog::{Options, Store, Value};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use support::token_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Changeset, Durability, Store, Value};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use redb::{Database, ReadableDatabase, TableDefinition};
 
 pub const COLL: &str = "usertable";

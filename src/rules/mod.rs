@@ -1,10 +1,14 @@
-//! Rules: the query language of subscriptions and local reads ([`query`]), and the
-//! permissions file that decides what each user may read and write ([`permissions`]).
+//! Rules: the query language of subscriptions and local reads ([`query`], parsed by
+//! `parser`), and the permissions file that decides what each user may read and write
+//! ([`permissions`], loaded by `load`, its match expressions in `expr`).
 //!
 //! Pure logic: no I/O, no store, no network. The sync server binds a subscription's query
 //! with the user's parameters, picks the user's role per collection, and asks these types
 //! which objects and fields are visible and whether a write is allowed.
 
+mod expr;
+mod load;
+mod parser;
 pub mod permissions;
 pub mod query;
 
