@@ -13,11 +13,12 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fieldlog::reset::{Backup, ObjectSnapshot, ResetMode, ResetReason, ResetReport};
+use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReason, ResetReport};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::Backup;
 use fieldlog::{
     Digest, FieldSpec, FieldType, ManualTimeSource, Op, Options, Pk, ReplicaId, Schema, Stamp,
     Store, Value,
