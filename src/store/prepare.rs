@@ -8,7 +8,7 @@ use redb::ReadableTable;
 use crate::clock::Stamp;
 use crate::digest::{field_term, DigestSum};
 use crate::error::{Error, Result};
-use crate::log::{FieldWrite, LogEntry, Op, Write};
+use crate::log::{FieldWrite, LogEntry, LogPos, Op, Write};
 use crate::merge::ObjectState;
 use crate::row;
 use crate::value::{Pk, Value};
@@ -19,7 +19,8 @@ use super::format::{
     corrupt, encode_into, encode_state, Head, META_COUNT_PREFIX, META_HEAD, NAMES,
 };
 use super::names::NameView;
-use super::write_tx::{take_remote, Before, NetOp, StampedFields, WriteTx};
+use super::names::NewNames;
+use super::write_tx::{take_remote, Before, NetOp, Pending, StampedFields, WriteTx};
 use super::Committed;
 
 /// Inserts rows whose keys are not in `table`, sorted ascending. A run of them between two
@@ -91,7 +92,426 @@ pub(super) fn replace_term(
     sum.add(&field_term(coll, pk, name, stamp, value));
 }
 
-impl<'s> WriteTx<'s> {
+/// A transaction being prepared: its stamp, what it has changed so far, and the write-ahead
+/// record it is building.
+struct Draft {
+    stamp: Stamp,
+    /// Rows for the write-ahead file; `None` once the transaction is to commit to redb
+    /// durably instead (other modules' tables written through `raw`, or a record too
+    /// large to pay).
+    redo: Option<Vec<Redo>>,
+    /// The record's bytes so far, and those of whole rows in it.
+    record_bytes: u64,
+    row_bytes: u64,
+    /// A record pays when it is small beside the redb pages the transaction dirties: a
+    /// 1,000-update batch's log entry is a small part of the pages it dirties, but 1,000
+    /// inserts are whole rows, about the pages they fill, and faster as a durable redb
+    /// commit (written once, not twice). So whole rows may take 1/64 of the file, and a
+    /// record a quarter of it.
+    record_max: u64,
+    rows_max: u64,
+    /// The log entry's writes.
+    writes: Vec<Write<u32>>,
+    /// The writes the record replays as patches from the log entry (`Redo::LogPatches`).
+    log_patches: Vec<u32>,
+    digest: DigestSum,
+    count_delta: BTreeMap<u32, i64>,
+}
+
+/// The rows a transaction writes to `objects`, written once every object has passed its
+/// checks.
+#[derive(Default)]
+struct Rows {
+    /// New objects' rows, inserted together in key order.
+    fresh: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The other objects' rows (`None`: removed).
+    put: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Rows {
+    fn write(&self, objects: &mut redb::Table<&[u8], &[u8]>) -> Result<()> {
+        for (key, row) in &self.put {
+            match row {
+                Some(row) => objects.insert(key.as_slice(), row.as_slice())?,
+                None => objects.remove(key.as_slice())?,
+            };
+        }
+        insert_fresh(objects, &self.fresh)
+    }
+}
+
+/// One object's new row, the fields it held before and holds after (for the cap on fields
+/// per object), and, on the fast path, the patches its record holds instead of the row.
+type NewRow = (Vec<u8>, (usize, usize), Option<Vec<StampedFields>>);
+
+impl Draft {
+    fn new(stamp: Stamp, recorded: bool, checkpoint_bytes: u64, digest: DigestSum) -> Draft {
+        let record_max = (checkpoint_bytes / 4).min(wal::RECORD_BYTES_MAX / 4);
+        Draft {
+            stamp,
+            redo: recorded.then(Vec::new),
+            record_bytes: 0,
+            row_bytes: 0,
+            record_max,
+            rows_max: (checkpoint_bytes / 64).max(4096).min(record_max),
+            writes: Vec::new(),
+            log_patches: Vec::new(),
+            digest,
+            count_delta: BTreeMap::new(),
+        }
+    }
+
+    /// Adds `n` bytes to the record, and gives the record up if it has grown too large.
+    fn grow_record(&mut self, n: u64) {
+        self.record_bytes += n;
+        if self.record_bytes > self.record_max {
+            self.redo = None;
+        }
+    }
+
+    /// Applies one pending object: its row goes to `rows`, its write to the log entry, its
+    /// change to the digest and counts, and its rows or patches to the record.
+    fn apply_object(
+        &mut self,
+        view: &NameView<'_>,
+        key: &[u8],
+        p: &mut Pending,
+        fields_max: usize,
+        rows: &mut Rows,
+    ) -> Result<()> {
+        if p.op.is_none() && p.after.is_none() && p.remote.is_empty() {
+            return Ok(());
+        }
+        let before = p.before.take();
+        let absent = before.is_none();
+        let coll = view.name(p.coll)?;
+        // Field writes to a live object, either all local or all remote (the common
+        // cases): patch the row's bytes without decoding its values, and move the
+        // digest by the written fields' terms alone.
+        let patchable = p.after.is_none()
+            && !p.purge
+            && match &p.op {
+                Some(NetOp::Update(_)) => true,
+                None => !p.remote.is_empty(),
+                _ => false,
+            };
+        let parsed = match &before {
+            Some(b) if patchable => row::parse(&b.row)?.filter(row::Parsed::is_live),
+            _ => None,
+        };
+        let mut op = p.op.take();
+        let fast = match (&parsed, &mut op) {
+            (Some(parsed), None) => Some(self.patch_remote(view, coll, p, parsed)?),
+            (Some(parsed), Some(NetOp::Update(fields))) => {
+                let fields = std::mem::take(fields);
+                Some(self.patch_update(view, coll, p, parsed, fields)?)
+            }
+            _ => None,
+        };
+        drop(parsed);
+        let (new_row, width, patch) = match fast {
+            Some(fast) => fast,
+            None => match self.rebuild(view, coll, p, before, op)? {
+                Some((row, width)) => (row, width, None),
+                None => return Ok(()),
+            },
+        };
+        if !p.purge {
+            check_width(fields_max, coll, &p.pk, width)?;
+        }
+        let row = (!p.purge).then_some(new_row);
+        self.record_object(key, patch, row.as_ref());
+        match row {
+            Some(row) if absent => rows.fresh.push((key.to_vec(), row)),
+            row => rows.put.push((key.to_vec(), row)),
+        }
+        Ok(())
+    }
+
+    /// The fast path for remote writes to a live row: the row's bytes patched, and the
+    /// record's patches grouped by stamp in the order first seen.
+    fn patch_remote(
+        &mut self,
+        view: &NameView<'_>,
+        coll: &str,
+        p: &mut Pending,
+        parsed: &row::Parsed<'_>,
+    ) -> Result<NewRow> {
+        let remote = take_remote(&mut p.remote);
+        let sets: Vec<(u32, Stamp, &Value)> = remote.iter().map(|(f, s, v)| (*f, *s, v)).collect();
+        let patched = parsed.patch(&sets);
+        drop(sets);
+        let width = (parsed.field_count(), patched.fields);
+        let mut by_stamp: Vec<StampedFields> = Vec::new();
+        let mut stamp_at: HashMap<Stamp, usize> = HashMap::new();
+        for ((id, s, value), applied) in remote.into_iter().zip(patched.applied) {
+            if !applied {
+                continue;
+            }
+            let old = parsed.field(id)?;
+            let term = (coll, &p.pk, view.name(id)?);
+            replace_term(&mut self.digest, term, old.as_ref(), (s, &value));
+            if self.redo.is_some() {
+                let at = *stamp_at.entry(s).or_insert_with(|| {
+                    by_stamp.push((s, Vec::new()));
+                    by_stamp.len() - 1
+                });
+                by_stamp[at].1.push((id, value));
+            }
+        }
+        Ok((patched.row, width, Some(by_stamp)))
+    }
+
+    /// The fast path for a local update of a live row: the row's bytes patched, and the
+    /// update logged; the record patches the row from the log entry.
+    fn patch_update(
+        &mut self,
+        view: &NameView<'_>,
+        coll: &str,
+        p: &Pending,
+        parsed: &row::Parsed<'_>,
+        fields: BTreeMap<String, Value>,
+    ) -> Result<NewRow> {
+        let stamp = self.stamp;
+        let mut ids = Vec::with_capacity(fields.len());
+        for name in fields.keys() {
+            ids.push(view.id(name).ok_or_else(|| corrupt("uninterned field"))?);
+        }
+        let sets: Vec<(u32, Stamp, &Value)> = ids
+            .iter()
+            .copied()
+            .zip(fields.values())
+            .map(|(id, v)| (id, stamp, v))
+            .collect();
+        let patched = parsed.patch(&sets);
+        drop(sets);
+        let width = (parsed.field_count(), patched.fields);
+        let mut logged = Vec::with_capacity(fields.len());
+        for (((name, value), id), applied) in fields.into_iter().zip(ids).zip(patched.applied) {
+            let old = parsed.field(id)?;
+            if applied {
+                let term = (coll, &p.pk, name.as_str());
+                replace_term(&mut self.digest, term, old.as_ref(), (stamp, &value));
+            }
+            logged.push(FieldWrite {
+                field: id,
+                value,
+                base: old.map(|(s, _)| s),
+            });
+        }
+        // A write the row did not take (none can: the stamp is the newest) is not taken at
+        // the replay either.
+        self.log_patches.push(self.writes.len() as u32);
+        self.writes.push(Write {
+            collection: p.coll,
+            pk: p.pk.clone(),
+            op: Op::Update { fields: logged },
+        });
+        Ok((patched.row, width, Some(Vec::new())))
+    }
+
+    /// The general path: the object's state decoded, merged and encoded again. `None` if
+    /// the state did not change.
+    fn rebuild(
+        &mut self,
+        view: &NameView<'_>,
+        coll: &str,
+        p: &mut Pending,
+        before: Option<Before>,
+        op: Option<NetOp>,
+    ) -> Result<Option<(Vec<u8>, (usize, usize))>> {
+        let before = before.map(Before::into_state).transpose()?;
+        let mut state = p
+            .after
+            .take()
+            .or_else(|| before.clone())
+            .unwrap_or_default();
+        // Remote writes the fast path did not take (the row did not parse).
+        state.apply_fields(take_remote(&mut p.remote));
+        if let Some(write) = apply_local(view, &mut state, op, self.stamp)? {
+            self.writes.push(Write {
+                collection: p.coll,
+                pk: p.pk.clone(),
+                op: write,
+            });
+        }
+        let width = (
+            before.as_ref().map_or(0, |b| b.fields.len()),
+            state.fields.len(),
+        );
+        if before.as_ref() == Some(&state) {
+            return Ok(None);
+        }
+        let delta = view.digest_delta(coll, &p.pk, before.as_ref(), &state, &mut self.digest)?;
+        if delta != 0 {
+            *self.count_delta.entry(p.coll).or_default() += delta;
+        }
+        Ok(Some((encode_state(&state)?, width)))
+    }
+
+    /// Puts one object's patches, or its row, into the record.
+    fn record_object(
+        &mut self,
+        key: &[u8],
+        patch: Option<Vec<StampedFields>>,
+        row: Option<&Vec<u8>>,
+    ) {
+        let Some(r) = &mut self.redo else {
+            return;
+        };
+        match patch {
+            Some(by_stamp) => {
+                for (stamp, fields) in by_stamp {
+                    let values: usize = fields.iter().map(|(_, v)| 8 + v.size_bytes()).sum();
+                    self.record_bytes += (key.len() + 24 + values) as u64;
+                    r.push(Redo::Patch(key.to_vec(), stamp, fields));
+                }
+            }
+            None => {
+                let n = (key.len() + row.map_or(0, Vec::len)) as u64;
+                self.record_bytes += n;
+                self.row_bytes += n;
+                r.push(Redo::Object(key.to_vec(), row.cloned()));
+            }
+        }
+        if self.record_bytes > self.record_max || self.row_bytes > self.rows_max {
+            self.redo = None;
+        }
+    }
+
+    /// Appends the transaction's log entry at `seq`, if it wrote anything, and records it.
+    /// Returns the entry.
+    fn seal_log_entry(
+        &mut self,
+        log: &mut redb::Table<u64, &[u8]>,
+        seq: LogPos,
+    ) -> Result<Option<LogEntry<u32>>> {
+        if self.writes.is_empty() {
+            return Ok(None);
+        }
+        let writes = std::mem::take(&mut self.writes);
+        let entry = LogEntry {
+            seq,
+            stamp: self.stamp,
+            writes,
+        };
+        let bytes = encode_into(&entry, Vec::with_capacity(entry.size_hint()))?;
+        log.insert(seq, bytes.as_slice())?;
+        if let Some(r) = &mut self.redo {
+            let n = bytes.len() as u64 + 4 * self.log_patches.len() as u64;
+            r.push(if self.log_patches.is_empty() {
+                Redo::Log(seq, bytes)
+            } else {
+                Redo::LogPatches(seq, bytes, std::mem::take(&mut self.log_patches))
+            });
+            self.grow_record(n);
+        }
+        Ok(Some(entry))
+    }
+
+    /// Puts other modules' rows, and records them.
+    fn put_aux(&mut self, txn: &redb::WriteTransaction, aux: Vec<wal::Aux>) -> Result<()> {
+        wal::Aux::apply_all(&aux, txn)?;
+        if let Some(r) = &mut self.redo {
+            let n = aux.iter().map(wal::Aux::bytes).sum::<u64>();
+            r.extend(aux.into_iter().map(Redo::Aux));
+            self.grow_record(n);
+        }
+        Ok(())
+    }
+
+    /// Puts the names the transaction interned, numbered after the committed ones.
+    fn put_names(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        committed: usize,
+        new: &NewNames,
+    ) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut table = txn.open_table(NAMES)?;
+        for (i, n) in new.by_pos.iter().enumerate() {
+            let id = (committed + i) as u32;
+            table.insert(id, n.as_str())?;
+            if let Some(redo) = &mut self.redo {
+                redo.push(Redo::Name(id, n.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the changed collections' object counts; returns them.
+    fn put_counts(
+        &mut self,
+        meta: &mut redb::Table<&str, &[u8]>,
+        counts: &HashMap<u32, u64>,
+    ) -> Result<Vec<(u32, u64)>> {
+        let mut out = Vec::new();
+        for (cid, delta) in &self.count_delta {
+            let n = counts.get(cid).copied().unwrap_or(0);
+            let n = n.saturating_add_signed(*delta);
+            put_meta(
+                meta,
+                &mut self.redo,
+                &format!("{META_COUNT_PREFIX}{cid}"),
+                &n.to_le_bytes(),
+            )?;
+            out.push((*cid, n));
+        }
+        Ok(out)
+    }
+
+    /// Writes the `head` meta row (or, with a record, leaves it to the batch's commit) and
+    /// seals the record. Returns the head row the batch writes, and the record.
+    fn seal_record(
+        self,
+        meta: &mut redb::Table<&str, &[u8]>,
+        mut head: Head,
+        replica: u64,
+    ) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+        // A record's number goes into the database with its rows; a commit without one
+        // leaves the last record's.
+        let wal_seq = head.wal_seq + 1;
+        if self.redo.is_some() {
+            head.wal_seq = wal_seq;
+        }
+        let head = head.encode();
+        match self.redo {
+            Some(mut rows) => {
+                rows.push(Redo::Meta(META_HEAD.to_owned(), head.to_vec()));
+                let record = wal::encode(&wal::Record {
+                    replica,
+                    seq: wal_seq,
+                    rows,
+                })?;
+                Ok((Some(head.to_vec()), Some(record)))
+            }
+            None => {
+                meta.insert(META_HEAD, head.as_slice())?;
+                Ok((None, None))
+            }
+        }
+    }
+}
+
+impl WriteTx<'_> {
+    /// The transaction's stamp: a tick of the clock if it writes anything locally, else
+    /// the clock's high-water mark.
+    fn stamp(&mut self, has_local: bool) -> Stamp {
+        let now = self.store.options.time.now_ms();
+        Stamp {
+            time: if has_local {
+                self.writer.hlc.tick(now)
+            } else {
+                self.writer.hlc.high_water()
+            },
+            replica: self.store.replica,
+        }
+    }
+
+    /// Puts the transaction into redb's transaction `txn` (through `tables`) and builds its
+    /// write-ahead record; `None` if there is nothing to commit.
     pub(super) fn prepare(
         &mut self,
         txn: &redb::WriteTransaction,
@@ -105,311 +525,44 @@ impl<'s> WriteTx<'s> {
         if !has_local && !has_remote && !self.raw_used && self.aux.is_empty() {
             return Ok(None);
         }
-        let now = self.store.options.time.now_ms();
-        let stamp = Stamp {
-            time: if has_local {
-                self.writer.hlc.tick(now)
-            } else {
-                self.writer.hlc.high_water()
-            },
-            replica: self.store.replica,
-        };
-        // Rows for the write-ahead file; other modules' tables written through `raw` are not
-        // recorded, so a transaction that wrote them commits to redb durably instead.
-        let mut redo = (self.store.wal.is_some() && !self.raw_used).then(Vec::new);
-        // A record pays when it is small beside the redb pages the transaction dirties: a
-        // 1,000-update batch is ~135 KB of log entry against ~4 MB of pages (1.3 × faster
-        // as a record, when it was ~250 KB), but 1,000 inserts are ~2 MB of whole rows,
-        // about the pages they fill, and faster as a durable redb commit (written once, not
-        // twice). So whole rows may take 1/64 of the file, and a record a quarter of it.
-        let cb = self.store.options.checkpoint_bytes;
-        let record_max = (cb / 4).min(wal::RECORD_BYTES_MAX / 4);
-        let rows_max = (cb / 64).max(4096).min(record_max);
-        let mut record_bytes = 0u64;
-        let mut row_bytes = 0u64;
+        let stamp = self.stamp(has_local);
+        let recorded = self.store.wal.is_some() && !self.raw_used;
+        let checkpoint_bytes = self.store.options.checkpoint_bytes;
+        let mut d = Draft::new(stamp, recorded, checkpoint_bytes, self.writer.digest);
         let names = self.store.names();
         let view = NameView {
             base: &names,
             new: Some(&self.new_names),
         };
-        let mut writes: Vec<Write<u32>> = Vec::new();
-        // The writes the record replays as patches from the log entry (`Redo::LogPatches`).
-        let mut log_patches: Vec<u32> = Vec::new();
-        let mut digest = self.writer.digest;
-        let mut count_delta: BTreeMap<u32, i64> = BTreeMap::new();
-        {
-            let objects = &mut tables.objects;
-            // New objects' rows, in key order, inserted together once the loop is done.
-            let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-            // The other objects' rows (`None`: removed), written once the loop is done.
-            let mut rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-            for (key, p) in &mut self.pending {
-                if p.op.is_none() && p.after.is_none() && p.remote.is_empty() {
-                    continue;
-                }
-                let before = p.before.take();
-                let absent = before.is_none();
-                let coll = view.name(p.coll)?;
-                // Field writes to a live object, either all local or all remote (the common
-                // cases): patch the row's bytes without decoding its values, and move the
-                // digest by the written fields' terms alone.
-                let patchable = p.after.is_none()
-                    && !p.purge
-                    && match &p.op {
-                        Some(NetOp::Update(_)) => true,
-                        None => !p.remote.is_empty(),
-                        _ => false,
-                    };
-                let parsed = match &before {
-                    Some(b) if patchable => row::parse(&b.row)?.filter(row::Parsed::is_live),
-                    _ => None,
-                };
-                // What the write-ahead record holds for the fast path: the fields by stamp,
-                // not the row (none for a local update: the log entry has them).
-                let mut patch: Option<Vec<StampedFields>> = None;
-                let mut op = p.op.take();
-                // Fields the row held and holds after: for the cap on fields per object.
-                let mut width = (0, 0);
-                let fast = match (&parsed, &mut op) {
-                    (Some(parsed), None) => {
-                        let remote = take_remote(&mut p.remote);
-                        let sets: Vec<(u32, Stamp, &Value)> =
-                            remote.iter().map(|(f, s, v)| (*f, *s, v)).collect();
-                        let patched = parsed.patch(&sets);
-                        drop(sets);
-                        width = (parsed.field_count(), patched.fields);
-                        // The record's patches by stamp, in the order first seen.
-                        let mut by_stamp: Vec<StampedFields> = Vec::new();
-                        let mut stamp_at: HashMap<Stamp, usize> = HashMap::new();
-                        for ((id, s, value), applied) in remote.into_iter().zip(patched.applied) {
-                            if !applied {
-                                continue;
-                            }
-                            let old = parsed.field(id)?;
-                            let term = (coll, &p.pk, view.name(id)?);
-                            replace_term(&mut digest, term, old.as_ref(), (s, &value));
-                            if redo.is_some() {
-                                let at = *stamp_at.entry(s).or_insert_with(|| {
-                                    by_stamp.push((s, Vec::new()));
-                                    by_stamp.len() - 1
-                                });
-                                by_stamp[at].1.push((id, value));
-                            }
-                        }
-                        patch = Some(by_stamp);
-                        Some(patched.row)
-                    }
-                    (Some(parsed), Some(NetOp::Update(fields))) => {
-                        let fields = std::mem::take(fields);
-                        let mut ids = Vec::with_capacity(fields.len());
-                        for name in fields.keys() {
-                            ids.push(view.id(name).ok_or_else(|| corrupt("uninterned field"))?);
-                        }
-                        let sets: Vec<(u32, Stamp, &Value)> = ids
-                            .iter()
-                            .copied()
-                            .zip(fields.values())
-                            .map(|(id, v)| (id, stamp, v))
-                            .collect();
-                        let patched = parsed.patch(&sets);
-                        drop(sets);
-                        width = (parsed.field_count(), patched.fields);
-                        let mut logged = Vec::with_capacity(fields.len());
-                        for (((name, value), id), applied) in
-                            fields.into_iter().zip(ids).zip(patched.applied)
-                        {
-                            let old = parsed.field(id)?;
-                            if applied {
-                                let term = (coll, &p.pk, name.as_str());
-                                replace_term(&mut digest, term, old.as_ref(), (stamp, &value));
-                            }
-                            logged.push(FieldWrite {
-                                field: id,
-                                value,
-                                base: old.map(|(s, _)| s),
-                            });
-                        }
-                        // The record patches this row from the log entry: a write the
-                        // row did not take (none can: the stamp is the newest) is not
-                        // taken at the replay either.
-                        log_patches.push(writes.len() as u32);
-                        writes.push(Write {
-                            collection: p.coll,
-                            pk: p.pk.clone(),
-                            op: Op::Update { fields: logged },
-                        });
-                        patch = Some(Vec::new());
-                        Some(patched.row)
-                    }
-                    _ => None,
-                };
-                drop(parsed);
-                let new_row = match fast {
-                    Some(row) => row,
-                    None => {
-                        let before = before.map(Before::into_state).transpose()?;
-                        let mut state = p
-                            .after
-                            .take()
-                            .or_else(|| before.clone())
-                            .unwrap_or_default();
-                        // Remote writes the fast path did not take (the row did not parse).
-                        state.apply_fields(take_remote(&mut p.remote));
-                        if let Some(write) = apply_local(&view, &mut state, op, stamp)? {
-                            writes.push(Write {
-                                collection: p.coll,
-                                pk: p.pk.clone(),
-                                op: write,
-                            });
-                        }
-                        width = (
-                            before.as_ref().map_or(0, |b| b.fields.len()),
-                            state.fields.len(),
-                        );
-                        if before.as_ref() == Some(&state) {
-                            continue;
-                        }
-                        let delta =
-                            view.digest_delta(coll, &p.pk, before.as_ref(), &state, &mut digest)?;
-                        if delta != 0 {
-                            *count_delta.entry(p.coll).or_default() += delta;
-                        }
-                        encode_state(&state)?
-                    }
-                };
-                if !p.purge {
-                    check_width(self.store.options.fields_per_object_max, coll, &p.pk, width)?;
-                }
-                let row = (!p.purge).then_some(new_row);
-                if let Some(r) = &mut redo {
-                    match patch {
-                        Some(by_stamp) => {
-                            for (stamp, fields) in by_stamp {
-                                record_bytes += (key.len()
-                                    + 24
-                                    + fields
-                                        .iter()
-                                        .map(|(_, v)| 8 + v.size_bytes())
-                                        .sum::<usize>())
-                                    as u64;
-                                r.push(Redo::Patch(key.clone(), stamp, fields));
-                            }
-                        }
-                        None => {
-                            let n = (key.len() + row.as_ref().map_or(0, Vec::len)) as u64;
-                            record_bytes += n;
-                            row_bytes += n;
-                            r.push(Redo::Object(key.clone(), row.clone()));
-                        }
-                    }
-                    if record_bytes > record_max || row_bytes > rows_max {
-                        redo = None;
-                    }
-                }
-                match row {
-                    Some(row) if absent => fresh.push((key.clone(), row)),
-                    row => rows.push((key.clone(), row)),
-                }
-            }
-            // Nothing is written before every object has passed its checks: a transaction
-            // refused here ([`Error::TooManyFields`]) leaves the batch it joined as it was.
-            for (key, row) in &rows {
-                match row {
-                    Some(row) => objects.insert(key.as_slice(), row.as_slice())?,
-                    None => objects.remove(key.as_slice())?,
-                };
-            }
-            insert_fresh(objects, &fresh)?;
+        let fields_max = self.store.options.fields_per_object_max;
+        let mut rows = Rows::default();
+        for (key, p) in &mut self.pending {
+            d.apply_object(&view, key, p, fields_max, &mut rows)?;
         }
-        let seq = if writes.is_empty() {
-            None
-        } else {
-            Some(self.writer.log_next)
-        };
-        if let Some(seq) = seq {
-            let entry = LogEntry { seq, stamp, writes };
-            let bytes = encode_into(&entry, Vec::with_capacity(entry.size_hint()))?;
-            tables.log.insert(seq, bytes.as_slice())?;
-            if let Some(r) = &mut redo {
-                record_bytes += bytes.len() as u64 + 4 * log_patches.len() as u64;
-                r.push(if log_patches.is_empty() {
-                    Redo::Log(seq, bytes)
-                } else {
-                    Redo::LogPatches(seq, bytes, log_patches)
-                });
-                if record_bytes > record_max {
-                    redo = None;
-                }
-            }
+        // Nothing is written before every object has passed its checks: a transaction
+        // refused here ([`Error::TooManyFields`]) leaves the batch it joined as it was.
+        rows.write(&mut tables.objects)?;
+        let log_next = self.writer.log_next;
+        let entry = d.seal_log_entry(&mut tables.log, log_next)?;
+        let seq = entry.as_ref().map(|e| e.seq);
+        if let Some(entry) = entry {
             if let Some(hook) = self.log_hook.take() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
                 self.aux.extend(hook(&named)?);
             }
         }
-        let aux = std::mem::take(&mut self.aux);
-        wal::Aux::apply_all(&aux, txn)?;
-        if let Some(r) = &mut redo {
-            record_bytes += aux.iter().map(wal::Aux::bytes).sum::<u64>();
-            r.extend(aux.into_iter().map(Redo::Aux));
-            if record_bytes > record_max {
-                redo = None;
-            }
-        }
-        if !self.new_names.is_empty() {
-            let mut table = txn.open_table(NAMES)?;
-            for (i, n) in self.new_names.by_pos.iter().enumerate() {
-                let id = (names.by_id.len() + i) as u32;
-                table.insert(id, n.as_str())?;
-                if let Some(redo) = &mut redo {
-                    redo.push(Redo::Name(id, n.clone()));
-                }
-            }
-        }
+        d.put_aux(txn, std::mem::take(&mut self.aux))?;
+        d.put_names(txn, names.by_id.len(), &self.new_names)?;
         drop(names);
-        let mut counts = Vec::new();
-        for (cid, delta) in &count_delta {
-            let n = self.writer.counts.get(cid).copied().unwrap_or(0);
-            let n = n.saturating_add_signed(*delta);
-            put_meta(
-                &mut tables.meta,
-                &mut redo,
-                &format!("{META_COUNT_PREFIX}{cid}"),
-                &n.to_le_bytes(),
-            )?;
-            counts.push((*cid, n));
-        }
-        // A record's number goes into the database with its rows; a commit without one
-        // leaves the last record's.
-        let wal_seq = self.writer.wal_seq + 1;
+        let counts = d.put_counts(&mut tables.meta, &self.writer.counts)?;
+        let digest = d.digest;
         let head = Head {
-            log_next: seq.map_or(self.writer.log_next, |s| s + 1),
+            log_next: seq.map_or(log_next, |s| s + 1),
             hlc: self.writer.hlc.high_water(),
-            wal_seq: if redo.is_some() {
-                wal_seq
-            } else {
-                self.writer.wal_seq
-            },
+            wal_seq: self.writer.wal_seq,
             digest: digest.digest(),
         };
-        let head = head.encode();
-        let head = match &mut redo {
-            Some(rows) => {
-                rows.push(Redo::Meta(META_HEAD.to_owned(), head.to_vec()));
-                Some(head.to_vec())
-            }
-            None => {
-                tables.meta.insert(META_HEAD, head.as_slice())?;
-                None
-            }
-        };
-        let record = match redo {
-            Some(rows) => Some(wal::encode(&wal::Record {
-                replica: self.store.replica.0,
-                seq: wal_seq,
-                rows,
-            })?),
-            None => None,
-        };
+        let (head, record) = d.seal_record(&mut tables.meta, head, self.store.replica.0)?;
         Ok(Some(Prepared {
             committed: Committed {
                 seq,
