@@ -14,6 +14,8 @@ use crate::log::LogPos;
 
 use super::format::{corrupt, LOG, META, META_HEAD, OBJECTS, WAL_GROWTH};
 use super::locks::lock;
+use super::names::NewNames;
+use super::prepare::Prepared;
 use super::write_tx::WriteTx;
 use super::{Committed, Durability, Store};
 
@@ -477,170 +479,236 @@ impl Store {
 impl<'s> WriteTx<'s> {
     /// Commits: one stamp for every write, state and log entry in one redb transaction.
     /// In-memory state (clock, digest, counts, names) moves only once redb has committed.
-    pub fn commit(mut self) -> Result<Committed> {
+    pub fn commit(self) -> Result<Committed> {
         self.check_served_commit()?;
         let store = self.store;
-        let r = (move || {
-            // Join the open batch (its transaction holds the members' writes), or start.
-            let mut joined = None;
-            let open = lock(&store.batch).take();
-            let mut txn = match (self.txn.take(), open) {
-                (Some(txn), None) => OpenTxn::open(txn)?,
-                (None, Some(b)) => {
-                    joined = Some(b.members);
-                    b.txn
-                }
-                (None, None) => OpenTxn::open(store.db()?.begin_write()?)?,
-                (Some(txn), Some(b)) => {
-                    // `raw` commits any open batch before it begins its own transaction.
-                    store.abandon_batch(&"two write transactions");
-                    drop((txn, b.txn));
-                    return Err(corrupt("two write transactions"));
-                }
-            };
-            // What fails from here until this transaction is in the batch fails the batch
-            // (its transaction is dropped; its members' records are replayed by the recovery).
-            let mut taken = JoinedBatch {
-                store,
-                taken: joined.is_some(),
-            };
-            let prepared = match txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables)) {
-                Ok(prepared) => prepared,
-                // Refused before anything was written: the batch goes on as it was.
-                Err(e @ Error::TooManyFields { .. }) => {
-                    if let Some(members) = joined {
-                        taken.taken = false;
-                        store.put_back_batch(Batch { txn, members });
-                    }
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            };
-            let Some(mut p) = prepared else {
-                // Nothing written: the batch goes on as it was.
+        let r = self.commit_inner();
+        store.finish(r)
+    }
+
+    /// Joins the open batch or begins a transaction, prepares this one into it, and
+    /// commits it as a recorded or an unrecorded commit.
+    fn commit_inner(mut self) -> Result<Committed> {
+        let store = self.store;
+        let (mut txn, joined) = store.join_batch(self.txn.take())?;
+        // What fails from here until this transaction is in the batch fails the batch
+        // (its transaction is dropped; its members' records are replayed by the recovery).
+        let mut taken = JoinedBatch {
+            store,
+            taken: joined.is_some(),
+        };
+        let prepared = match txn.with_dependent_mut(|txn, tables| self.prepare(txn, tables)) {
+            Ok(prepared) => prepared,
+            // Refused before anything was written: the batch goes on as it was.
+            Err(e @ Error::TooManyFields { .. }) => {
                 if let Some(members) = joined {
                     taken.taken = false;
                     store.put_back_batch(Batch { txn, members });
                 }
-                return Ok(Committed {
-                    seq: None,
-                    stamp: None,
-                });
-            };
-            let WriteTx {
-                mut writer,
-                new_names,
-                durability,
-                ..
-            } = self;
-            if let (Some(wal), Some(record)) = (&store.wal, p.record.take()) {
-                // Recorded: appended to the write-ahead file, then committed to redb without
-                // fsync — by itself, or in one redb commit with the writers waiting behind it.
-                let at = writer.wal_at;
-                let appended = (|| {
-                    let end = at + record.len() as u64;
-                    if end > writer.wal_len {
-                        // Backends may refuse writes past the end; grow in steps, not per record.
-                        let len = end.next_multiple_of(WAL_GROWTH);
-                        wal.set_len(len).map_err(redb::Error::from)?;
-                        writer.wal_len = len;
-                    }
-                    Ok::<_, Error>(end)
-                })();
-                // On failure nothing of this transaction is in the file.
-                let end = appended?;
-                writer.wal_at = end;
-                writer.wal_seq += 1;
-                let record_len = record.len();
-                lock(&store.wal_tail).push(at, record, writer.wal_seq);
-                store.add_names(new_names.by_pos);
-                writer.apply(p.digest, p.counts, p.committed.seq);
-                let mut members = joined.unwrap_or_else(|| Members {
-                    count: 0,
-                    bytes: 0,
-                    visible: Visible::default(),
-                    head: None,
-                });
-                members.count += 1;
-                members.bytes += record_len;
-                let full = members.bytes > store.batch_bytes_max();
-                members.head = p.head.take();
-                members.visible = writer.visible();
-                let seq = writer.wal_seq;
-                let generation = store.generation.load(Ordering::SeqCst);
-                taken.taken = false;
-                store.put_back_batch(Batch { txn, members });
-                if full || writer.wal_at >= store.options.checkpoint_bytes {
-                    store.close_batch()?;
-                    if writer.wal_at >= store.options.checkpoint_bytes {
-                        store.checkpoint_with(&mut writer, false)?;
-                    }
-                }
-                // Released with the batch full, the lock commits it (`WriterGuard`).
-                drop(writer);
-                // The sync covers this record as soon as it is appended, while the writers
-                // behind this one fill the batch. A deferred commit writes its record (a
-                // process that dies keeps it; a machine that does may not). Either way the
-                // batch stays open: the next reader commits it.
-                if durability == Durability::Immediate {
-                    store.wait_durable(seq, generation)?;
-                } else {
-                    store.write_tail(wal.as_ref(), generation)?;
-                }
-                return Ok(p.committed);
-            }
-            let mode = match &store.wal {
-                // Nothing may sit in redb unrecorded while commits go to the write-ahead
-                // file: a commit that cannot be recorded is durable by itself (and makes the
-                // batch it joined durable with it).
-                Some(_) => Mode::Direct,
-                // With other writers waiting (or a flush under way), a durable commit joins
-                // a group: commit without fsync now, then wait for one fsync for all.
-                None if durability == Durability::Deferred => Mode::Deferred,
-                None if store.waiting.load(Ordering::SeqCst) > 0 || lock(&store.group).flushing => {
-                    Mode::Grouped
-                }
-                None => Mode::Direct,
-            };
-            let mut txn = txn.close();
-            txn.set_durability(if matches!(mode, Mode::Direct) {
-                redb::Durability::Immediate
-            } else {
-                redb::Durability::None
-            })?;
-            store.add_names(new_names.by_pos);
-            if let Err(e) = txn.commit() {
-                // Its names are in memory: nothing more may commit before a recovery.
-                let e = Error::from(e);
-                store.poison(&e);
                 return Err(e);
             }
-            let generation = store.generation.load(Ordering::SeqCst);
-            let number = {
-                let mut g = lock(&store.group);
-                g.committed += 1;
-                if matches!(mode, Mode::Direct) {
-                    g.durable = store.flush_target(&g);
-                }
-                g.committed
-            };
-            if matches!(mode, Mode::Direct) {
-                store.restart_wal(&mut writer);
-            }
-            writer.apply(p.digest, p.counts, p.committed.seq);
-            *lock(&store.visible) = writer.visible();
-            if joined.is_some() {
-                // The batch committed with this transaction.
+            Err(e) => return Err(e),
+        };
+        let Some(mut prepared) = prepared else {
+            // Nothing written: the batch goes on as it was.
+            if let Some(members) = joined {
                 taken.taken = false;
-                store.settled(&lock(&store.batch));
+                store.put_back_batch(Batch { txn, members });
             }
-            drop(writer);
-            if matches!(mode, Mode::Grouped) {
-                store.wait_durable(number, generation)?;
+            return Ok(Committed {
+                seq: None,
+                stamp: None,
+            });
+        };
+        let WriteTx {
+            writer,
+            new_names,
+            durability,
+            ..
+        } = self;
+        let record = prepared.record.take();
+        let sealed = Sealed {
+            txn,
+            joined,
+            taken,
+            writer,
+            new_names,
+            durability,
+            prepared,
+        };
+        match (&store.wal, record) {
+            (Some(wal), Some(record)) => sealed.recorded_commit(wal.as_ref(), record),
+            _ => sealed.unrecorded_commit(),
+        }
+    }
+}
+
+/// A prepared transaction on its way to the disk: its redb transaction (the batch's, if it
+/// joined one), the writer, and what moves in memory once it is committed.
+struct Sealed<'s> {
+    txn: OpenTxn,
+    /// The batch it joined.
+    joined: Option<Members>,
+    taken: JoinedBatch<'s>,
+    writer: WriterGuard<'s>,
+    new_names: NewNames,
+    durability: Durability,
+    prepared: Prepared,
+}
+
+impl Sealed<'_> {
+    /// Recorded: appended to the write-ahead file, then committed to redb without fsync —
+    /// by itself, or in one redb commit with the writers waiting behind it.
+    fn recorded_commit(self, wal: &dyn StorageBackend, record: Vec<u8>) -> Result<Committed> {
+        let Sealed {
+            txn,
+            joined,
+            mut taken,
+            mut writer,
+            new_names,
+            durability,
+            prepared: mut p,
+        } = self;
+        let store = taken.store;
+        let at = writer.wal_at;
+        let end = at + record.len() as u64;
+        if end > writer.wal_len {
+            // Backends may refuse writes past the end; grow in steps, not per record.
+            // On failure nothing of this transaction is in the file.
+            let len = end.next_multiple_of(WAL_GROWTH);
+            wal.set_len(len).map_err(redb::Error::from)?;
+            writer.wal_len = len;
+        }
+        writer.wal_at = end;
+        writer.wal_seq += 1;
+        let record_len = record.len();
+        lock(&store.wal_tail).push(at, record, writer.wal_seq);
+        store.add_names(new_names.by_pos);
+        writer.apply(p.digest, p.counts, p.committed.seq);
+        let mut members = joined.unwrap_or_else(|| Members {
+            count: 0,
+            bytes: 0,
+            visible: Visible::default(),
+            head: None,
+        });
+        members.count += 1;
+        members.bytes += record_len;
+        let full = members.bytes > store.batch_bytes_max();
+        members.head = p.head.take();
+        members.visible = writer.visible();
+        let seq = writer.wal_seq;
+        let generation = store.generation.load(Ordering::SeqCst);
+        taken.taken = false;
+        store.put_back_batch(Batch { txn, members });
+        if full || writer.wal_at >= store.options.checkpoint_bytes {
+            store.close_batch()?;
+            if writer.wal_at >= store.options.checkpoint_bytes {
+                store.checkpoint_with(&mut writer, false)?;
             }
-            Ok(p.committed)
-        })();
-        store.finish(r)
+        }
+        // Released with the batch full, the lock commits it (`WriterGuard`).
+        drop(writer);
+        // The sync covers this record as soon as it is appended, while the writers behind
+        // this one fill the batch. A deferred commit writes its record (a process that dies
+        // keeps it; a machine that does may not). Either way the batch stays open: the
+        // next reader commits it.
+        if durability == Durability::Immediate {
+            store.wait_durable(seq, generation)?;
+        } else {
+            store.write_tail(wal, generation)?;
+        }
+        Ok(p.committed)
+    }
+
+    /// Not recorded: a redb commit, durable by itself or with a group (see [`Mode`]).
+    fn unrecorded_commit(self) -> Result<Committed> {
+        let Sealed {
+            txn,
+            joined,
+            mut taken,
+            mut writer,
+            new_names,
+            durability,
+            prepared: p,
+        } = self;
+        let store = taken.store;
+        let mode = store.unrecorded_mode(durability);
+        let mut txn = txn.close();
+        txn.set_durability(if matches!(mode, Mode::Direct) {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        store.add_names(new_names.by_pos);
+        if let Err(e) = txn.commit() {
+            // Its names are in memory: nothing more may commit before a recovery.
+            let e = Error::from(e);
+            store.poison(&e);
+            return Err(e);
+        }
+        let generation = store.generation.load(Ordering::SeqCst);
+        let number = {
+            let mut g = lock(&store.group);
+            g.committed += 1;
+            if matches!(mode, Mode::Direct) {
+                g.durable = store.flush_target(&g);
+            }
+            g.committed
+        };
+        if matches!(mode, Mode::Direct) {
+            store.restart_wal(&mut writer);
+        }
+        writer.apply(p.digest, p.counts, p.committed.seq);
+        *lock(&store.visible) = writer.visible();
+        if joined.is_some() {
+            // The batch committed with this transaction.
+            taken.taken = false;
+            store.settled(&lock(&store.batch));
+        }
+        drop(writer);
+        if matches!(mode, Mode::Grouped) {
+            store.wait_durable(number, generation)?;
+        }
+        Ok(p.committed)
+    }
+}
+
+impl Store {
+    /// The open batch's transaction and members, taken to join it, or a new transaction
+    /// (`txn`, if [`WriteTx::raw`] began one).
+    fn join_batch(
+        &self,
+        txn: Option<redb::WriteTransaction>,
+    ) -> Result<(OpenTxn, Option<Members>)> {
+        let open = lock(&self.batch).take();
+        match (txn, open) {
+            (Some(txn), None) => Ok((OpenTxn::open(txn)?, None)),
+            (None, Some(b)) => Ok((b.txn, Some(b.members))),
+            (None, None) => Ok((OpenTxn::open(self.db()?.begin_write()?)?, None)),
+            (Some(txn), Some(b)) => {
+                // `raw` commits any open batch before it begins its own transaction.
+                self.abandon_batch(&"two write transactions");
+                drop((txn, b.txn));
+                Err(corrupt("two write transactions"))
+            }
+        }
+    }
+
+    /// How a commit that is not recorded reaches the disk.
+    fn unrecorded_mode(&self, durability: Durability) -> Mode {
+        match &self.wal {
+            // Nothing may sit in redb unrecorded while commits go to the write-ahead file:
+            // a commit that cannot be recorded is durable by itself (and makes the batch it
+            // joined durable with it).
+            Some(_) => Mode::Direct,
+            // With other writers waiting (or a flush under way), a durable commit joins a
+            // group: commit without fsync now, then wait for one fsync for all.
+            None if durability == Durability::Deferred => Mode::Deferred,
+            None if self.waiting.load(Ordering::SeqCst) > 0 || lock(&self.group).flushing => {
+                Mode::Grouped
+            }
+            None => Mode::Direct,
+        }
     }
 }
 
