@@ -538,90 +538,9 @@ impl Store {
                 reason: format!("the unsynced log could not be read: {why}"),
             });
         }
-
-        // What is left, object by object in key order: each staged object is read, decoded,
-        // hashed and written once however many writes touch it. One object's writes stay in
-        // log order, and objects are independent of each other, so every write is decided
-        // exactly as replaying the log in order would.
-        let mut left: Vec<Vec<u8>> = plan.by_key.keys().cloned().collect();
-        left.sort_unstable();
-        let mut counts: HashMap<u32, u64> = HashMap::new();
-        let mut sum;
-        {
-            let names = self.names();
-            let view = NameView {
-                base: &names,
-                new: Some(&tx.new_names),
-            };
-            let mut staging = tx.txn_ref()?.open_table(STAGING)?;
-            let smeta = tx.txn_ref()?.open_table(STAGING_META)?;
-            sum = staged_digest(&smeta)?;
-            for row in smeta.iter()? {
-                let (k, v) = row?;
-                if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
-                    let id: u32 = id.parse().map_err(|_| corrupt("staged count key"))?;
-                    counts.insert(id, u64_of(v.value(), "staged count")?);
-                }
-            }
-            for key in left {
-                let Some(&(entry, write, _)) = plan.by_key.get(&key).and_then(|w| w.first()) else {
-                    continue;
-                };
-                let (cid, pk) = {
-                    let w = &plan.entries[entry].writes[write];
-                    (w.collection, w.pk.clone())
-                };
-                let coll = view.name(cid)?;
-                let before = staging
-                    .get(key.as_slice())?
-                    .map(|r| decode_state(r.value()))
-                    .transpose()?;
-                let mut state = before.clone().unwrap_or_default();
-                plan.replay_object(&view, &key, coll, &mut state)?;
-                if before.as_ref() == Some(&state) {
-                    continue;
-                }
-                let delta = view.digest_delta(coll, &pk, before.as_ref(), &state, &mut sum)?;
-                let c = counts.entry(cid).or_default();
-                *c = c.saturating_add_signed(delta);
-                staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
-            }
-        }
-        let ReplayPlan {
-            entries: unsynced,
-            decisions,
-            discard,
-            spent,
-            ..
-        } = plan;
-
-        // Back in log order: the report lists every write where the log has it, and the
-        // recovered part of each unsynced entry becomes one new entry with its stamp.
-        let mut recovered_entries: Vec<(Stamp, Vec<Write<u32>>)> = Vec::new();
-        {
-            let names = self.names();
-            let view = NameView {
-                base: &names,
-                new: Some(&tx.new_names),
-            };
-            // When recovering, most unsynced writes usually are: one allocation for them.
-            if discard.is_none() {
-                report.recovered.reserve(decisions.len());
-            }
-            let mut decisions = decisions.into_iter();
-            for e in unsynced {
-                let mut writes = Vec::new();
-                for w in e.writes {
-                    if let Some(kept) = settle(&view, &mut report, e.stamp, w, &mut decisions)? {
-                        writes.push(kept);
-                    }
-                }
-                if !writes.is_empty() {
-                    recovered_entries.push((e.stamp, writes));
-                }
-            }
-        }
-
+        let (sum, counts) = self.replay_left(&tx, &mut plan)?;
+        let spent = plan.spent;
+        let recovered = self.classify_unsynced(&tx, &mut report, plan)?;
         // The old state is renamed aside, not deleted: freeing it reads every page, and it
         // is dropped once the swap has committed (the open path drops what a crash left).
         // One can only be here already if that drop failed.
@@ -629,88 +548,140 @@ impl Store {
         tx.txn_ref()?.rename_table(OBJECTS, REPLACED)?;
         tx.txn_ref()?.rename_table(STAGING, OBJECTS)?;
         tx.txn_ref()?.delete_table(STAGING_META)?;
-
-        // The recovered writes go back into the log with their own stamps; the old unsynced
-        // entries are settled.
-        let mut next = head + 1;
-        let mut encoded = Vec::new();
-        for (stamp, writes) in recovered_entries {
-            let entry = LogEntry {
-                seq: next,
-                stamp,
-                writes,
-            };
-            encoded.push((next, encode(&entry)?));
-            next += 1;
-        }
-        {
-            let mut log = tx.txn_ref()?.open_table(LOG)?;
-            for (seq, bytes) in &encoded {
-                log.insert(*seq, bytes.as_slice())?;
-            }
-            let mut meta = tx.txn_ref()?.open_table(META)?;
-            meta.insert(META_LAST_SYNC, head.to_le_bytes().as_slice())?;
-            meta.retain_in::<&str, _>(META_COUNT_PREFIX.."count0", |_, _| false)?;
-            for (cid, n) in &counts {
-                meta.insert(
-                    format!("{META_COUNT_PREFIX}{cid}").as_str(),
-                    n.to_le_bytes().as_slice(),
-                )?;
-            }
-            for s in schemas {
-                let key = format!("{META_SCHEMA_PREFIX}{}", s.collection);
-                meta.insert(key.as_str(), encode(s)?.as_slice())?;
-            }
-            let until = next - 1;
-            let m = ResetMarker {
-                phase: ResetPhase::Uploading {
-                    until,
-                    settled: head,
-                },
-                ..marker.clone()
-            };
-            meta.insert(META_RESET, encode(&m)?.as_slice())?;
-        }
+        let swap = Swap {
+            head,
+            next: head + 1 + recovered.len() as u64,
+            sum,
+            counts,
+        };
+        swap.write(&tx, recovered, schemas, marker)?;
         extra(&mut tx)?;
-        // `commit` writes the digest and log position it holds; hand it the swapped-in ones
-        // (and take them back if the commit fails).
-        let old_digest = std::mem::replace(&mut tx.writer.digest, sum);
-        let old_next = std::mem::replace(&mut tx.writer.log_next, next);
-        tx.raw_used = true;
-        let store = self;
-        let mut writer_counts = counts;
-        let r = tx.commit();
-        let until = next - 1;
-        match r {
-            Ok(_) => {
-                let mut report = report;
-                let mut w = lock(&store.writer);
-                w.counts = std::mem::take(&mut writer_counts);
-                w.log_next = next;
-                w.last_sync = head;
-                *lock(&store.visible) = w.visible();
-                drop(w);
-                let mut map = store
-                    .schemas
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                for s in schemas {
-                    map.insert(s.collection.clone(), Arc::new(s.clone()));
-                }
-                drop(map);
-                report.replay_time = spent + started.elapsed();
-                // The swap stands whatever happens here: a failed drop poisons the store,
-                // and the open that follows drops the table.
-                store.drop_replaced()?;
-                Ok((report, until))
-            }
-            Err(e) => {
-                let mut w = lock(&store.writer);
-                w.digest = old_digest;
-                w.log_next = old_next;
-                Err(e)
+        let until = swap.next - 1;
+        self.commit_swap(tx, swap, schemas)?;
+        report.replay_time = spent + started.elapsed();
+        // The swap stands whatever happens here: a failed drop poisons the store, and the
+        // open that follows drops the table.
+        self.drop_replaced()?;
+        Ok((report, until))
+    }
+
+    /// Replays what is left of `plan` onto the staged state, object by object in key
+    /// order: each staged object is read, decoded, hashed and written once however many
+    /// writes touch it. One object's writes stay in log order, and objects are independent
+    /// of each other, so every write is decided exactly as replaying the log in order
+    /// would. Returns the staged state's digest and counts.
+    fn replay_left(
+        &self,
+        tx: &WriteTx<'_>,
+        plan: &mut ReplayPlan,
+    ) -> Result<(DigestSum, HashMap<u32, u64>)> {
+        let mut left: Vec<Vec<u8>> = plan.by_key.keys().cloned().collect();
+        left.sort_unstable();
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: Some(&tx.new_names),
+        };
+        let mut staging = tx.txn_ref()?.open_table(STAGING)?;
+        let smeta = tx.txn_ref()?.open_table(STAGING_META)?;
+        let mut sum = staged_digest(&smeta)?;
+        for row in smeta.iter()? {
+            let (k, v) = row?;
+            if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
+                let id: u32 = id.parse().map_err(|_| corrupt("staged count key"))?;
+                counts.insert(id, u64_of(v.value(), "staged count")?);
             }
         }
+        for key in left {
+            let Some(&(entry, write, _)) = plan.by_key.get(&key).and_then(|w| w.first()) else {
+                continue;
+            };
+            let (cid, pk) = {
+                let w = &plan.entries[entry].writes[write];
+                (w.collection, w.pk.clone())
+            };
+            let coll = view.name(cid)?;
+            let before = staging
+                .get(key.as_slice())?
+                .map(|r| decode_state(r.value()))
+                .transpose()?;
+            let mut state = before.clone().unwrap_or_default();
+            plan.replay_object(&view, &key, coll, &mut state)?;
+            if before.as_ref() == Some(&state) {
+                continue;
+            }
+            let delta = view.digest_delta(coll, &pk, before.as_ref(), &state, &mut sum)?;
+            let c = counts.entry(cid).or_default();
+            *c = c.saturating_add_signed(delta);
+            staging.insert(key.as_slice(), encode(&state)?.as_slice())?;
+        }
+        Ok((sum, counts))
+    }
+
+    /// Back in log order: the report lists every write where the log has it, and the
+    /// recovered part of each unsynced entry becomes one new entry with its stamp.
+    fn classify_unsynced(
+        &self,
+        tx: &WriteTx<'_>,
+        report: &mut ResetReport,
+        plan: ReplayPlan,
+    ) -> Result<Vec<(Stamp, Vec<Write<u32>>)>> {
+        let ReplayPlan {
+            entries: unsynced,
+            decisions,
+            discard,
+            ..
+        } = plan;
+        let mut recovered = Vec::new();
+        let names = self.names();
+        let view = NameView {
+            base: &names,
+            new: Some(&tx.new_names),
+        };
+        // When recovering, most unsynced writes usually are: one allocation for them.
+        if discard.is_none() {
+            report.recovered.reserve(decisions.len());
+        }
+        let mut decisions = decisions.into_iter();
+        for e in unsynced {
+            let mut writes = Vec::new();
+            for w in e.writes {
+                if let Some(kept) = classify(&view, report, e.stamp, w, &mut decisions)? {
+                    writes.push(kept);
+                }
+            }
+            if !writes.is_empty() {
+                recovered.push((e.stamp, writes));
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Commits the swap, handing `commit` the swapped-in digest and log position (and
+    /// taking them back if the commit fails); then moves the writer and the schemas to
+    /// the swapped-in state.
+    fn commit_swap(&self, mut tx: WriteTx<'_>, swap: Swap, schemas: &[Schema]) -> Result<()> {
+        let old_digest = std::mem::replace(&mut tx.writer.digest, swap.sum);
+        let old_next = std::mem::replace(&mut tx.writer.log_next, swap.next);
+        tx.raw_used = true;
+        if let Err(e) = tx.commit() {
+            let mut w = lock(&self.writer);
+            w.digest = old_digest;
+            w.log_next = old_next;
+            return Err(e);
+        }
+        let mut w = lock(&self.writer);
+        w.counts = swap.counts;
+        w.log_next = swap.next;
+        w.last_sync = swap.head;
+        *lock(&self.visible) = w.visible();
+        drop(w);
+        let mut map = self.schemas.write().unwrap_or_else(PoisonError::into_inner);
+        for s in schemas {
+            map.insert(s.collection.clone(), Arc::new(s.clone()));
+        }
+        Ok(())
     }
 
     /// Drops the state a reset's swap replaced, in a durable transaction of its own.
@@ -781,7 +752,7 @@ pub(super) fn replay_write(
 /// Files each field write of an unsynced write in the report by its decision (taken from
 /// `decisions` in order), and returns the write's recovered part, which goes back into the
 /// log.
-pub(super) fn settle(
+pub(super) fn classify(
     view: &NameView<'_>,
     report: &mut ResetReport,
     stamp: Stamp,
@@ -938,6 +909,56 @@ pub(super) fn record(report: &mut ResetReport, outcome: Replay, write: UnsyncedW
             reason,
         }),
         Replay::Discarded(reason) => report.discarded.push(Discarded { write, reason }),
+    }
+}
+
+/// What a reset's swap moves the store to: the log position it settles (`head`), the next
+/// one after the recovered entries, and the swapped-in state's digest and counts.
+struct Swap {
+    head: LogPos,
+    next: LogPos,
+    sum: DigestSum,
+    counts: HashMap<u32, u64>,
+}
+
+impl Swap {
+    /// Appends the recovered writes to the log with their own stamps, settles the old
+    /// unsynced entries, and writes the swapped-in counts, the server's schemas and the
+    /// marker's next phase.
+    fn write(
+        &self,
+        tx: &WriteTx<'_>,
+        recovered: Vec<(Stamp, Vec<Write<u32>>)>,
+        schemas: &[Schema],
+        marker: &ResetMarker,
+    ) -> Result<()> {
+        let mut log = tx.txn_ref()?.open_table(LOG)?;
+        for (seq, (stamp, writes)) in (self.head + 1..).zip(recovered) {
+            let entry = LogEntry { seq, stamp, writes };
+            log.insert(seq, encode(&entry)?.as_slice())?;
+        }
+        let mut meta = tx.txn_ref()?.open_table(META)?;
+        meta.insert(META_LAST_SYNC, self.head.to_le_bytes().as_slice())?;
+        meta.retain_in::<&str, _>(META_COUNT_PREFIX.."count0", |_, _| false)?;
+        for (cid, n) in &self.counts {
+            meta.insert(
+                format!("{META_COUNT_PREFIX}{cid}").as_str(),
+                n.to_le_bytes().as_slice(),
+            )?;
+        }
+        for s in schemas {
+            let key = format!("{META_SCHEMA_PREFIX}{}", s.collection);
+            meta.insert(key.as_str(), encode(s)?.as_slice())?;
+        }
+        let m = ResetMarker {
+            phase: ResetPhase::Uploading {
+                until: self.next - 1,
+                settled: self.head,
+            },
+            ..marker.clone()
+        };
+        meta.insert(META_RESET, encode(&m)?.as_slice())?;
+        Ok(())
     }
 }
 
