@@ -300,31 +300,8 @@ impl Store {
             txn.delete_table(REPLACED)?;
             let names = txn.open_table(NAMES)?;
 
-            let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
-            match format {
-                Some(v) => {
-                    let found = u64_of(&v, META_FORMAT)?;
-                    if FORMAT_UPGRADES.contains(&found) {
-                        meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
-                    } else if found != FORMAT_VERSION {
-                        return Err(corrupt(format!(
-                            "format version {found}; this build reads {FORMAT_VERSION}"
-                        )));
-                    }
-                }
-                None => {
-                    meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
-                }
-            }
-            let replica = meta.get(META_REPLICA)?.map(|v| v.value().to_vec());
-            let replica = match replica {
-                Some(v) => ReplicaId(u64_of(&v, META_REPLICA)?),
-                None => {
-                    let id = rand::random::<u64>().max(1);
-                    meta.insert(META_REPLICA, id.to_le_bytes().as_slice())?;
-                    ReplicaId(id)
-                }
-            };
+            upgrade_format(&mut meta)?;
+            let replica = replica_of(&mut meta)?;
             let last_sync = meta_u64(&meta, META_LAST_SYNC, 0)?;
             let head = Head::read(&meta)?;
             // From format 5 on, one row; the four it replaced go (a store upgraded here).
@@ -339,30 +316,8 @@ impl Store {
                 digest,
             } = head;
 
-            let mut interner = Interner::default();
-            for (i, row) in names.iter()?.enumerate() {
-                let (id, name) = row?;
-                if id.value() as usize != i {
-                    return Err(corrupt(format!("name ids not dense at {}", id.value())));
-                }
-                let name = name.value().to_owned();
-                interner.by_name.insert(name.clone(), id.value());
-                interner.by_id.push(name);
-            }
-
-            let mut schemas = HashMap::new();
-            let mut counts = HashMap::new();
-            for row in meta.iter()? {
-                let (k, v) = row?;
-                if let Some(coll) = k.value().strip_prefix(META_SCHEMA_PREFIX) {
-                    let s: Schema = postcard::from_bytes(v.value())
-                        .map_err(|e| corrupt(format!("schema of {coll}: {e}")))?;
-                    schemas.insert(coll.to_owned(), Arc::new(s));
-                } else if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
-                    let id: u32 = id.parse().map_err(|_| corrupt("count key"))?;
-                    counts.insert(id, u64_of(v.value(), "count")?);
-                }
-            }
+            let interner = read_names(&names)?;
+            let (schemas, counts) = read_schemas_and_counts(&meta)?;
             let writer = Writer {
                 hlc: Hlc::new(hlc, options.max_drift_ms),
                 digest: DigestSum::from_digest(digest),
@@ -488,4 +443,73 @@ impl Store {
         backend.close().map_err(redb::Error::from)?;
         Ok(())
     }
+}
+
+/// Upgrades an older format this build opens, or writes the format of a new store.
+fn upgrade_format(meta: &mut redb::Table<&str, &[u8]>) -> Result<()> {
+    let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
+    if let Some(v) = format {
+        let found = u64_of(&v, META_FORMAT)?;
+        if found == FORMAT_VERSION {
+            return Ok(());
+        }
+        if !FORMAT_UPGRADES.contains(&found) {
+            return Err(corrupt(format!(
+                "format version {found}; this build reads {FORMAT_VERSION}"
+            )));
+        }
+    }
+    meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+    Ok(())
+}
+
+/// The store's replica id, chosen at random the first time.
+fn replica_of(meta: &mut redb::Table<&str, &[u8]>) -> Result<ReplicaId> {
+    let replica = meta.get(META_REPLICA)?.map(|v| v.value().to_vec());
+    Ok(match replica {
+        Some(v) => ReplicaId(u64_of(&v, META_REPLICA)?),
+        None => {
+            let id = rand::random::<u64>().max(1);
+            meta.insert(META_REPLICA, id.to_le_bytes().as_slice())?;
+            ReplicaId(id)
+        }
+    })
+}
+
+/// The interned names; their ids are dense from 0.
+fn read_names(names: &impl ReadableTable<u32, &'static str>) -> Result<Interner> {
+    let mut interner = Interner::default();
+    for (i, row) in names.iter()?.enumerate() {
+        let (id, name) = row?;
+        if id.value() as usize != i {
+            return Err(corrupt(format!("name ids not dense at {}", id.value())));
+        }
+        let name = name.value().to_owned();
+        interner.by_name.insert(name.clone(), id.value());
+        interner.by_id.push(name);
+    }
+    Ok(interner)
+}
+
+/// Schemas by collection, and live objects by collection id, from the `meta` rows.
+type SchemasAndCounts = (HashMap<String, Arc<Schema>>, HashMap<u32, u64>);
+
+/// The schemas and counts the `meta` table holds.
+fn read_schemas_and_counts(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<SchemasAndCounts> {
+    let mut schemas = HashMap::new();
+    let mut counts = HashMap::new();
+    for row in meta.iter()? {
+        let (k, v) = row?;
+        if let Some(coll) = k.value().strip_prefix(META_SCHEMA_PREFIX) {
+            let s: Schema = postcard::from_bytes(v.value())
+                .map_err(|e| corrupt(format!("schema of {coll}: {e}")))?;
+            schemas.insert(coll.to_owned(), Arc::new(s));
+        } else if let Some(id) = k.value().strip_prefix(META_COUNT_PREFIX) {
+            let id: u32 = id.parse().map_err(|_| corrupt("count key"))?;
+            counts.insert(id, u64_of(v.value(), "count")?);
+        }
+    }
+    Ok((schemas, counts))
 }
