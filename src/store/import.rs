@@ -5,7 +5,7 @@ use crate::changeset::Changeset;
 use crate::clock::Stamp;
 use crate::error::{Error, NameKind, Result};
 use crate::log::{LogPos, Op, Write};
-use crate::merge::Outcome;
+use crate::merge::{wins, Outcome};
 use crate::row;
 use crate::value::Value;
 
@@ -147,7 +147,7 @@ impl<'s> WriteTx<'s> {
                         Some((s, _)) => Some(*s),
                         None => parsed.field_stamp(id),
                     };
-                    if stamp < floor || current.is_some_and(|c| c >= stamp) {
+                    if !wins(floor, current, stamp) {
                         report.stale += 1;
                         continue;
                     }
