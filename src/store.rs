@@ -85,8 +85,10 @@ pub enum Durability {
     Deferred,
 }
 
-/// How a store is opened.
+/// How a store is opened: `Options::default()` and the setters below, e.g.
+/// `Options::default().checkpoint_bytes(0).durability(Durability::Deferred)`.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Options {
     /// The largest value a field may hold, in bytes.
     pub value_bytes_max: usize,
@@ -144,6 +146,65 @@ impl Default for Options {
             keep_acknowledged_for: Some(KEEP_ACKNOWLEDGED_FOR_DEFAULT),
             recover_after: Some(RECOVER_AFTER_DEFAULT),
         }
+    }
+}
+
+impl Options {
+    /// Sets the `value_bytes_max` field.
+    pub fn value_bytes_max(mut self, value_bytes_max: usize) -> Options {
+        self.value_bytes_max = value_bytes_max;
+        self
+    }
+
+    /// Sets the `fields_per_object_max` field.
+    pub fn fields_per_object_max(mut self, fields_per_object_max: usize) -> Options {
+        self.fields_per_object_max = fields_per_object_max;
+        self
+    }
+
+    /// Sets the `max_drift_ms` field.
+    pub fn max_drift_ms(mut self, max_drift_ms: u64) -> Options {
+        self.max_drift_ms = max_drift_ms;
+        self
+    }
+
+    /// Sets the `durability` field.
+    pub fn durability(mut self, durability: Durability) -> Options {
+        self.durability = durability;
+        self
+    }
+
+    /// Sets the `cache_bytes` field.
+    pub fn cache_bytes(mut self, cache_bytes: usize) -> Options {
+        self.cache_bytes = cache_bytes;
+        self
+    }
+
+    /// Sets the `time` field.
+    pub fn time(mut self, time: Arc<dyn TimeSource>) -> Options {
+        self.time = time;
+        self
+    }
+
+    /// Sets the `checkpoint_bytes` field.
+    pub fn checkpoint_bytes(mut self, checkpoint_bytes: u64) -> Options {
+        self.checkpoint_bytes = checkpoint_bytes;
+        self
+    }
+
+    /// Sets the `keep_acknowledged_for` field.
+    pub fn keep_acknowledged_for(
+        mut self,
+        keep_acknowledged_for: Option<std::time::Duration>,
+    ) -> Options {
+        self.keep_acknowledged_for = keep_acknowledged_for;
+        self
+    }
+
+    /// Sets the `recover_after` field.
+    pub fn recover_after(mut self, recover_after: Option<std::time::Duration>) -> Options {
+        self.recover_after = recover_after;
+        self
     }
 }
 

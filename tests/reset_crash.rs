@@ -81,10 +81,7 @@ struct World {
 }
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        ..Options::default()
-    }
+    Options::default().time(Arc::new(time.clone()))
 }
 
 fn greeting(m: &ServerMsg) -> Option<&'static str> {

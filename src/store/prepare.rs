@@ -144,6 +144,10 @@ impl Rows {
 /// per object), and, on the fast path, the patches its record holds instead of the row.
 type NewRow = (Vec<u8>, (usize, usize), Option<Vec<StampedFields>>);
 
+/// The `head` meta row a batch's commit writes, and the write-ahead record (both `None`
+/// when the transaction is not recorded).
+type HeadAndRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 impl Draft {
     fn new(stamp: Stamp, recorded: bool, checkpoint_bytes: u64, digest: DigestSum) -> Draft {
         let record_max = (checkpoint_bytes / 4).min(wal::RECORD_BYTES_MAX / 4);
@@ -212,7 +216,7 @@ impl Draft {
         let (new_row, width, patch) = match fast {
             Some(fast) => fast,
             None => match self.rebuild(view, coll, p, before, op)? {
-                Some((row, width)) => (row, width, None),
+                Some(rebuilt) => rebuilt,
                 None => return Ok(()),
             },
         };
@@ -319,7 +323,7 @@ impl Draft {
         p: &mut Pending,
         before: Option<Before>,
         op: Option<NetOp>,
-    ) -> Result<Option<(Vec<u8>, (usize, usize))>> {
+    ) -> Result<Option<NewRow>> {
         let before = before.map(Before::into_state).transpose()?;
         let mut state = p
             .after
@@ -346,7 +350,7 @@ impl Draft {
         if delta != 0 {
             *self.count_delta.entry(p.coll).or_default() += delta;
         }
-        Ok(Some((encode_state(&state)?, width)))
+        Ok(Some((encode_state(&state)?, width, None)))
     }
 
     /// Puts one object's patches, or its row, into the record.
@@ -469,7 +473,7 @@ impl Draft {
         meta: &mut redb::Table<&str, &[u8]>,
         mut head: Head,
         replica: u64,
-    ) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    ) -> Result<HeadAndRecord> {
         // A record's number goes into the database with its rows; a commit without one
         // leaves the last record's.
         let wal_seq = head.wal_seq + 1;

@@ -217,11 +217,8 @@ fn a_row_being_read_keeps_its_page_from_being_reclaimed() {
     let dir = tempfile::tempdir().expect("dir");
     let store = Store::open_with(
         dir.path().join("s.redb"),
-        Options {
-            // Every commit a durable redb one, which reclaims freed pages after it.
-            checkpoint_bytes: 0,
-            ..Options::default()
-        },
+        // Every commit a durable redb one, which reclaims freed pages after it.
+        Options::default().checkpoint_bytes(0),
     )
     .expect("open");
     store
@@ -342,10 +339,7 @@ fn a_batch_commits_once_its_records_pass_its_bytes_and_a_small_cache_makes_them_
 
     // A 16 MiB cache: a batch is committed past 128 KiB, here by each member.
     let dir = tempfile::tempdir().expect("dir");
-    let options = Options {
-        cache_bytes: 16 << 20,
-        ..Options::default()
-    };
+    let options = Options::default().cache_bytes(16 << 20);
     let store = Store::open_with(dir.path().join("s.redb"), options).expect("open");
     objects(&store);
     let before = committed(&store);
