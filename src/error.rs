@@ -42,6 +42,12 @@ pub enum Error {
         /// What failed to decode.
         what: String,
     },
+    /// A bug: an internal invariant did not hold. Report it.
+    #[error("internal error (a bug): {what}")]
+    Internal {
+        /// What did not hold.
+        what: String,
+    },
     /// A collection or field name is not allowed.
     #[error("bad {kind} name {name:?}: {reason}")]
     BadName {

@@ -12,7 +12,7 @@ use crate::digest::DigestSum;
 use crate::error::{Error, Result};
 use crate::log::LogPos;
 
-use super::format::{corrupt, LOG, META, META_HEAD, OBJECTS, WAL_GROWTH};
+use super::format::{internal, LOG, META, META_HEAD, OBJECTS, WAL_GROWTH};
 use super::locks::lock;
 use super::names::NewNames;
 use super::prepare::Prepared;
@@ -689,7 +689,7 @@ impl Store {
                 // `raw` commits any open batch before it begins its own transaction.
                 self.abandon_batch(&"two write transactions");
                 drop((txn, b.txn));
-                Err(corrupt("two write transactions"))
+                Err(internal("two write transactions"))
             }
         }
     }

@@ -113,6 +113,11 @@ pub(super) fn corrupt(what: impl Into<String>) -> Error {
     Error::Corrupt { what: what.into() }
 }
 
+/// An internal invariant that did not hold (a bug, not bad bytes on disk).
+pub(super) fn internal(what: impl Into<String>) -> Error {
+    Error::Internal { what: what.into() }
+}
+
 pub(super) fn u64_of(bytes: &[u8], what: &str) -> Result<u64> {
     let b: [u8; 8] = bytes
         .try_into()
@@ -167,7 +172,7 @@ pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 
 /// [`encode`] into `buf` (sized beforehand, where the caller knows about how large).
 pub(super) fn encode_into<T: Serialize>(v: &T, buf: Vec<u8>) -> Result<Vec<u8>> {
-    postcard::to_extend(v, buf).map_err(|e| corrupt(format!("encode: {e}")))
+    postcard::to_extend(v, buf).map_err(|e| internal(format!("encode: {e}")))
 }
 
 /// An object row (see `row.rs`).

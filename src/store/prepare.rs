@@ -16,7 +16,7 @@ use crate::wal::{self, Redo};
 
 use super::commit::Tables;
 use super::format::{
-    corrupt, encode_into, encode_state, Head, META_COUNT_PREFIX, META_HEAD, NAMES,
+    encode_into, encode_state, internal, Head, META_COUNT_PREFIX, META_HEAD, NAMES,
 };
 use super::names::NameView;
 use super::names::NewNames;
@@ -279,7 +279,7 @@ impl Draft {
         let stamp = self.stamp;
         let mut ids = Vec::with_capacity(fields.len());
         for name in fields.keys() {
-            ids.push(view.id(name).ok_or_else(|| corrupt("uninterned field"))?);
+            ids.push(view.id(name).ok_or_else(|| internal("uninterned field"))?);
         }
         let sets: Vec<(u32, Stamp, &Value)> = ids
             .iter()
@@ -588,7 +588,7 @@ pub(super) fn apply_local(
     op: Option<NetOp>,
     stamp: Stamp,
 ) -> Result<Option<Op<u32>>> {
-    let id = |name: &str| view.id(name).ok_or_else(|| corrupt("uninterned field"));
+    let id = |name: &str| view.id(name).ok_or_else(|| internal("uninterned field"));
     Ok(Some(match op {
         None => return Ok(None),
         Some(NetOp::Insert(fields)) => {

@@ -21,7 +21,7 @@ use crate::schema::Schema;
 use crate::value::{Pk, Value};
 
 use super::format::{
-    corrupt, decode_state, encode, meta_digest, meta_u64, object_key, u64_of, LOG, META,
+    corrupt, decode_state, encode, internal, meta_digest, meta_u64, object_key, u64_of, LOG, META,
     META_COUNT_PREFIX, META_DIGEST, META_LAST_SYNC, META_RESET, META_SCHEMA_PREFIX, OBJECTS,
     REPLACED, STAGING, STAGING_META,
 };
@@ -766,7 +766,7 @@ pub(super) fn classify(
         decisions
             .next()
             .flatten()
-            .ok_or_else(|| corrupt("an unsynced write was not replayed"))
+            .ok_or_else(|| internal("an unsynced write was not replayed"))
     };
     let mut file = |r: Replay, field: Option<&str>, value: &Value| -> bool {
         let write = UnsyncedWrite {

@@ -17,7 +17,7 @@ use crate::value::{validate_name, Pk, Value};
 use crate::wal;
 
 use super::commit::WriterGuard;
-use super::format::{corrupt, decode_state, object_key, OBJECTS};
+use super::format::{decode_state, internal, object_key, OBJECTS};
 use super::locks::lock;
 use super::names::{NameView, NewNames};
 use super::{Committed, Durability, Object, Store};
@@ -233,7 +233,7 @@ impl<'s> WriteTx<'s> {
         }
         match &self.txn {
             Some(txn) => Ok(txn),
-            None => Err(corrupt("no write transaction")),
+            None => Err(internal("no write transaction")),
         }
     }
 
@@ -241,7 +241,7 @@ impl<'s> WriteTx<'s> {
     pub(super) fn txn_ref(&self) -> Result<&redb::WriteTransaction> {
         self.txn
             .as_ref()
-            .ok_or_else(|| corrupt("no write transaction"))
+            .ok_or_else(|| internal("no write transaction"))
     }
 
     /// Runs `hook` inside the commit with this transaction's log entry, if it makes one; the
