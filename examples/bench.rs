@@ -609,10 +609,7 @@ fn main() {
         let d = tempfile::tempdir_in(dir.path()).expect("tempdir");
         let e = Fieldlog::open_with(
             d.path(),
-            fieldlog::Options {
-                keep_acknowledged_for: Some(Duration::ZERO),
-                ..workload::options()
-            },
+            workload::options().keep_acknowledged_for(Some(Duration::ZERO)),
         );
         let mut rng = workload::rng(11);
         for r in 0..ROUNDS {

@@ -20,10 +20,7 @@ type Error = Box<dyn std::error::Error>;
 
 /// Options that let an object hold every field the run writes.
 fn options(fields: usize) -> Options {
-    Options {
-        fields_per_object_max: fields.max(fieldlog::FIELDS_PER_OBJECT_MAX_DEFAULT),
-        ..Options::default()
-    }
+    Options::default().fields_per_object_max(fields.max(fieldlog::FIELDS_PER_OBJECT_MAX_DEFAULT))
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<Duration, Error> {

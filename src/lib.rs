@@ -68,9 +68,9 @@ pub use error::{Error, NameKind, Result, StorageError, StorageErrorKind};
 pub use log::{FieldWrite, LogEntry, LogPos, Op, Write};
 pub use schema::{FieldSpec, FieldType, Schema};
 pub use store::{
-    Committed, Durability, ImportReport, Object, Options, Store, WriteTx, CACHE_BYTES_DEFAULT,
-    FIELDS_PER_OBJECT_MAX_DEFAULT, KEEP_ACKNOWLEDGED_FOR_DEFAULT, RECOVERY_BACKOFF_MAX,
-    RECOVER_AFTER_DEFAULT, VALUE_BYTES_MAX_DEFAULT,
+    Backup, Committed, Durability, ImportReport, Object, Options, Store, WriteTx,
+    CACHE_BYTES_DEFAULT, FIELDS_PER_OBJECT_MAX_DEFAULT, KEEP_ACKNOWLEDGED_FOR_DEFAULT,
+    RECOVERY_BACKOFF_MAX, RECOVER_AFTER_DEFAULT, VALUE_BYTES_MAX_DEFAULT,
 };
 pub use value::{Pk, Value, NAME_LEN_MAX};
 

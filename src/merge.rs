@@ -67,20 +67,16 @@ impl<F: Ord + Clone> ObjectState<F> {
 
     /// Merges one field write.
     pub fn apply_field(&mut self, field: F, stamp: Stamp, value: Value) -> Outcome {
-        if stamp < self.floor {
+        let at = self.fields.binary_search_by(|(f, _, _)| f.cmp(&field));
+        let current = at.ok().map(|i| self.fields[i].1);
+        if !wins(self.floor, current, stamp) {
             return Outcome::Stale;
         }
-        match self.fields.binary_search_by(|(f, _, _)| f.cmp(&field)) {
-            Ok(i) if self.fields[i].1 >= stamp => Outcome::Stale,
-            Ok(i) => {
-                self.fields[i] = (field, stamp, value);
-                Outcome::Applied
-            }
-            Err(i) => {
-                self.fields.insert(i, (field, stamp, value));
-                Outcome::Applied
-            }
+        match at {
+            Ok(i) => self.fields[i] = (field, stamp, value),
+            Err(i) => self.fields.insert(i, (field, stamp, value)),
         }
+        Outcome::Applied
     }
 
     /// Merges field writes, with the same outcomes (in the writes' order) and the same state
@@ -113,7 +109,7 @@ impl<F: Ord + Clone> ObjectState<F> {
             let mut current = old.next_if(|(o, _, _)| *o == f).map(|(_, s, v)| (s, v));
             let mut next = Some((i, s, v));
             while let Some((i, s, v)) = next {
-                if s >= floor && current.as_ref().is_none_or(|(c, _)| *c < s) {
+                if wins(floor, current.as_ref().map(|(c, _)| *c), s) {
                     outcomes[i] = Outcome::Applied;
                     current = Some((s, v));
                 }
@@ -161,6 +157,13 @@ impl<F: Ord + Clone> ObjectState<F> {
             }
         }
     }
+}
+
+/// The merge rule for one field write, in one place: a write at `incoming` loses if it is
+/// older than the object's `floor` (its latest insert or delete) or not newer than the
+/// field's `current` stamp (`None`: the field holds no write since the floor).
+pub(crate) fn wins(floor: Stamp, current: Option<Stamp>, incoming: Stamp) -> bool {
+    incoming >= floor && current.is_none_or(|c| c < incoming)
 }
 
 #[cfg(test)]
@@ -226,6 +229,25 @@ mod tests {
                 .collect();
             proptest::prop_assert_eq!(all.apply_fields(writes), expected);
             proptest::prop_assert_eq!(all, one);
+        }
+    }
+
+    proptest::proptest! {
+        /// `wins` is the rule as DESIGN.md states it: a write older than the floor, or not
+        /// newer than the current stamp, loses; stamps order by time, then replica.
+        #[test]
+        fn wins_is_the_merge_rule(
+            floor in (0u64..6, 0u64..3),
+            current in proptest::option::of((0u64..6, 0u64..3)),
+            incoming in (0u64..6, 0u64..3),
+        ) {
+            let older_than_floor = incoming < floor;
+            let not_newer = current.is_some_and(|c| incoming <= c);
+            let stamp = |(t, r): (u64, u64)| st(t, r);
+            proptest::prop_assert_eq!(
+                wins(stamp(floor), current.map(stamp), stamp(incoming)),
+                !(older_than_floor || not_newer)
+            );
         }
     }
 

@@ -22,9 +22,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Stamp;
-use crate::error::Result;
-use crate::log::LogEntry;
-use crate::store::{Object, Options, Store};
 use crate::value::{Pk, Value};
 
 /// Why the server ordered a reset.
@@ -67,7 +64,7 @@ pub enum ResetReason {
 /// What a client does with its unsynced writes when the server orders a reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ResetMode {
-    /// Keep the backup and leave recovery to the application (see [`Backup`]); the store
+    /// Keep the backup and leave recovery to the application (see [`Backup`](crate::Backup)); the store
     /// takes the server's state.
     Manual,
     /// Take the server's state; unsynced writes are reported as discarded.
@@ -191,42 +188,4 @@ pub(crate) fn backup_path(store_path: &Path) -> PathBuf {
         })
         .find(|p| !p.exists())
         .unwrap_or_else(|| store_path.with_extension("reset-backup"))
-}
-
-/// A reset backup, opened for the application to inspect (in `Manual` mode, or before the
-/// backup is removed).
-#[derive(Debug)]
-pub struct Backup {
-    store: Store,
-    path: PathBuf,
-}
-
-impl Backup {
-    /// Opens a backup file. It is a copy of the store as it was when the reset began; this
-    /// handle only reads it.
-    pub fn open(path: impl AsRef<Path>) -> Result<Backup> {
-        let path = path.as_ref().to_owned();
-        Ok(Backup {
-            store: Store::open_with(&path, Options::default())?,
-            path,
-        })
-    }
-
-    /// The writes that were not acknowledged by the server when the reset began.
-    pub fn unsynced(&self) -> Result<Vec<LogEntry>> {
-        self.store.unsynced(usize::MAX)
-    }
-
-    /// An object as it was in the backup.
-    pub fn get(&self, collection: &str, pk: impl Into<Pk>) -> Result<Option<Object>> {
-        self.store.get(collection, pk)
-    }
-
-    /// Deletes the backup file once the application is done with it.
-    pub fn remove(self) -> Result<()> {
-        let Backup { store, path } = self;
-        drop(store);
-        std::fs::remove_file(&path)?;
-        Ok(())
-    }
 }

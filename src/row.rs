@@ -17,7 +17,7 @@ pub(crate) const ROW_V2: u8 = 0xF1;
 
 use crate::clock::{ReplicaId, Stamp};
 use crate::error::{Error, Result};
-use crate::merge::ObjectState;
+use crate::merge::{wins, ObjectState};
 use crate::value::Value;
 
 /// The row's bytes (stamp-table layout).
@@ -363,8 +363,7 @@ impl<'a> Parsed<'a> {
             let held = old
                 .next_if(|(f, _, _)| *f == id)
                 .map(|&(f, si, (a, b))| (f, self.stamps[si], Source::Old(a, b)));
-            let newer = stamp >= floor && held.as_ref().is_none_or(|h| h.1 < stamp);
-            if newer {
+            if wins(floor, held.as_ref().map(|h| h.1), stamp) {
                 applied[i] = true;
                 fields.push((id, stamp, Source::New(value)));
             } else {

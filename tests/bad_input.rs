@@ -37,10 +37,7 @@ fn snap(s: &Store) -> Snap {
 }
 
 fn opts(clock: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(clock.clone()),
-        ..Options::default()
-    }
+    Options::default().time(Arc::new(clock.clone()))
 }
 
 fn open(options: Options) -> Store {
@@ -753,10 +750,7 @@ fn local_schema_violations_are_refused() {
 #[test]
 fn oversized_values_are_refused() {
     let clock = ManualTimeSource::new(T0);
-    let r = receiver(Options {
-        value_bytes_max: 16,
-        ..opts(&clock)
-    });
+    let r = receiver(opts(&clock).value_bytes_max(16));
     let before = snap(&r);
     let big = "x".repeat(17);
     match r.write(|tx| tx.insert("Dog", 2, [("name", big.as_str())])) {
@@ -814,10 +808,7 @@ fn oversized_values_are_refused() {
 #[test]
 fn clock_drift_is_refused_and_the_bound_is_honoured() {
     let clock = ManualTimeSource::new(T0);
-    let r = receiver(Options {
-        max_drift_ms: 60_000,
-        ..opts(&clock)
-    });
+    let r = receiver(opts(&clock).max_drift_ms(60_000));
     let sender_at = |ms: u64| {
         let c = ManualTimeSource::new(ms);
         (open(opts(&c)), c)
@@ -988,10 +979,7 @@ fn bad_names_and_keys_are_refused() {
 
 #[test]
 fn a_failed_call_leaves_the_transaction_intact() {
-    let r = receiver(Options {
-        value_bytes_max: 16,
-        ..Options::default()
-    });
+    let r = receiver(Options::default().value_bytes_max(16));
     let head = r.log_head();
     let dog1 = r.get("Dog", 1).unwrap();
     let mut tx = r.begin().unwrap();

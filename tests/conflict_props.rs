@@ -117,10 +117,7 @@ struct World {
 }
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        ..Options::default()
-    }
+    Options::default().time(Arc::new(time.clone()))
 }
 
 type R<T = ()> = Result<T, TestCaseError>;

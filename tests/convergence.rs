@@ -36,10 +36,7 @@ fn pks() -> [Pk; 5] {
 fn store_at(clock: &ManualTimeSource) -> Store {
     Store::open_backend(
         redb::backends::InMemoryBackend::new(),
-        Options {
-            time: Arc::new(clock.clone()),
-            ..Options::default()
-        },
+        Options::default().time(Arc::new(clock.clone())),
     )
     .expect("open in-memory store")
 }

@@ -206,11 +206,9 @@ struct Run {
 const KEEP_ACKNOWLEDGED: Duration = Duration::from_secs(5);
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        keep_acknowledged_for: Some(KEEP_ACKNOWLEDGED),
-        ..Options::default()
-    }
+    Options::default()
+        .time(Arc::new(time.clone()))
+        .keep_acknowledged_for(Some(KEEP_ACKNOWLEDGED))
 }
 
 /// A write-ahead file this small checkpoints every few dozen commits, so the database's
@@ -220,10 +218,7 @@ fn options(time: &ManualTimeSource) -> Options {
 const CHECKPOINT_BYTES: u64 = 16 << 10;
 
 fn wal_options(time: &ManualTimeSource) -> Options {
-    Options {
-        checkpoint_bytes: CHECKPOINT_BYTES,
-        ..options(time)
-    }
+    options(time).checkpoint_bytes(CHECKPOINT_BYTES)
 }
 
 /// Opens a store on disk images: the database's, and the write-ahead file's if it has one.

@@ -29,10 +29,7 @@ const MAX: usize = 8;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn options(max: usize) -> Options {
-    Options {
-        fields_per_object_max: max,
-        ..Options::default()
-    }
+    Options::default().fields_per_object_max(max)
 }
 
 fn fields(n: usize, value: i64) -> Vec<(String, Value)> {

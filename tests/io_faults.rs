@@ -131,13 +131,11 @@ const WORKLOAD: [Step; 15] = [
 ];
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
+    Options::default()
+        .time(Arc::new(time.clone()))
         // These runs check that a poisoned store stays so until it is reopened; recovery
         // by itself has its own test below.
-        recover_after: None,
-        ..Options::default()
-    }
+        .recover_after(None)
 }
 
 /// The write-ahead file's size before a checkpoint: small enough that the workload
@@ -178,10 +176,7 @@ impl Disks {
             Some(wal) => Store::open_backend_with_wal(
                 self.db.backend(),
                 wal.backend(),
-                Options {
-                    checkpoint_bytes: CHECKPOINT_BYTES,
-                    ..options(time)
-                },
+                options(time).checkpoint_bytes(CHECKPOINT_BYTES),
             ),
             None => Store::open_backend(self.db.backend(), options(time)),
         }
@@ -827,18 +822,13 @@ fn recovery_run(target: Target, at: u64, seen: &mut Recovered) -> bool {
         Some(wal) => Store::open_backend_with_wal(
             disks.db.backend(),
             wal.backend(),
-            Options {
-                checkpoint_bytes: CHECKPOINT_BYTES,
-                recover_after: Some(after),
-                ..options(&time)
-            },
+            options(&time)
+                .checkpoint_bytes(CHECKPOINT_BYTES)
+                .recover_after(Some(after)),
         ),
         None => Store::open_backend(
             disks.db.backend(),
-            Options {
-                recover_after: Some(after),
-                ..options(&time)
-            },
+            options(&time).recover_after(Some(after)),
         ),
     };
     let store = opened.expect("open");

@@ -11,11 +11,9 @@ const T0_MS: u64 = 1_700_000_000_000;
 const MINUTE_MS: u64 = 60_000;
 
 fn options(time: &ManualTimeSource, keep: Option<Duration>) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        keep_acknowledged_for: keep,
-        ..Options::default()
-    }
+    Options::default()
+        .time(Arc::new(time.clone()))
+        .keep_acknowledged_for(keep)
 }
 
 fn positions(store: &Store) -> Vec<u64> {

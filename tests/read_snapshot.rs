@@ -66,11 +66,9 @@ fn a_get_after_a_commit_sees_it_in_this_thread_and_another() {
 /// it leaves).
 fn file_after_rewrites(dir: &std::path::Path, name: &str, read_first: bool) -> u64 {
     let path = dir.join(name);
-    let opts = Options {
-        checkpoint_bytes: 0,
-        durability: Durability::Immediate,
-        ..Options::default()
-    };
+    let opts = Options::default()
+        .checkpoint_bytes(0)
+        .durability(Durability::Immediate);
     let store = Store::open_with(&path, opts).expect("open");
     let blob = "x".repeat(500);
     store

@@ -140,10 +140,7 @@ impl Disks {
 }
 
 fn quick_recovery() -> Options {
-    Options {
-        recover_after: Some(Duration::from_millis(20)),
-        ..Options::default()
-    }
+    Options::default().recover_after(Some(Duration::from_millis(20)))
 }
 
 /// Events the store logs, captured on this thread.
@@ -189,11 +186,9 @@ fn a_store_recovers_once_its_disk_has_room_and_logs_it() {
     tracing::subscriber::with_default(captured.clone(), || {
         let disks = Disks::new();
         let time = ManualTimeSource::new(1_700_000_000_000);
-        let options = Options {
-            time: Arc::new(time.clone()),
-            recover_after: Some(Duration::from_secs(1)),
-            ..Options::default()
-        };
+        let options = Options::default()
+            .time(Arc::new(time.clone()))
+            .recover_after(Some(Duration::from_secs(1)));
         let store = disks.open(options.clone());
         let mut acked = Vec::new();
         for i in 0..5i64 {
@@ -517,11 +512,13 @@ fn concurrent_commits_through_failures_and_recoveries_lose_nothing_acknowledged(
     const COMMITS: i64 = 400;
     const ROUNDS: u64 = 6;
     let disks = Disks::new();
-    let store = Arc::new(disks.open(Options {
-        recover_after: Some(Duration::from_millis(1)),
-        checkpoint_bytes: 64 << 10,
-        ..Options::default()
-    }));
+    let store = Arc::new(
+        disks.open(
+            Options::default()
+                .recover_after(Some(Duration::from_millis(1)))
+                .checkpoint_bytes(64 << 10),
+        ),
+    );
     // Commits that returned Ok, and that failed, so far; writers still running.
     let oks = Arc::new(AtomicU64::new(0));
     let errs = Arc::new(AtomicU64::new(0));

@@ -438,7 +438,7 @@ async fn forced_reset_in_every_mode() {
         assert_eq!(report.discarded.len(), usize::from(!recovering), "{mode:?}");
         let backup = report.backup.clone().unwrap();
         if mode == ResetMode::Manual {
-            let b = fieldlog::reset::Backup::open(&backup).unwrap();
+            let b = fieldlog::Backup::open(&backup).unwrap();
             let unsynced = b.unsynced().unwrap();
             assert_eq!(unsynced.len(), 1, "the backup lists the unsynced write");
             b.remove().unwrap();

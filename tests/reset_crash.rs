@@ -15,11 +15,12 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fieldlog::reset::{Backup, ObjectSnapshot, ResetMode, ResetReason, ResetReport};
+use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReason, ResetReport};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::Backup;
 use fieldlog::{
     Digest, FieldSpec, FieldType, ManualTimeSource, Options, ReplicaId, Schema, Store, Value,
 };
@@ -82,10 +83,7 @@ struct World {
 }
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        ..Options::default()
-    }
+    Options::default().time(Arc::new(time.clone()))
 }
 
 fn greeting(m: &ServerMsg) -> Option<&'static str> {

@@ -335,10 +335,7 @@ fn recovering(mode: ResetMode) -> bool {
 }
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        ..Options::default()
-    }
+    Options::default().time(Arc::new(time.clone()))
 }
 
 #[derive(Clone, Debug, Default)]

@@ -114,10 +114,7 @@ async fn a_client_that_keeps_nothing_acknowledged_loses_nothing() {
         .expect("bind");
     let addr = handle.local_addr().expect("addr").to_string();
     let start = |name: &str, keep: Option<Duration>| {
-        let options = Options {
-            keep_acknowledged_for: keep,
-            ..Options::default()
-        };
+        let options = Options::default().keep_acknowledged_for(keep);
         let store = Arc::new(
             Store::open_with(dir.path().join(format!("{name}.redb")), options).expect("open"),
         );

@@ -15,10 +15,7 @@ use fieldlog::{Durability, Options, Store, Value};
 use redb::ReadableDatabase;
 
 fn options(checkpoint_bytes: u64) -> Options {
-    Options {
-        checkpoint_bytes,
-        ..Options::default()
-    }
+    Options::default().checkpoint_bytes(checkpoint_bytes)
 }
 
 fn open(db: &SimDisk, wal: &SimDisk, checkpoint_bytes: u64) -> Store {
@@ -486,10 +483,7 @@ fn merged_remote_updates_are_recorded_as_patches_and_survive_a_power_cut() {
     use fieldlog::ManualTimeSource;
     use std::sync::Arc;
     let clock = ManualTimeSource::new(1_700_000_000_000);
-    let timed = |checkpoint_bytes| Options {
-        time: Arc::new(clock.clone()),
-        ..options(checkpoint_bytes)
-    };
+    let timed = |checkpoint_bytes| options(checkpoint_bytes).time(Arc::new(clock.clone()));
     let a = Store::open_backend(redb::backends::InMemoryBackend::new(), timed(0)).expect("a");
     let (db, wal) = (SimDisk::new(), SimDisk::new());
     let open_b =

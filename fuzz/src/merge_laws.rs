@@ -33,10 +33,7 @@ pub fn check(data: &[u8]) {
     let mut input = Input::new(data);
     let time = ManualTimeSource::new(T0_MS);
     let open = || {
-        let options = Options {
-            time: Arc::new(time.clone()),
-            ..Options::default()
-        };
+        let options = Options::default().time(Arc::new(time.clone()));
         Store::open_backend(redb::backends::InMemoryBackend::new(), options).expect("store")
     };
     let n = 2 + input.below(2);

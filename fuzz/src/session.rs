@@ -104,10 +104,7 @@ struct Harness {
 pub fn check(data: &[u8]) {
     let mut input = Input::new(data);
     let time = ManualTimeSource::new(T0_MS);
-    let options = Options {
-        time: Arc::new(time.clone()),
-        ..Options::default()
-    };
+    let options = Options::default().time(Arc::new(time.clone()));
     let store = Arc::new(
         Store::open_backend(redb::backends::InMemoryBackend::new(), options).expect("store"),
     );
@@ -547,10 +544,7 @@ impl Harness {
     /// A new client syncs everything and ends with the server's state: with rules, exactly
     /// the objects its user may read; without, the server's digest.
     fn fresh_client_converges(&self) {
-        let options = Options {
-            time: Arc::new(self.time.clone()),
-            ..Options::default()
-        };
+        let options = Options::default().time(Arc::new(self.time.clone()));
         let store = Arc::new(
             Store::open_backend(redb::backends::InMemoryBackend::new(), options).expect("store"),
         );

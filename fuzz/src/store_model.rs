@@ -186,12 +186,10 @@ impl Harness {
     }
 
     fn open(&self) -> Store {
-        let options = Options {
-            value_bytes_max: VALUE_BYTES_MAX,
-            time: Arc::new(self.time.clone()),
-            keep_acknowledged_for: self.keep_ms.map(std::time::Duration::from_millis),
-            ..Options::default()
-        };
+        let options = Options::default()
+            .value_bytes_max(VALUE_BYTES_MAX)
+            .time(Arc::new(self.time.clone()))
+            .keep_acknowledged_for(self.keep_ms.map(std::time::Duration::from_millis));
         Store::open_backend(self.disk.backend(), options).expect("the store opens")
     }
 
@@ -428,10 +426,7 @@ impl Harness {
             return;
         }
         let store = self.store();
-        let options = Options {
-            time: Arc::new(self.time.clone()),
-            ..Options::default()
-        };
+        let options = Options::default().time(Arc::new(self.time.clone()));
         let fresh = Store::open_backend(redb::backends::InMemoryBackend::new(), options)
             .expect("fresh store");
         let cs = store.export(0, usize::MAX).expect("export");

@@ -82,11 +82,9 @@ pub struct Base {
 }
 
 fn options(time: &ManualTimeSource) -> Options {
-    Options {
-        time: Arc::new(time.clone()),
-        checkpoint_bytes: CHECKPOINT_BYTES,
-        ..Options::default()
-    }
+    Options::default()
+        .time(Arc::new(time.clone()))
+        .checkpoint_bytes(CHECKPOINT_BYTES)
 }
 
 /// The frames at the start of a write-ahead file (length-checked only).

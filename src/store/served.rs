@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use super::{NameView, NetOp, Store, WriteTx};
+use super::names::NameView;
+use super::write_tx::NetOp;
+use super::{Store, WriteTx};
 use crate::conflict::ObjectFields;
 use crate::error::{Error, NameKind, Result};
 use crate::value::{Pk, Value};
