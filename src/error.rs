@@ -151,7 +151,7 @@ pub enum Error {
     },
     /// A query did not parse, check or bind.
     #[error("query: {0}")]
-    Query(#[from] crate::rules::QueryError),
+    Query(#[from] crate::rules::query_error::QueryError),
     /// The store is served by a sync server: a change written to it directly would never
     /// reach the clients. Nothing was written.
     #[error("this store is served by a SyncServer: use SyncServer::{through} so that clients receive the change")]

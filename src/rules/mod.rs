@@ -11,6 +11,7 @@ mod load;
 mod parser;
 pub mod permissions;
 pub mod query;
+pub(crate) mod query_error;
 
 pub use permissions::{
     load, Access, Action, Denial, DenialKind, FieldPerms, Role, RoleFlags, Rules, RulesError, User,

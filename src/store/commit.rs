@@ -466,7 +466,7 @@ impl Store {
 
     /// Writes every commit into the database file and empties the write-ahead file (as
     /// `close` does; the store also does it by itself when the file reaches
-    /// [`Options::checkpoint_bytes`], without emptying it).
+    /// [`Options::checkpoint_bytes`](crate::Options::checkpoint_bytes), without emptying it).
     pub fn checkpoint(&self) -> Result<()> {
         self.check_poisoned()?;
         let mut w = self.lock_writer()?;

@@ -108,7 +108,7 @@ impl Store {
 
     /// Records that the server has acknowledged everything up to `pos` (never moves back),
     /// and removes the entries acknowledged longer ago than
-    /// [`Options::keep_acknowledged_for`].
+    /// [`Options::keep_acknowledged_for`](crate::Options::keep_acknowledged_for).
     ///
     /// Not synced to disk by itself: the next durable redb commit (a checkpoint, a prune,
     /// closing) takes it along. A crash before then forgets the acknowledgement, which costs
