@@ -26,9 +26,14 @@
 //! `fieldlog` binary). With `default-features = false` the crate is the embedded store
 //! alone; a text field there is an [`Error::NeedsFeature`].
 //!
-//! Boundaries: `merge` touches no redb and no network; `store` is the only module that
-//! knows redb; a log append, its state update, the digest and the clock high-water mark
+//! Boundaries: `merge` touches no redb and no network; redb appears only in `store` (and
+//! the write-ahead file, read snapshot and backend beside it); tokio only in the sync
+//! transport. A log append, its state update, the digest and the clock high-water mark
 //! commit in one redb transaction.
+//!
+//! Features (all on by default): `sync` (the sync server, client and their tokio
+//! transport), `text` (collaborative text fields, automerge), `cli` (the `fieldlog`
+//! binary). `default-features = false` gives the embedded store alone.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
