@@ -78,6 +78,9 @@ impl Store {
         }
         tx.writer.hlc.observe(max_time);
         let r = extra(&mut tx, &report)?;
+        for e in &cs.entries {
+            tx.put_history_of_import(cs.origin, e)?;
+        }
         tx.commit()?;
         Ok((report, r))
     }

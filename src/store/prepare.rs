@@ -550,9 +550,11 @@ impl WriteTx<'_> {
         let entry = d.seal_log_entry(&mut tables.log, log_next)?;
         let seq = entry.as_ref().map(|e| e.seq);
         if let Some(entry) = entry {
-            if let Some(hook) = self.log_hook.take() {
+            if self.history.is_some() {
                 let named = entry.map_names(|id| view.name(id).map(str::to_owned))?;
-                self.aux.extend(hook(&named)?);
+                if let Some(row) = self.history_of_own_entry(&named)? {
+                    self.aux.push(row);
+                }
             }
         }
         d.put_aux(txn, std::mem::take(&mut self.aux))?;

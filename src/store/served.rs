@@ -1,7 +1,7 @@
 //! A store served by a sync server, and the writes only the server makes.
 //!
 //! Clients receive what enters the server's history, and only the server's own
-//! transactions record their log entry there (`WriteTx::on_log_entry`). A change committed
+//! transactions record their log entry there (`WriteTx::record_in_history`). A change committed
 //! to a served store any other way would stay on the server and never reach a client, so
 //! such commits are refused with [`Error::ServedStore`]; reads, and the server's own
 //! bookkeeping (tables of its own, no objects), go on as before.
@@ -45,7 +45,7 @@ impl WriteTx<'_> {
     /// Refuses to commit object changes to a served store unless the server records them
     /// into its history (it set a log hook).
     pub(super) fn check_served_commit(&self) -> Result<()> {
-        if self.log_hook.is_some() {
+        if self.history.is_some() {
             return Ok(());
         }
         let changes_objects = self

@@ -1,13 +1,19 @@
 //! The sync layer's tables in the store's database, behind typed accessors: the server's
 //! history, client records, conflicts, refusals, uploads, graveyard and meta; the client's
-//! counters, subscription set and refused writes. The sync layer encodes its own records;
-//! this room knows the tables and their keys, and which rows go into a commit's
-//! write-ahead record (`put_…`) rather than through a durable redb commit.
+//! counters, subscription set and refused writes. The sync layer encodes its own records,
+//! except the history's, which the store writes itself as part of a commit (an import's
+//! entries under their origin, the commit's own entry under the store's id); this room
+//! knows the tables and their keys, and which rows go into a commit's write-ahead record
+//! (`put_…`) rather than through a durable redb commit.
 //!
 //! Tables the sync layer only writes now and then are created by their first write, so a
 //! read treats a missing table as an empty one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use redb::{Key, ReadOnlyTable, ReadableTable, TableDefinition, TableError, Value};
+use serde::{Deserialize, Serialize};
 
 use super::{Store, WriteTx};
 use crate::clock::ReplicaId;
@@ -113,9 +119,35 @@ fn parse_upload_row(v: &[u8]) -> Option<(u64, u64)> {
     Some((version, time))
 }
 
-/// The write-ahead row of a history record.
-fn history_aux(version: u64, record: Vec<u8>) -> Aux {
-    Aux::u64_bytes(HISTORY, version, record)
+/// One accepted transaction in the server's history: who wrote it, and the entry as it
+/// was applied.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct HistoryRecord {
+    /// The replica that wrote it (a client, or the server itself).
+    pub(crate) origin: ReplicaId,
+    /// The transaction.
+    pub(crate) entry: LogEntry,
+}
+
+/// The write-ahead row of the history record of `entry` at the version after `next`
+/// (which moves to it).
+fn history_aux(next: &AtomicU64, origin: ReplicaId, entry: &LogEntry) -> Result<Aux> {
+    let version = next.fetch_add(1, Ordering::SeqCst) + 1;
+    let rec = HistoryRecord {
+        origin,
+        entry: entry.clone(),
+    };
+    let bytes = postcard::to_allocvec(&rec).map_err(|e| Error::Internal {
+        what: format!("encoding a history record: {e}"),
+    })?;
+    Ok(Aux::u64_bytes(HISTORY, version, bytes))
+}
+
+/// Decodes a history record read back with [`Store::sync_history_after`].
+pub(crate) fn decode_history(version: u64, bytes: &[u8]) -> Result<HistoryRecord> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Corrupt {
+        what: format!("history {version}: {e}"),
+    })
 }
 
 /// The sync server's tables.
@@ -419,21 +451,34 @@ impl Store {
 /// write-ahead record (an append and a sync); `set_…` writes through redb, which makes the
 /// commit a durable redb one.
 impl<'s> WriteTx<'s> {
-    /// A history record at `version`.
-    pub(crate) fn put_sync_history(&mut self, version: u64, record: Vec<u8>) {
-        self.put_aux(history_aux(version, record));
+    /// Makes this commit a step of the server's history, numbered from `next`: the entries
+    /// of the changeset it imports (if any) under their origin, then the commit's own log
+    /// entry (if it writes one: reverted refusals, policy decisions, server writes) under
+    /// the store's id. The store writes the records itself, in the commit's write-ahead
+    /// record; `next` ends at the last version written.
+    pub(crate) fn record_in_history(&mut self, next: Arc<AtomicU64>) {
+        self.history = Some(next);
     }
 
-    /// Runs `hook` inside the commit with the transaction's log entry, if it makes one, and
-    /// puts the history record (version, record) it returns.
-    pub(crate) fn put_sync_history_of_log_entry(
+    /// The history row of an imported entry (see [`WriteTx::record_in_history`]).
+    pub(super) fn put_history_of_import(
         &mut self,
-        hook: impl FnOnce(&LogEntry) -> Result<(u64, Vec<u8>)> + 's,
-    ) {
-        self.on_log_entry(move |entry| {
-            let (version, record) = hook(entry)?;
-            Ok(vec![history_aux(version, record)])
-        });
+        origin: ReplicaId,
+        entry: &LogEntry,
+    ) -> Result<()> {
+        if let Some(next) = &self.history {
+            let row = history_aux(next, origin, entry)?;
+            self.put_aux(row);
+        }
+        Ok(())
+    }
+
+    /// The history row of this commit's own log entry, once sealed.
+    pub(super) fn history_of_own_entry(&mut self, entry: &LogEntry) -> Result<Option<Aux>> {
+        match self.history.take() {
+            Some(next) => history_aux(&next, self.store.replica_id(), entry).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The server version and stamp time `client`'s entry at `seq` is applied with.

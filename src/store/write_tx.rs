@@ -9,7 +9,6 @@ use serde::Serialize;
 use crate::clock::Stamp;
 use crate::crdt;
 use crate::error::{Error, NameKind, Result};
-use crate::log::LogEntry;
 use crate::merge::ObjectState;
 use crate::row;
 use crate::serde_object::to_fields;
@@ -40,7 +39,7 @@ impl Store {
             durability: self.options.durability,
             raw_used: false,
             collection_checked: None,
-            log_hook: None,
+            history: None,
             aux: Vec::new(),
         })
     }
@@ -193,15 +192,12 @@ pub struct WriteTx<'s> {
     pub(super) raw_used: bool,
     /// The last collection name checked (`intern`): one per write would be the check again.
     pub(super) collection_checked: Option<u32>,
-    /// Runs inside the commit with the transaction's log entry and returns rows to put with
-    /// it (the server records its own writes into its history in the same transaction).
-    pub(super) log_hook: Option<LogHook<'s>>,
+    /// Set when the commit is a step of a sync server's history, numbered from it (see
+    /// [`WriteTx::record_in_history`]).
+    pub(super) history: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Rows of other modules' tables, put at commit and recorded with the rest.
     pub(super) aux: Vec<wal::Aux>,
 }
-
-/// See [`WriteTx::on_log_entry`].
-pub(super) type LogHook<'s> = Box<dyn FnOnce(&LogEntry) -> Result<Vec<wal::Aux>> + 's>;
 
 impl std::fmt::Debug for WriteTx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,15 +238,6 @@ impl<'s> WriteTx<'s> {
         self.txn
             .as_ref()
             .ok_or_else(|| internal("no write transaction"))
-    }
-
-    /// Runs `hook` inside the commit with this transaction's log entry, if it makes one; the
-    /// rows it returns are put (and recorded) like [`WriteTx::put_aux`]'s.
-    pub(crate) fn on_log_entry(
-        &mut self,
-        hook: impl FnOnce(&LogEntry) -> Result<Vec<wal::Aux>> + 's,
-    ) {
-        self.log_hook = Some(Box::new(hook));
     }
 
     /// Chooses this commit's durability.

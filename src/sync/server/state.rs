@@ -23,35 +23,12 @@ use crate::log::{LogEntry, LogPos};
 use crate::reset::ResetReason;
 use crate::rules::User;
 use crate::schema::Schema;
-use crate::store::sync_tables::ServerMeta;
+use crate::store::sync_tables::{decode_history, ServerMeta};
 use crate::store::Store;
 use crate::store::WriteTx;
 use crate::sync::protocol::ServerVersion;
 use crate::sync::protocol::{RefusedWrite, SubscriptionSet};
 use crate::sync::view::View;
-
-/// One accepted transaction in the server's history.
-#[derive(Debug, Serialize, Deserialize)]
-struct HistoryRecord {
-    origin: ReplicaId,
-    entry: LogEntry,
-}
-
-/// The history record for `entry` at the next version after `next` (which moves): the
-/// version and the record's bytes.
-fn history_row(
-    next: &AtomicU64,
-    origin: ReplicaId,
-    entry: &LogEntry,
-) -> Result<(ServerVersion, Vec<u8>)> {
-    let v = next.fetch_add(1, Ordering::SeqCst) + 1;
-    let rec = HistoryRecord {
-        origin,
-        entry: entry.clone(),
-    };
-    let bytes = postcard::to_allocvec(&rec).map_err(|e| internal(e.to_string()))?;
-    Ok((v, bytes))
-}
 
 /// Counters of what the server refused, for operators.
 #[derive(Debug, Default)]
@@ -297,17 +274,17 @@ impl SyncServer {
             origin: client,
             entries: fresh,
         };
-        // Shared with the log hook, which numbers the server's own entry inside the commit.
-        let next = Arc::new(AtomicU64::new(*version));
+        // The store numbers the upload's entries, then the server's own entry (reverted
+        // refusals, policy decisions), into the history as part of the import.
+        let start = *version;
+        let next = Arc::new(AtomicU64::new(start));
         let mut records = Vec::new();
-        let server_replica = self.store.replica_id();
         self.store.import_with(&cs, |tx, _| {
-            // History, the entries' stamps and the client's position go in the upload's
-            // write-ahead record.
-            for e in &cs.entries {
-                let (version, record) = history_row(&next, client, e)?;
-                tx.put_sync_history(version, record);
-                tx.put_sync_upload(client, e.seq, next.load(Ordering::SeqCst), e.stamp.time);
+            tx.record_in_history(Arc::clone(&next));
+            // The entries' stamps and the client's position go in the upload's write-ahead
+            // record: entry i is history version start + i + 1.
+            for (v, e) in (start + 1..).zip(&cs.entries) {
+                tx.put_sync_upload(client, e.seq, v, e.stamp.time);
             }
             if !refused.is_empty() || !invalid.is_empty() {
                 let all: Vec<&RefusedWrite> = refused.iter().chain(&invalid).collect();
@@ -322,12 +299,6 @@ impl SyncServer {
             records.extend(invalid.iter().map(|r| errors_occurred(r, client, user)));
             records.extend(apply_plan(tx, plan)?);
             self.put_conflicts(tx, &mut records)?;
-            // The server's own writes (reverted refusals, policy decisions) enter the history
-            // in the same record.
-            let next = Arc::clone(&next);
-            tx.put_sync_history_of_log_entry(move |entry| {
-                history_row(&next, server_replica, entry)
-            });
             Ok(())
         })?;
         *version = next.load(Ordering::SeqCst);
@@ -407,8 +378,7 @@ impl SyncServer {
                 tx.put_sync_grave(key, grave);
             }
         }
-        let (hook_next, origin) = (Arc::clone(&next), self.store.replica_id());
-        tx.put_sync_history_of_log_entry(move |entry| history_row(&hook_next, origin, entry));
+        tx.record_in_history(Arc::clone(&next));
         tx.commit()?;
         *version = next.load(Ordering::SeqCst);
         Ok(r)
@@ -541,8 +511,7 @@ impl SyncServer {
         let mut end = cursor;
         self.store.sync_history_after(cursor, |version, record| {
             end = version;
-            let rec: HistoryRecord =
-                postcard::from_bytes(record).map_err(|e| corrupt(format!("history {end}: {e}")))?;
+            let rec = decode_history(end, record)?;
             if rec.origin == client {
                 return Ok(true);
             }
