@@ -10,20 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fieldlog::sync::client::ClientConfig;
-use fieldlog::sync::frame::{encode_frame, FRAME_LEN_MAX_DEFAULT};
-use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
-use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
+use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::Secret;
-use fieldlog::{
-    Changeset, Durability, Error, FieldWrite, LogEntry, Op, Options, Pk, ReplicaId, Stamp, Store,
-    Value, Write,
-};
-use support::token_for;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::time::timeout;
+use fieldlog::{Durability, Error, FieldWrite, Op, Options, Pk, ReplicaId, Store, Value, Write};
+use support::{entry, token_for, upload, Raw};
 
 const MAX: usize = 8;
 const WAIT: Duration = Duration::from_secs(30);
@@ -213,71 +205,15 @@ fn an_object_past_a_lowered_limit_stays_writable_but_does_not_grow() {
     );
 }
 
-async fn next(s: &mut TcpStream) -> Option<ServerMsg> {
-    loop {
-        let msg = timeout(WAIT, read_frame::<ServerMsg, _>(s, FRAME_LEN_MAX_DEFAULT))
-            .await
-            .expect("the server answers in time")
-            .expect("a frame or the end");
-        if !matches!(msg, Some(ServerMsg::Download { .. })) {
-            return msg;
-        }
-    }
-}
-
-async fn send(s: &mut TcpStream, msg: &ClientMsg) {
-    let bytes = encode_frame(msg, FRAME_LEN_MAX_DEFAULT).expect("encode");
-    s.write_all(&bytes).await.expect("send");
-}
-
-/// A raw connection past its handshake, as a new replica.
-async fn handshake(addr: &str, token: &str, replica: u64) -> TcpStream {
-    let mut s = timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let hello = ClientMsg::Hello {
-        protocol: PROTOCOL_VERSION,
-        schema_version: 0,
-        token: token.to_owned(),
-        replica: ReplicaId(replica),
-        download_cursor: 0,
-        last_sync: 0,
-        reset_pending: false,
-        reset_settled: None,
-        subscriptions: None,
-        subscriptions_acked: 0,
+/// An upload of one write to `A[1]` by `replica` at `seq`.
+fn upload_one(replica: u64, seq: u64, op: Op) -> ClientMsg {
+    let device = ReplicaId(replica);
+    let write = Write {
+        collection: "A".into(),
+        pk: Pk::Int(1),
+        op,
     };
-    send(&mut s, &hello).await;
-    match next(&mut s).await {
-        Some(ServerMsg::Welcome { .. }) => s,
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
-fn upload(replica: u64, seq: u64, op: Op) -> ClientMsg {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
-    ClientMsg::Upload {
-        changeset: Changeset {
-            origin: ReplicaId(replica),
-            entries: vec![LogEntry {
-                seq,
-                stamp: Stamp {
-                    time: now << 16,
-                    replica: ReplicaId(replica),
-                },
-                writes: vec![Write {
-                    collection: "A".into(),
-                    pk: Pk::Int(1),
-                    op,
-                }],
-            }],
-        },
-        more: false,
-    }
+    upload(device, vec![entry(seq, device, vec![write])])
 }
 
 /// Uploads past the server's limit — an insert of too many fields, an update adding one
@@ -326,9 +262,9 @@ async fn an_upload_past_the_servers_field_limit_is_refused_as_a_bad_changeset() 
     ];
     for (i, (case, op, count)) in cases.into_iter().enumerate() {
         let replica = 100 + i as u64;
-        let mut s = handshake(&addr, &token, replica).await;
-        send(&mut s, &upload(replica, 1, op)).await;
-        match next(&mut s).await {
+        let (mut s, _) = Raw::handshake(&addr, &token, ReplicaId(replica)).await;
+        s.send(&upload_one(replica, 1, op)).await;
+        match s.next_skipping_downloads().await {
             Some(ServerMsg::Error { code, message }) => {
                 assert_eq!(code, ErrorCode::BadChangeset, "{case}: {message}");
                 for part in ["A[1]", &count.to_string(), &MAX.to_string()] {
@@ -337,7 +273,11 @@ async fn an_upload_past_the_servers_field_limit_is_refused_as_a_bad_changeset() 
             }
             other => panic!("{case}: expected BadChangeset, got {other:?}"),
         }
-        assert_eq!(next(&mut s).await, None, "{case}: the server closes");
+        assert_eq!(
+            s.next_skipping_downloads().await,
+            None,
+            "{case}: the server closes"
+        );
         assert_eq!(state(), before, "{case}: the server's state is unchanged");
         assert_eq!(
             server.uploaded(ReplicaId(replica)).expect("uploaded"),

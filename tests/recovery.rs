@@ -19,21 +19,13 @@ use std::time::{Duration, Instant};
 
 use disk::{SimBackend, SimDisk};
 use fieldlog::sync::client::ClientConfig;
-use fieldlog::sync::frame::{encode_frame, FRAME_LEN_MAX_DEFAULT};
-use fieldlog::sync::net::read_frame;
 use fieldlog::sync::net::{ClientHooks, ServerHandle, SyncClient, Transport};
-use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
+use fieldlog::sync::protocol::{ErrorCode, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, SyncServer};
 use fieldlog::sync::token::Secret;
-use fieldlog::{
-    Changeset, Error, LogEntry, ManualTimeSource, Op, Options, Pk, ReplicaId, Stamp, Store, Value,
-    Write,
-};
+use fieldlog::{Error, ManualTimeSource, Options, Pk, ReplicaId, Store, Value};
 use redb::StorageBackend;
-use support::token_for;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::time::timeout;
+use support::{entry, hello, insert, token_for, upload, Raw};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -285,73 +277,18 @@ fn has(store: &Store, pk: i64) -> bool {
     store.get("Note", pk).ok().flatten().is_some()
 }
 
-async fn next(s: &mut TcpStream) -> Option<ServerMsg> {
-    loop {
-        let msg = timeout(WAIT, read_frame::<ServerMsg, _>(s, FRAME_LEN_MAX_DEFAULT))
-            .await
-            .expect("the server answers in time")
-            .ok()
-            .flatten();
-        if !matches!(msg, Some(ServerMsg::Download { .. })) {
-            return msg;
-        }
-    }
-}
-
-async fn send(s: &mut TcpStream, msg: &ClientMsg) {
-    let bytes = encode_frame(msg, FRAME_LEN_MAX_DEFAULT).expect("encode");
-    let _ = s.write_all(&bytes).await;
-}
-
 /// A new replica's handshake and an upload on a raw connection: the server answers with
 /// `Internal` (at the handshake, or at the upload) and closes; it does not panic or hang.
 async fn upload_gets_internal_error(addr: &str, token: &str, replica: u64) {
-    let mut s = timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let hello = ClientMsg::Hello {
-        protocol: PROTOCOL_VERSION,
-        schema_version: 0,
-        token: token.to_owned(),
-        replica: ReplicaId(replica),
-        download_cursor: 0,
-        last_sync: 0,
-        reset_pending: false,
-        reset_settled: None,
-        subscriptions: None,
-        subscriptions_acked: 0,
-    };
-    send(&mut s, &hello).await;
-    let reply = match next(&mut s).await {
+    let device = ReplicaId(replica);
+    let mut raw = Raw::connect(addr).await;
+    raw.send(&hello(token, device)).await;
+    let reply = match raw.next_skipping_downloads().await {
         Some(ServerMsg::Welcome { .. }) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock")
-                .as_millis() as u64;
-            let entry = LogEntry {
-                seq: 1,
-                stamp: Stamp {
-                    time: now << 16,
-                    replica: ReplicaId(replica),
-                },
-                writes: vec![Write {
-                    collection: "Note".into(),
-                    pk: Pk::Int(999),
-                    op: Op::Insert {
-                        fields: vec![("text".into(), Value::from("raw"))],
-                    },
-                }],
-            };
-            let upload = ClientMsg::Upload {
-                changeset: Changeset {
-                    origin: ReplicaId(replica),
-                    entries: vec![entry],
-                },
-                more: false,
-            };
-            send(&mut s, &upload).await;
-            next(&mut s).await
+            let write = insert("Note", 999, vec![("text", Value::from("raw"))]);
+            raw.send(&upload(device, vec![entry(1, device, vec![write])]))
+                .await;
+            raw.next_skipping_downloads().await
         }
         other => other,
     };
