@@ -9,6 +9,8 @@
 //!   later write of the same upload changed that object again;
 //! - once everyone is online and quiet, every replica's digest equals the server's.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -18,9 +20,10 @@ use fieldlog::conflict::{
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{Error, LogEntry, ManualTimeSource, Op, Options, Pk, Store, Value, WriteTx};
 use proptest::prelude::*;
+use support::token_for;
 
 const COLL: &str = "Item";
 const FIELDS: [&str; 2] = ["a", "b"];
@@ -126,12 +129,7 @@ impl World {
     fn new(policies: Policies, skews: [u64; 2]) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let secret = Secret::generate();
-        let claims = Claims {
-            user_id: "u".into(),
-            expires_at_ms: u64::MAX,
-            extra: Default::default(),
-        };
-        let token = token::issue(&secret, &claims).unwrap();
+        let token = token_for(&secret, "u");
         let server_time = ManualTimeSource::new(START_MS);
         let store = Store::open_with(tmp.path().join("server.redb"), options(&server_time));
         let mut config = ServerConfig::new(secret);

@@ -301,14 +301,9 @@ async fn upload_gets_internal_error(addr: &str, token: &str, replica: u64) {
     }
 }
 
-/// A sync server whose disk fills up: uploads get a transient error (500) and are not
-/// acknowledged; once the disk has room, the server serves again without a restart, every
-/// write reaches the server and the other client, and every acknowledged one survives a
-/// power cut.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_whose_disk_fills_up_serves_again_once_it_has_room() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disks = Disks::new();
+/// A sync server on `disks` that recovers quickly, bound to a free port: its store, the
+/// server, its handle, address, and a token for user `u`.
+async fn serve(disks: &Disks) -> (Arc<Store>, Arc<SyncServer>, ServerHandle, String, String) {
     let server_store = Arc::new(disks.open(quick_recovery()));
     let secret = Secret::generate();
     let server = Arc::new(
@@ -318,7 +313,18 @@ async fn a_server_whose_disk_fills_up_serves_again_once_it_has_room() {
         .await
         .expect("bind");
     let addr = handle.local_addr().expect("addr").to_string();
-    let token = token_for(&secret, "u");
+    (server_store, server, handle, addr, token_for(&secret, "u"))
+}
+
+/// A sync server whose disk fills up: uploads get a transient error (500) and are not
+/// acknowledged; once the disk has room, the server serves again without a restart, every
+/// write reaches the server and the other client, and every acknowledged one survives a
+/// power cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_disk_fills_up_serves_again_once_it_has_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disks = Disks::new();
+    let (server_store, server, handle, addr, token) = serve(&disks).await;
     let alice = Arc::new(Store::open(dir.path().join("alice.redb")).expect("open"));
     let bob = Arc::new(Store::open(dir.path().join("bob.redb")).expect("open"));
     let (alice_client, bob_client) = (client(&alice, &addr, &token), client(&bob, &addr, &token));
@@ -390,16 +396,7 @@ async fn a_server_whose_disk_fills_up_serves_again_once_it_has_room() {
 async fn an_upload_replayed_by_the_recovery_reaches_every_client() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disks = Disks::new();
-    let server_store = Arc::new(disks.open(quick_recovery()));
-    let secret = Secret::generate();
-    let server = Arc::new(
-        SyncServer::open(server_store.clone(), ServerConfig::new(secret.clone())).expect("server"),
-    );
-    let handle = ServerHandle::bind(server.clone(), "127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = handle.local_addr().expect("addr").to_string();
-    let token = token_for(&secret, "u");
+    let (server_store, _, handle, addr, token) = serve(&disks).await;
     let alice = Arc::new(Store::open(dir.path().join("alice.redb")).expect("open"));
     let bob = Arc::new(Store::open(dir.path().join("bob.redb")).expect("open"));
 

@@ -19,12 +19,13 @@ use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReason, ResetReport};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::Backup;
 use fieldlog::{
     Digest, FieldSpec, FieldType, ManualTimeSource, Options, ReplicaId, Schema, Store, Value,
 };
 use support::oracle::{fate, same_write, written, Fate, Written};
+use support::token_for;
 
 // ---------------------------------------------------------------------------------------
 // The driver
@@ -103,12 +104,7 @@ impl World {
     }
 
     fn open(tmp: tempfile::TempDir, secret: Secret, now: u64, modes: &[ResetMode]) -> World {
-        let claims = Claims {
-            user_id: "u".into(),
-            expires_at_ms: u64::MAX,
-            extra: Default::default(),
-        };
-        let token = token::issue(&secret, &claims).unwrap();
+        let token = token_for(&secret, "u");
         let time = ManualTimeSource::new(now);
         let clients = modes
             .iter()

@@ -16,10 +16,11 @@ use fieldlog::reset::{ObjectSnapshot, ResetMode, ResetReport};
 use fieldlog::sync::client::{ClientConfig, ClientSession};
 use fieldlog::sync::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use fieldlog::sync::server::{ServerConfig, ServerSession, SyncServer};
-use fieldlog::sync::token::{self, Claims, Secret};
+use fieldlog::sync::token::Secret;
 use fieldlog::{Error, ManualTimeSource, Options, ReplicaId, Store, TimeSource, Value, WriteTx};
 use proptest::prelude::*;
 use support::oracle::{fate, written, Fate, Written};
+use support::token_for;
 
 const COLL: &str = "Item";
 const FIELDS: [&str; 2] = ["a", "b"];
@@ -69,12 +70,7 @@ impl World {
     fn new(clients: &[(ResetMode, u64)]) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let secret = Secret::generate();
-        let claims = Claims {
-            user_id: "u".into(),
-            expires_at_ms: u64::MAX,
-            extra: Default::default(),
-        };
-        let token = token::issue(&secret, &claims).unwrap();
+        let token = token_for(&secret, "u");
         let server_time = ManualTimeSource::new(START_MS);
         let store = Store::open_with(tmp.path().join("server.redb"), options(&server_time));
         let mut config = ServerConfig::new(secret);

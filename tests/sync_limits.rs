@@ -19,11 +19,11 @@ use fieldlog::sync::net::{
     ClientHooks, ConnectionState, ServerHandle, ServerStats, SyncClient, TokenFuture, Transport,
     WaitError, UPLOAD_FAILURES_REPORTED,
 };
-use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg, PROTOCOL_VERSION};
+use fieldlog::sync::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use fieldlog::sync::server::{Limits, ServerConfig, SyncServer};
 use fieldlog::sync::token::{self, Claims, Secret};
 use fieldlog::{Changeset, LogEntry, Op, Options, Pk, ReplicaId, Stamp, Store, Value, Write};
-use support::{now_ms, token_for};
+use support::{hello, now_ms, token_for};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -95,21 +95,6 @@ async fn until(what: &str, mut ok: impl FnMut() -> bool) {
     .unwrap_or_else(|_| panic!("never happened: {what}"));
 }
 
-fn hello(token: &str, replica: u64) -> ClientMsg {
-    ClientMsg::Hello {
-        protocol: PROTOCOL_VERSION,
-        schema_version: 0,
-        token: token.to_owned(),
-        replica: ReplicaId(replica),
-        download_cursor: 0,
-        last_sync: 0,
-        reset_pending: false,
-        reset_settled: None,
-        subscriptions: None,
-        subscriptions_acked: 0,
-    }
-}
-
 fn frame(msg: &ClientMsg) -> Vec<u8> {
     encode_frame(msg, FRAME_LEN_MAX_DEFAULT).expect("encode")
 }
@@ -161,7 +146,7 @@ async fn expect_closed(s: &mut TcpStream) {
 /// A handshake as `replica`; returns the stream after `Welcome`.
 async fn handshake(addr: &str, token: &str, replica: u64) -> TcpStream {
     let mut s = connect(addr).await;
-    s.write_all(&frame(&hello(token, replica)))
+    s.write_all(&frame(&hello(token, ReplicaId(replica))))
         .await
         .expect("send Hello");
     match next(&mut s).await {
@@ -419,9 +404,12 @@ async fn a_ping_flood_that_never_reads_is_bounded() {
     limits.idle_timeout_ms = 1_000;
     let rig = Rig::start(limits).await;
     let mut s = connect(&rig.addr).await;
-    s.write_all(&frame(&hello(&token_for(&rig.secret, "mallory"), 9)))
-        .await
-        .expect("Hello");
+    s.write_all(&frame(&hello(
+        &token_for(&rig.secret, "mallory"),
+        ReplicaId(9),
+    )))
+    .await
+    .expect("Hello");
     let mut batch = Vec::new();
     let mut id = 0;
     while batch.len() < 64 << 10 {
